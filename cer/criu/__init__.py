@@ -1,0 +1,1 @@
+"""Reading CRIU image files."""

@@ -1,0 +1,1 @@
+"""The cer wire protocol: method definitions, the ZeroMQ frontend and the client."""
