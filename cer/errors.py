@@ -47,3 +47,11 @@ class ImageError(CerError):
         self.path = path
         self.offset = offset
         self.problem = problem
+
+
+def error_for_code(code: str) -> type[CerError]:
+    """The error class a client raises for a reply's error code."""
+    for cls in (BadRequest, UnknownMethod, NotFound, Exhausted, Unavailable):
+        if cls.code == code:
+            return cls
+    return InternalError

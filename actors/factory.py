@@ -1,0 +1,185 @@
+"""The namespace factory: builds and tears down namespaces, each in a thread of its own.
+
+A namespace is born in the thread that calls ``unshare``, so every creation gets a fresh, short-lived
+thread that builds one namespace, opens it and ends; that thread never runs anything else. The factory
+actor queues the work, bounds how many threads run at once, and keeps the register of every namespace it
+made and has not destroyed yet, with the pool that owns it.
+"""
+
+import itertools
+import os
+import resource
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import pykka
+from loguru import logger
+
+from cer.namespaces import Namespace, Recipe, build, remove_bundle, tear_down_mounts
+
+# Namespace fds are placed at or above this number, rising with every creation (see namespaces.build).
+FD_BASE = 1024
+_JOIN_TIMEOUT = 10.0
+
+
+@dataclass(eq=False)
+class _Job:
+    """One creation or teardown. Its thread sets ``result``/``error`` once, before telling the factory."""
+
+    kind: str  # "create" or "tear_down"
+    ns_type: str
+    owner: pykka.ActorProxy | None = None
+    recipe: Recipe | None = None
+    namespace: Namespace | None = None
+    bundle: str | None = None
+    fd_floor: int = FD_BASE
+    error: BaseException | None = None
+    seconds: float = 0.0
+    thread: threading.Thread | None = field(default=None, repr=False)
+    reported: bool = False
+
+
+class NamespaceFactory(pykka.ThreadingActor):
+    """Creates namespaces for pool actors, which get them through ``namespace_created``."""
+
+    def __init__(self, bundles_dir: str, max_concurrent: int = 4) -> None:
+        super().__init__()
+        self._bundles_dir = bundles_dir
+        self._max_concurrent = max_concurrent
+        self._queue: deque[_Job] = deque()
+        self._running: set[_Job] = set()
+        self._owners: dict[tuple[str, int], pykka.ActorProxy] = {}
+        self._live: dict[tuple[str, int], Namespace] = {}
+        self._serial = itertools.count(1)
+        self._fd_ceiling = resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 1
+        self._next_fd = FD_BASE
+        self._counts = {"created": 0, "failed": 0, "destroyed": 0}
+
+    def on_start(self) -> None:
+        self._self = self.actor_ref.proxy()
+
+    def create(self, ns_type: str, recipe: Recipe, owner: pykka.ActorProxy) -> None:
+        """Build a namespace of ``ns_type`` and hand it, or the error, to ``owner.namespace_created``."""
+        job = _Job("create", ns_type, owner=owner, recipe=recipe, fd_floor=self._allocate_fd_floor())
+        if ns_type == "mnt":
+            job.bundle = os.path.join(self._bundles_dir, f"{os.getpid()}-{next(self._serial)}")
+        self._queue.append(job)
+        self._run_queued()
+
+    def destroy(self, namespace: Namespace) -> None:
+        """Close a namespace for good; a mount namespace is unmounted and its bundle removed first."""
+        key = (namespace.ns_type, namespace.namespace_id)
+        if self._live.pop(key, None) is None:
+            logger.warning("destroy of unknown namespace {} {}", namespace.ns_type, namespace.namespace_id)
+            return
+        self._owners.pop(key, None)
+        self._counts["destroyed"] += 1
+        if namespace.ns_type == "mnt":
+            self._queue.append(_Job("tear_down", "mnt", namespace=namespace))
+            self._run_queued()
+        else:
+            os.close(namespace.namespace_id)
+
+    def owner(self, ns_type: str, namespace_id: int) -> pykka.ActorProxy | None:
+        """The pool that owns a live namespace, for routing a put that names only the namespace."""
+        return self._owners.get((ns_type, namespace_id))
+
+    def status(self) -> dict:
+        return {"running": len(self._running), "queued": len(self._queue), "live": len(self._live), **self._counts}
+
+    def _allocate_fd_floor(self) -> int:
+        floor = self._next_fd
+        self._next_fd = floor + 1 if floor + 1 < self._fd_ceiling else FD_BASE
+        return floor
+
+    def _run_queued(self) -> None:
+        while self._queue and len(self._running) < self._max_concurrent:
+            job = self._queue.popleft()
+            target = _create if job.kind == "create" else _tear_down
+            job.thread = threading.Thread(target=target, args=(job, self._self), name=f"cer-{job.kind}-{job.ns_type}", daemon=True)
+            self._running.add(job)
+            job.thread.start()
+
+    def job_finished(self, job: _Job) -> None:
+        self._running.discard(job)
+        job.reported = True
+        if job.kind == "create":
+            self._deliver(job)
+        elif job.error is not None:
+            logger.error("tearing down mount namespace {} failed: {}", job.namespace.namespace_id, job.error)
+        self._run_queued()
+
+    def _deliver(self, job: _Job) -> None:
+        namespace = job.namespace
+        if namespace is None:
+            self._counts["failed"] += 1
+        else:
+            self._counts["created"] += 1
+            key = (namespace.ns_type, namespace.namespace_id)
+            self._live[key] = namespace
+            self._owners[key] = job.owner
+        if job.owner is None or not job.owner.actor_ref.is_alive():
+            if namespace is not None:
+                self.destroy(namespace)
+            return
+        # A pool that stops before it handles this leaves the namespace registered: on_stop destroys it.
+        job.owner.namespace_created(job.ns_type, namespace, job.error, job.seconds)
+
+    def on_stop(self) -> None:
+        # Let the threads still at work end; what they built and never reported is destroyed here.
+        while self._queue:
+            job = self._queue.popleft()
+            if job.kind == "tear_down":
+                self._queue_and_wait(job)
+        for job in list(self._running):
+            job.thread.join(_JOIN_TIMEOUT)
+            if not job.reported and job.kind == "create" and job.namespace is not None:
+                self._live[(job.ns_type, job.namespace.namespace_id)] = job.namespace
+        for namespace in list(self._live.values()):
+            logger.info("destroying {} namespace {} at shutdown", namespace.ns_type, namespace.namespace_id)
+            self._live.pop((namespace.ns_type, namespace.namespace_id))
+            if namespace.ns_type == "mnt":
+                self._queue_and_wait(_Job("tear_down", "mnt", namespace=namespace))
+            else:
+                os.close(namespace.namespace_id)
+
+    def _queue_and_wait(self, job: _Job) -> None:
+        thread = threading.Thread(target=_tear_down, args=(job, None), daemon=True)
+        thread.start()
+        thread.join(_JOIN_TIMEOUT)
+
+
+def _create(job: _Job, factory: pykka.ActorProxy) -> None:
+    started = time.monotonic()
+    try:
+        job.namespace = build(job.ns_type, job.recipe, job.bundle, job.fd_floor)
+        job.seconds = time.monotonic() - started
+    except Exception as error:  # noqa: BLE001 - whatever went wrong is the pool's to report
+        job.error = error
+        if job.bundle is not None:
+            # The half-built namespace dies with this thread; its bundle on disk does not.
+            remove_bundle(job.bundle)
+    _report(job, factory)
+
+
+def _tear_down(job: _Job, factory: pykka.ActorProxy | None) -> None:
+    namespace = job.namespace
+    try:
+        tear_down_mounts(namespace)
+    except Exception as error:  # noqa: BLE001
+        job.error = error
+    finally:
+        os.close(namespace.namespace_id)
+        remove_bundle(namespace.bundle)
+    _report(job, factory)
+
+
+def _report(job: _Job, factory: pykka.ActorProxy | None) -> None:
+    if factory is None:
+        return
+    try:
+        factory.job_finished(job)
+    except pykka.ActorDeadError:
+        pass  # the factory is stopping; its on_stop looks after what this job left

@@ -1,0 +1,95 @@
+"""How requests reach the actors: every ask has a deadline, and pools are found by reference.
+
+Request handlers run in the frontend's worker threads and call this; it never runs in an actor.
+"""
+
+import os
+import time
+
+import pykka
+
+from cer import __version__
+from cer.actors.pool import Lease
+from cer.errors import Unavailable
+from cer.references import CheckpointRef
+
+
+class Gateway:
+    def __init__(
+        self,
+        supervisor: pykka.ActorProxy,
+        factory: pykka.ActorProxy,
+        extractor: pykka.ActorProxy,
+        ask_timeout: float = 5.0,
+        cold_timeout: float = 10.0,
+    ) -> None:
+        self._supervisor = supervisor
+        self._factory = factory
+        self._extractor = extractor
+        self._ask_timeout = ask_timeout
+        self._cold_timeout = cold_timeout
+        # Asking the supervisor for the pool on every request would double the hops of a get; a pool
+        # proxy stays valid for the actor's life, and a dead one is looked up again.
+        self._pools: dict[CheckpointRef, pykka.ActorProxy] = {}
+        self.pid = os.getpid()
+        self._started = time.monotonic()
+
+    def get_namespace(self, ns_type: str, ref: CheckpointRef) -> Lease:
+        pending = self._ask_pool(ref, lambda pool: pool.get(ns_type))
+        # The pool answers a cold get within its cold timeout; the margin covers a busy machine.
+        return self._wait(pending, f"the {ns_type} pool of {ref}", self._cold_timeout + self._ask_timeout)
+
+    def put_namespace(self, ns_type: str, namespace_id: int) -> bool:
+        """Return a namespace to its pool; False when no pool owns it."""
+        owner = self._wait(self._factory.owner(ns_type, namespace_id), "the namespace factory")
+        if owner is None:
+            return False
+        self._wait(owner.put(ns_type, namespace_id), "the pool")
+        return True
+
+    def ipc_default(self, ref: CheckpointRef) -> bool | None:
+        return self._ask_pool(ref, lambda pool: pool.ipc_default())
+
+    def update(self, ref: CheckpointRef, capacity: int) -> bool:
+        return self._wait(self._supervisor.update(ref, capacity), "the supervisor")
+
+    def get_checkpoint(self, ref: CheckpointRef) -> str:
+        return self._wait(self._extractor.get(ref), "the checkpoint extractor")
+
+    def put_checkpoint(self, ref: CheckpointRef) -> int:
+        return self._wait(self._extractor.put(ref), "the checkpoint extractor")
+
+    def status(self) -> dict:
+        pools = self._supervisor.status()
+        factory = self._factory.status()
+        checkpoints = self._extractor.status()
+        return {
+            "version": __version__,
+            "pid": self.pid,
+            "uptime_seconds": round(time.monotonic() - self._started, 3),
+            "pools": self._wait(pools, "the supervisor", 3 * self._ask_timeout),
+            "factory": self._wait(factory, "the namespace factory"),
+            "checkpoints": self._wait(checkpoints, "the checkpoint extractor"),
+        }
+
+    def _ask_pool(self, ref: CheckpointRef, call):
+        for _attempt in range(2):
+            pool = self._pools.get(ref)
+            if pool is None:
+                pool = self._pools[ref] = self._wait(self._supervisor.pool(ref), "the supervisor")
+            try:
+                return call(pool).get(timeout=self._ask_timeout)
+            except pykka.ActorDeadError:
+                self._pools.pop(ref, None)
+            except pykka.Timeout:
+                raise Unavailable(f"the pool of {ref} did not answer within {self._ask_timeout:g} s") from None
+        raise Unavailable(f"the pool of {ref} keeps dying")
+
+    def _wait(self, future: pykka.Future, who: str, timeout: float | None = None):
+        timeout = timeout or self._ask_timeout
+        try:
+            return future.get(timeout=timeout)
+        except pykka.Timeout:
+            raise Unavailable(f"{who} did not answer within {timeout:g} s") from None
+        except pykka.ActorDeadError:
+            raise Unavailable(f"{who} has stopped") from None

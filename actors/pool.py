@@ -1,0 +1,285 @@
+"""A pool actor keeps one checkpoint's ready namespaces, per type, at the capacity asked for.
+
+It is the only owner of those namespaces' bookkeeping: which are idle, which are handed out, which
+are being built. A get takes an idle one and starts a refill; when none is idle it asks the factory for
+one and answers once it arrives (a "cold" get). A namespace that was handed out is never handed out
+again: its put destroys it and the pool builds a fresh one.
+"""
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import pykka
+from loguru import logger
+
+from cer.config import CheckpointEntry
+from cer.errors import Exhausted, NotFound, Unavailable
+from cer.namespaces import NAMESPACE_TYPES, Namespace, Recipe
+
+_MAX_BACKOFF = 60.0
+
+
+@dataclass(frozen=True)
+class Lease:
+    """What a get hands out: the namespace, and whether it had to be built for this get."""
+
+    namespace: Namespace
+    cold: bool
+    ipc_default: bool | None
+
+
+@dataclass(eq=False)
+class _Waiter:
+    future: pykka.Future
+    timer: threading.Timer
+
+
+@dataclass
+class _TypePool:
+    idle: deque = field(default_factory=deque)
+    in_use: dict = field(default_factory=dict)
+    building: int = 0
+    waiters: deque = field(default_factory=deque)
+    warm_gets: int = 0
+    cold_gets: int = 0
+    failures: int = 0
+    last_build_seconds: float | None = None
+
+
+class PoolActor(pykka.ThreadingActor):
+    """The pool of one checkpoint.
+
+    States: loading, unavailable (the checkpoint cannot be had yet), ready, failing (creations fail and
+    are retried with backoff), failed (the checkpoint is unusable).
+    """
+
+    def __init__(
+        self,
+        entry: CheckpointEntry,
+        factory: pykka.ActorProxy,
+        extractor: pykka.ActorProxy,
+        cold_timeout: float = 10.0,
+    ) -> None:
+        super().__init__()
+        self.entry = entry
+        self._factory = factory
+        self._extractor = extractor
+        self._cold_timeout = cold_timeout
+        self._capacity = entry.capacity
+        self._types = {ns_type: _TypePool() for ns_type in NAMESPACE_TYPES}
+        self._recipe: Recipe | None = None
+        self._state = "loading"
+        self._last_error: str | None = None
+        self._backoff = 0.0
+        self._retry_timer: threading.Timer | None = None
+
+    def on_start(self) -> None:
+        self._self = self.actor_ref.proxy()
+        self._extractor.load_recipe(self.entry, self._self)
+
+    # -- the extractor's answer -------------------------------------------------------------------
+
+    def recipe_loaded(self, recipe: Recipe | None, error: str | None) -> None:
+        """The extractor has resolved the checkpoint and read what its namespaces must hold."""
+        if recipe is None:
+            self._fail_permanently(error or "the checkpoint could not be loaded")
+            return
+        self._recipe = recipe
+        self._state = "ready"
+        self._last_error = None
+        logger.info("pool {}: checkpoint loaded, filling to {}", self.entry.ref, self._capacity)
+        self._refill()
+
+    def checkpoint_unavailable(self, reason: str) -> None:
+        """The checkpoint cannot be had yet (e.g. containerd is not there); the extractor retries."""
+        self._state = "unavailable"
+        self._last_error = reason
+
+    # -- requests -----------------------------------------------------------------------------------
+
+    def get(self, ns_type: str) -> pykka.Future:
+        """Hand out a namespace of ``ns_type``: a future of a Lease, already set when one was idle.
+
+        The future is always set within the cold timeout, with a lease or an error.
+        """
+        self._check_serving(ns_type)
+        pool = self._types[ns_type]
+        future = pykka.ThreadingFuture()
+        if pool.idle:
+            namespace = pool.idle.popleft()
+            pool.in_use[namespace.namespace_id] = namespace
+            pool.warm_gets += 1
+            future.set(self._lease(namespace, cold=False))
+        else:
+            timer = threading.Timer(self._cold_timeout, self._expire, args=(ns_type, future))
+            timer.daemon = True
+            pool.waiters.append(_Waiter(future, timer))
+            timer.start()
+        self._refill()
+        return future
+
+    def put(self, ns_type: str, namespace_id: int) -> None:
+        """Take back a namespace that was handed out, destroy it and build a fresh one."""
+        pool = self._types[ns_type]
+        namespace = pool.in_use.pop(namespace_id, None)
+        if namespace is None:
+            raise NotFound(f"{ns_type} namespace {namespace_id} of {self.entry.ref} is not handed out")
+        self._factory.destroy(namespace)
+        self._refill()
+
+    def set_capacity(self, capacity: int) -> None:
+        """Grow or shrink every type's idle target; shrinking destroys idle namespaces at once."""
+        self._capacity = capacity
+        for pool in self._types.values():
+            while len(pool.idle) > capacity:
+                self._factory.destroy(pool.idle.pop())
+        self._refill()
+
+    def ipc_default(self) -> bool | None:
+        """Whether this checkpoint's IPC namespace is default (None until the checkpoint is loaded)."""
+        return None if self._recipe is None else self._recipe.ipc_default
+
+    def status(self) -> dict:
+        return {
+            "ref": self.entry.ref.to_wire(),
+            "source": self.entry.path or "containerd",
+            "state": self._state,
+            "last_error": self._last_error,
+            "capacity": self._capacity,
+            "ipc_default": self.ipc_default(),
+            "types": {
+                ns_type: {
+                    "supported": self._recipe is None or self._recipe.supports(ns_type),
+                    "idle": len(pool.idle),
+                    "in_use": len(pool.in_use),
+                    "building": pool.building,
+                    "waiting": len(pool.waiters),
+                    "warm_gets": pool.warm_gets,
+                    "cold_gets": pool.cold_gets,
+                    "failures": pool.failures,
+                    "last_build_seconds": pool.last_build_seconds,
+                }
+                for ns_type, pool in self._types.items()
+            },
+        }
+
+    # -- the factory's answers ----------------------------------------------------------------------
+
+    def namespace_created(
+        self, ns_type: str, namespace: Namespace | None, error: BaseException | None, seconds: float
+    ) -> None:
+        pool = self._types[ns_type]
+        pool.building -= 1
+        if namespace is None:
+            self._creation_failed(ns_type, error)
+            return
+        pool.last_build_seconds = seconds
+        self._backoff = 0.0
+        if self._state == "failing":
+            self._state, self._last_error = "ready", None
+        if pool.waiters:
+            waiter = pool.waiters.popleft()
+            waiter.timer.cancel()
+            pool.in_use[namespace.namespace_id] = namespace
+            pool.cold_gets += 1
+            waiter.future.set(self._lease(namespace, cold=True))
+        elif len(pool.idle) < self._capacity:
+            pool.idle.append(namespace)
+        else:
+            self._factory.destroy(namespace)
+        self._refill()
+
+    def _creation_failed(self, ns_type: str, error: BaseException | None) -> None:
+        pool = self._types[ns_type]
+        pool.failures += 1
+        message = f"creating a {ns_type} namespace failed: {error}"
+        logger.error("pool {}: {}", self.entry.ref, message)
+        self._state, self._last_error = "failing", message
+        # Whoever waits for this type would wait for the same failure: answer them now.
+        while pool.waiters:
+            waiter = pool.waiters.popleft()
+            waiter.timer.cancel()
+            waiter.future.set_exception(exc_info=(Exhausted, Exhausted(message), None))
+        self._backoff = min(max(self._backoff * 2, 0.5), _MAX_BACKOFF)
+        if self._retry_timer is None:
+            self._retry_timer = threading.Timer(self._backoff, self._retry)
+            self._retry_timer.daemon = True
+            self._retry_timer.start()
+
+    def _retry(self) -> None:
+        # Runs in the timer's thread: hand over to the actor.
+        try:
+            self._self.retry_refill()
+        except pykka.ActorDeadError:
+            pass
+
+    def retry_refill(self) -> None:
+        self._retry_timer = None
+        self._refill()
+
+    def _expire(self, ns_type: str, future: pykka.Future) -> None:
+        try:
+            self._self.expire_waiter(ns_type, future)
+        except pykka.ActorDeadError:
+            pass
+
+    def expire_waiter(self, ns_type: str, future: pykka.Future) -> None:
+        pool = self._types[ns_type]
+        for waiter in pool.waiters:
+            if waiter.future is future:
+                pool.waiters.remove(waiter)
+                message = f"no {ns_type} namespace of {self.entry.ref} was ready within {self._cold_timeout:g} s"
+                future.set_exception(exc_info=(Exhausted, Exhausted(message), None))
+                return
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    def _check_serving(self, ns_type: str) -> None:
+        if self._state in ("loading", "unavailable"):
+            raise Unavailable(f"checkpoint {self.entry.ref} is not ready: {self._last_error or 'loading'}")
+        if self._state == "failed":
+            raise Unavailable(f"checkpoint {self.entry.ref} is unusable: {self._last_error}")
+        if not self._recipe.supports(ns_type):
+            raise Unavailable(f"checkpoint {self.entry.ref} has no rootfs configured, so no mnt namespaces")
+
+    def _lease(self, namespace: Namespace, cold: bool) -> Lease:
+        return Lease(namespace, cold, self._recipe.ipc_default if self._recipe else None)
+
+    def _refill(self) -> None:
+        if self._recipe is None or self._retry_timer is not None:
+            return
+        for ns_type, pool in self._types.items():
+            if not self._recipe.supports(ns_type):
+                continue
+            missing = self._capacity + len(pool.waiters) - len(pool.idle) - pool.building
+            for _ in range(missing):
+                pool.building += 1
+                self._factory.create(ns_type, self._recipe, self._self)
+
+    def _fail_permanently(self, message: str) -> None:
+        logger.error("pool {}: {}", self.entry.ref, message)
+        self._state, self._last_error = "failed", message
+
+    def on_stop(self) -> None:
+        self._release_all()
+
+    def on_failure(self, *exc_info: object) -> None:
+        self._release_all()
+
+    def _release_all(self) -> None:
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+        for ns_type, pool in self._types.items():
+            for waiter in pool.waiters:
+                waiter.timer.cancel()
+                waiter.future.set_exception(exc_info=(Unavailable, Unavailable("the daemon is stopping"), None))
+            for namespace in pool.in_use.values():
+                logger.warning("pool {}: {} namespace {} was still handed out at shutdown", self.entry.ref, ns_type, namespace.namespace_id)
+            for namespace in [*pool.idle, *pool.in_use.values()]:
+                try:
+                    self._factory.destroy(namespace)
+                except pykka.ActorDeadError:
+                    pass  # the factory already stopped: its on_stop destroyed what it still held
+            pool.idle.clear()
+            pool.in_use.clear()

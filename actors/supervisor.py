@@ -1,0 +1,77 @@
+"""The supervisor: starts one pool actor per configured checkpoint and keeps the map of them.
+
+A pool whose checkpoint is broken stays up and reports its error; a pool actor that died is started
+again on the next request that needs it, so one checkpoint never takes the others down.
+"""
+
+from dataclasses import replace
+
+import pykka
+from loguru import logger
+
+from cer.config import CheckpointEntry, Config
+from cer.errors import NotFound
+from cer.actors.pool import PoolActor
+from cer.references import CheckpointRef
+
+
+class Supervisor(pykka.ThreadingActor):
+    def __init__(
+        self, config: Config, factory: pykka.ActorProxy, extractor: pykka.ActorProxy, cold_timeout: float
+    ) -> None:
+        super().__init__()
+        self._config = config
+        self._factory = factory
+        self._extractor = extractor
+        self._cold_timeout = cold_timeout
+        self._pools: dict[CheckpointRef, pykka.ActorRef] = {}
+        self._entries: dict[CheckpointRef, CheckpointEntry] = {}
+
+    def on_start(self) -> None:
+        for entry in self._config.checkpoints:
+            self._start_pool(entry)
+
+    def pool(self, ref: CheckpointRef) -> pykka.ActorProxy:
+        """The pool of ``ref``, started again if its actor died."""
+        actor = self._pools.get(ref)
+        if actor is None:
+            raise NotFound(f"no pool for checkpoint {ref}")
+        if not actor.is_alive():
+            logger.error("pool {} had died; starting it again", ref)
+            actor = self._start_pool(self._entries[ref])
+        return actor.proxy()
+
+    def update(self, ref: CheckpointRef, capacity: int) -> bool:
+        """Resize the pool of ``ref``, or create it (a containerd checkpoint); True when created."""
+        entry = replace(self._entries.get(ref) or CheckpointEntry(ref=ref, capacity=capacity), capacity=capacity)
+        actor = self._pools.get(ref)
+        if actor is not None and actor.is_alive():
+            self._entries[ref] = entry
+            actor.proxy().set_capacity(capacity).get(timeout=10)
+            return False
+        self._start_pool(entry)
+        return actor is None
+
+    def status(self) -> list[dict]:
+        asked = [(ref, actor.proxy().status()) for ref, actor in self._pools.items() if actor.is_alive()]
+        result = []
+        for ref, actor in self._pools.items():
+            if not actor.is_alive():
+                result.append({"ref": ref.to_wire(), "state": "crashed", "last_error": "the pool actor died"})
+        for ref, future in asked:
+            try:
+                result.append(future.get(timeout=5))
+            except (pykka.Timeout, pykka.ActorDeadError) as error:
+                result.append({"ref": ref.to_wire(), "state": "unresponsive", "last_error": repr(error)})
+        return sorted(result, key=lambda pool: (pool["ref"]["labels"]["namespace"], pool["ref"]["name"]))
+
+    def _start_pool(self, entry: CheckpointEntry) -> pykka.ActorRef:
+        self._entries[entry.ref] = entry
+        actor = PoolActor.start(entry, self._factory, self._extractor, self._cold_timeout)
+        self._pools[entry.ref] = actor
+        return actor
+
+    def on_stop(self) -> None:
+        # Pools hand their namespaces to the factory to destroy, so they stop before it does.
+        for actor in self._pools.values():
+            actor.stop(block=True, timeout=30)

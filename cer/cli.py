@@ -1,0 +1,179 @@
+"""The ``cer`` command: ``cer start`` runs the daemon; the other verbs are clients of a running one."""
+
+import os
+import sys
+
+import click
+import orjson
+
+from cer.config import CONFIG_NAME, DEFAULT_ROOT, MAX_CAPACITY, default_endpoint
+from cer.errors import CerError
+from cer.references import CheckpointRef
+
+NAMESPACE_TYPE = click.Choice(["ipc", "uts", "mnt"])
+
+
+def _endpoint_option(command):
+    return click.option(
+        "--endpoint",
+        envvar="CER_ENDPOINT",
+        default=default_endpoint(),
+        show_default=True,
+        help="The daemon's ZeroMQ endpoint ($CER_ENDPOINT).",
+    )(command)
+
+
+def _ref_options(command):
+    command = click.option("--namespace", "-n", default="default", show_default=True, help="containerd namespace")(command)
+    return click.argument("checkpoint")(command)
+
+
+def _ref(checkpoint: str, namespace: str) -> CheckpointRef:
+    try:
+        return CheckpointRef(checkpoint, namespace)
+    except CerError as error:
+        raise click.BadParameter(str(error)) from None
+
+
+def _call(endpoint: str, method) -> dict:
+    from cer.protocol.client import Client  # noqa: PLC0415 - keeps `cer start` free of client setup
+
+    try:
+        with Client(endpoint) as client:
+            return client.call(method)
+    except CerError as error:
+        click.echo(f"error: {error.code}: {error}", err=True)
+        sys.exit(1)
+
+
+def _print_json(value: object) -> None:
+    click.echo(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode())
+
+
+@click.group()
+@click.option("--debug", is_flag=True, help="Log every request and reply.")
+@click.pass_context
+def main(context: click.Context, debug: bool) -> None:
+    """CER-Manager: pools of ready namespaces for restoring containers from CRIU checkpoints."""
+    context.obj = {"debug": debug}
+
+
+@main.command()
+@click.option("--debug", is_flag=True, help="Log every request and reply.")
+@click.option("--root", default=DEFAULT_ROOT, show_default=True, type=click.Path(file_okay=False), help="State directory.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help=f"Default: ROOT/{CONFIG_NAME}.")
+@click.option("--endpoint", help="ZeroMQ endpoint to serve. Default: ipc://ROOT/daemon.sock.")
+@click.option("--workers", default=8, show_default=True, type=click.IntRange(1, 256), help="Requests served at once.")
+@click.option("--cold-timeout", default=10.0, show_default=True, type=click.FloatRange(0.1, 600), help="Longest wait, in seconds, for a namespace built on demand.")
+@click.pass_context
+def start(context, debug, root, config_path, endpoint, workers, cold_timeout) -> None:
+    """Run the daemon in the foreground until SIGTERM or SIGINT."""
+    from cer.config import load_config  # noqa: PLC0415
+    from cer.daemon import Settings, run  # noqa: PLC0415
+    from cer.logs import setup_logging  # noqa: PLC0415
+
+    debug = debug or context.obj["debug"]
+    setup_logging(debug)
+    if os.geteuid() != 0:
+        raise click.ClickException("cer start needs root: it creates namespaces and mounts")
+    root = os.path.abspath(root)
+    try:
+        config = load_config(config_path or os.path.join(root, CONFIG_NAME))
+        settings = Settings(root=root, endpoint=endpoint or default_endpoint(root), debug=debug, workers=workers, cold_timeout=cold_timeout)
+        run(config, settings)
+    except CerError as error:
+        raise click.ClickException(str(error)) from None
+
+
+@main.group()
+def ns() -> None:
+    """Take, give back and size pooled namespaces."""
+
+
+@ns.command("get")
+@_endpoint_option
+@click.argument("namespace_type", type=NAMESPACE_TYPE)
+@_ref_options
+@click.option("--extra", "extra", multiple=True, help="Another checkpoint sharing the namespace (repeatable).")
+def ns_get(endpoint, namespace_type, checkpoint, namespace, extra) -> None:
+    """Take a namespace of NAMESPACE_TYPE for CHECKPOINT; prints the reply as JSON."""
+    from cer.protocol.methods import NamespaceGet  # noqa: PLC0415
+
+    extra_refs = tuple(_ref(name, namespace) for name in extra)
+    _print_json(_call(endpoint, NamespaceGet(namespace_type, _ref(checkpoint, namespace), extra_refs)))
+
+
+@ns.command("put")
+@_endpoint_option
+@click.argument("namespace_type", type=NAMESPACE_TYPE)
+@click.argument("namespace_id", type=click.IntRange(0))
+@click.option("--pid", type=click.IntRange(1), help="The daemon pid that handed it out.")
+def ns_put(endpoint, namespace_type, namespace_id, pid) -> None:
+    """Give back namespace NAMESPACE_ID of NAMESPACE_TYPE."""
+    from cer.protocol.methods import NamespacePut  # noqa: PLC0415
+
+    _call(endpoint, NamespacePut(namespace_type, namespace_id, pid))
+
+
+@ns.command("update")
+@_endpoint_option
+@_ref_options
+@click.argument("capacity", type=click.IntRange(0, MAX_CAPACITY))
+def ns_update(endpoint, checkpoint, namespace, capacity) -> None:
+    """Keep CAPACITY idle namespaces of each type for CHECKPOINT."""
+    from cer.protocol.methods import NamespaceUpdate  # noqa: PLC0415
+
+    _print_json(_call(endpoint, NamespaceUpdate(_ref(checkpoint, namespace), capacity)))
+
+
+@main.group()
+def checkpoint() -> None:
+    """Get and release checkpoint image directories."""
+
+
+@checkpoint.command("get")
+@_endpoint_option
+@_ref_options
+def checkpoint_get(endpoint, checkpoint, namespace) -> None:
+    """Print the directory of CHECKPOINT's CRIU images."""
+    from cer.protocol.methods import CheckpointGet  # noqa: PLC0415
+
+    click.echo(_call(endpoint, CheckpointGet(_ref(checkpoint, namespace)))["path"])
+
+
+@checkpoint.command("put")
+@_endpoint_option
+@_ref_options
+def checkpoint_put(endpoint, checkpoint, namespace) -> None:
+    """Release one get of CHECKPOINT's directory."""
+    from cer.protocol.methods import CheckpointPut  # noqa: PLC0415
+
+    _call(endpoint, CheckpointPut(_ref(checkpoint, namespace)))
+
+
+@main.command()
+@_endpoint_option
+@click.option("--json", "as_json", is_flag=True, help="Print the whole status as JSON.")
+def status(endpoint, as_json) -> None:
+    """Show every pool: state, and per type idle, in use and building counts."""
+    from cer.protocol.methods import AdminStatus  # noqa: PLC0415
+
+    reply = _call(endpoint, AdminStatus())
+    if as_json:
+        _print_json(reply)
+        return
+    click.echo(f"cer {reply['version']}, pid {reply['pid']}, up {reply['uptime_seconds']:.0f} s")
+    rows = [("CHECKPOINT", "STATE", "TYPE", "CAPACITY", "IDLE", "IN USE", "BUILDING", "COLD GETS", "LAST ERROR")]
+    for pool in reply["pools"]:
+        name = f"{pool['ref']['labels']['namespace']}/{pool['ref']['name']}"
+        for ns_type, counts in pool.get("types", {"-": None}).items():
+            if counts is None or not counts["supported"]:
+                rows.append((name, pool["state"], ns_type, "-", "-", "-", "-", "-", pool.get("last_error") or ""))
+                continue
+            rows.append(
+                (name, pool["state"], ns_type, str(pool["capacity"]), str(counts["idle"]), str(counts["in_use"]),
+                 str(counts["building"]), str(counts["cold_gets"]), pool.get("last_error") or "")
+            )
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

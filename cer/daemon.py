@@ -1,0 +1,114 @@
+"""The daemon's life: check the config, prepare ROOT, start the actors and the frontend, and on
+SIGTERM/SIGINT take it all down in reverse order, leaving nothing behind under ROOT."""
+
+import fcntl
+import os
+import resource
+import shutil
+import signal
+import threading
+from dataclasses import dataclass
+
+import pykka
+import pykka.debug
+from loguru import logger
+
+from cer.actors.extractor import CheckpointExtractor
+from cer.actors.factory import NamespaceFactory
+from cer.actors.gateway import Gateway
+from cer.actors.supervisor import Supervisor
+from cer.config import Config
+from cer.errors import CerError
+from cer.protocol.frontend import Frontend
+
+
+@dataclass(frozen=True)
+class Settings:
+    root: str
+    endpoint: str
+    debug: bool = False
+    workers: int = 8
+    max_concurrent_creations: int = 4
+    ask_timeout: float = 5.0
+    cold_timeout: float = 10.0
+
+
+class DaemonError(CerError):
+    """The daemon cannot start (ROOT unusable, another daemon running, endpoint taken)."""
+
+
+def run(config: Config, settings: Settings) -> None:
+    """Serve until SIGTERM or SIGINT; returns once everything is torn down."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    signal.signal(signal.SIGUSR1, pykka.debug.log_thread_tracebacks)
+    with _RootDirectory(settings.root) as root:
+        _raise_fd_limit()
+        actors: list[pykka.ActorRef] = []
+        frontend: Frontend | None = None
+        try:
+            factory = NamespaceFactory.start(root.bundles, settings.max_concurrent_creations)
+            actors.append(factory)
+            extractor = CheckpointExtractor.start()
+            actors.append(extractor)
+            supervisor = Supervisor.start(config, factory.proxy(), extractor.proxy(), settings.cold_timeout)
+            actors.append(supervisor)
+            gateway = Gateway(
+                supervisor.proxy(), factory.proxy(), extractor.proxy(), settings.ask_timeout, settings.cold_timeout
+            )
+            frontend = Frontend(settings.endpoint, gateway, settings.workers, settings.debug)
+            frontend.start()
+            logger.info("cer started, pid {}, {} checkpoint(s) from {}", os.getpid(), len(config.checkpoints), config.path)
+            stop.wait()
+            logger.info("stopping")
+        finally:
+            # Reverse order: no new requests, then pools hand their namespaces to the factory, which destroys them.
+            if frontend is not None:
+                frontend.stop()
+            for actor in reversed(actors):
+                actor.stop(block=True, timeout=60)
+            pykka.ActorRegistry.stop_all()
+    logger.info("stopped")
+
+
+class _RootDirectory:
+    """ROOT, locked for this daemon; what the daemon keeps there (bundles, socket, lock) goes at exit."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.bundles = os.path.join(self.root, "bundles")
+        self._lock_path = os.path.join(self.root, "daemon.lock")
+        self._lock_fd: int | None = None
+
+    def __enter__(self) -> "_RootDirectory":
+        try:
+            os.makedirs(self.root, mode=0o700, exist_ok=True)
+            # Whatever the umask or an earlier owner left: the socket lives here, so only root may enter.
+            os.chmod(self.root, 0o700)
+            self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except OSError as error:
+            raise DaemonError(f"cannot use {self.root}: {error.strerror}") from None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise DaemonError(f"another cer daemon is running on {self.root}") from None
+        if os.path.lexists(self.bundles):
+            # Left by a daemon that was killed: its mount namespaces died with it, the directories did not.
+            logger.warning("removing bundles left by an earlier run in {}", self.bundles)
+            shutil.rmtree(self.bundles, ignore_errors=True)
+        os.mkdir(self.bundles, 0o700)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        shutil.rmtree(self.bundles, ignore_errors=True)
+        os.unlink(self._lock_path)
+        os.close(self._lock_fd)
+
+
+def _raise_fd_limit() -> None:
+    # Every pooled namespace is an open fd.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -1,0 +1,261 @@
+"""Every method of the cer protocol, each defined once: its parameters, their checks and its handler.
+
+A method is a frozen dataclass of its validated parameters. The daemon builds one with ``parse`` from
+a request's params and runs ``handle``; clients build one directly and send ``params()``. Its docstring
+is the method's documentation (protocol/README.md repeats it for readers of the wire format).
+"""
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from cer.config import MAX_CAPACITY
+from cer.errors import BadRequest, NotFound, UnknownMethod
+from cer.linux.namespaces import NAMESPACE_TYPES
+from cer.references import CheckpointRef
+
+if TYPE_CHECKING:  # clients use these definitions without the daemon's actors
+    from cer.actors.gateway import Gateway
+
+_MAX_EXTRA_REFS = 64
+_MAX_ID = 2**31 - 1
+
+
+class _Params:
+    """Reads one request's params; every problem is a BadRequest that names the field."""
+
+    def __init__(self, raw: dict, fields: set[str]) -> None:
+        unknown = set(raw) - fields
+        if unknown:
+            raise BadRequest(f"unknown params: {', '.join(sorted(map(str, unknown)))}")
+        self._raw = raw
+
+    def namespace_type(self) -> str:
+        value = self._raw.get("namespace_type")
+        if value not in NAMESPACE_TYPES:
+            raise BadRequest(f"namespace_type must be one of {', '.join(NAMESPACE_TYPES)}, not {value!r}")
+        return value
+
+    def integer(self, name: str, minimum: int, maximum: int, required: bool = True) -> int | None:
+        value = self._raw.get(name)
+        if value is None and not required:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+            raise BadRequest(f"{name} must be a whole number from {minimum} to {maximum}, not {value!r}")
+        return value
+
+    def ref(self, name: str = "ref") -> CheckpointRef:
+        return CheckpointRef.from_wire(self._raw.get(name), name)
+
+    def refs(self, name: str) -> tuple[CheckpointRef, ...]:
+        values = self._raw.get(name) or []
+        if not isinstance(values, list) or len(values) > _MAX_EXTRA_REFS:
+            raise BadRequest(f"{name} must be a list of at most {_MAX_EXTRA_REFS} refs")
+        return tuple(CheckpointRef.from_wire(value, f"{name}[{index}]") for index, value in enumerate(values))
+
+
+class Method:
+    service: ClassVar[str]
+    name: ClassVar[str]
+
+    @classmethod
+    def parse(cls, raw: dict) -> "Method":
+        raise NotImplementedError
+
+    def params(self) -> dict:
+        raise NotImplementedError
+
+    def handle(self, gateway: "Gateway") -> dict:
+        raise NotImplementedError
+
+
+METHODS: dict[tuple[str, str], type[Method]] = {}
+
+
+def _method(service: str, name: str):
+    def register(cls: type[Method]) -> type[Method]:
+        cls.service, cls.name = service, name
+        METHODS[(service, name)] = cls
+        return cls
+
+    return register
+
+
+def find_method(service: str, name: str) -> type[Method]:
+    try:
+        return METHODS[(service, name)]
+    except KeyError:
+        raise UnknownMethod(f"unknown method {service}.{name}") from None
+
+
+@_method("namespace", "get")
+@dataclass(frozen=True)
+class NamespaceGet(Method):
+    """Take a ready namespace of ``namespace_type`` for the checkpoint ``ref``.
+
+    params: ``{"namespace_type": "ipc"|"uts"|"mnt", "ref": REF, "extra_refs": [REF, ...]}``
+    result: ``{"namespace_id": ID, "pid": PID, "path": "/proc/PID/fd/ID", "info": {...}}``
+
+    The caller joins ``path`` (setns, ``nsenter``, or a runtime's namespace path) and gives the namespace
+    back with ``namespace.put`` when the container that used it is gone; it is destroyed then, never
+    handed out again. ``extra_refs`` lists the other containers that share the namespace (a pod): for
+    ``ipc`` the one checkpoint whose IPC namespace holds objects or non-default settings is served, and
+    two such checkpoints are refused, since one namespace cannot hold both. ``info`` has ``cold`` (it was
+    built for this get because none was idle), ``ref`` (the checkpoint served), ``ipc_default``, and for
+    ``mnt`` the ``bundle`` directory and its mounted ``rootfs``.
+    """
+
+    namespace_type: str
+    ref: CheckpointRef
+    extra_refs: tuple[CheckpointRef, ...] = ()
+
+    @classmethod
+    def parse(cls, raw: dict) -> "NamespaceGet":
+        params = _Params(raw, {"namespace_type", "ref", "extra_refs"})
+        return cls(params.namespace_type(), params.ref(), params.refs("extra_refs"))
+
+    def params(self) -> dict:
+        return {
+            "namespace_type": self.namespace_type,
+            "ref": self.ref.to_wire(),
+            "extra_refs": [ref.to_wire() for ref in self.extra_refs],
+        }
+
+    def handle(self, gateway: "Gateway") -> dict:
+        ref = self.ref
+        if self.namespace_type == "ipc" and self.extra_refs:
+            ref = self._ref_owning_ipc(gateway)
+        lease = gateway.get_namespace(self.namespace_type, ref)
+        namespace = lease.namespace
+        info = {"cold": lease.cold, "ref": ref.to_wire(), "ipc_default": lease.ipc_default}
+        if namespace.bundle is not None:
+            info.update(bundle=namespace.bundle, rootfs=namespace.rootfs)
+        return {"namespace_id": namespace.namespace_id, "pid": namespace.pid, "path": namespace.path, "info": info}
+
+    def _ref_owning_ipc(self, gateway: "Gateway") -> CheckpointRef:
+        refs = list(dict.fromkeys((self.ref, *self.extra_refs)))
+        not_default = [ref for ref in refs if gateway.ipc_default(ref) is False]
+        if len(not_default) > 1:
+            names = ", ".join(map(str, not_default))
+            raise BadRequest(f"checkpoints {names} each hold IPC objects or settings; one IPC namespace cannot hold them all")
+        return not_default[0] if not_default else self.ref
+
+
+@_method("namespace", "put")
+@dataclass(frozen=True)
+class NamespacePut(Method):
+    """Give back a namespace from ``namespace.get``; the daemon destroys it and builds a fresh one.
+
+    params: ``{"namespace_type": T, "namespace_id": ID, "pid": PID}`` (``pid``, optional, is the daemon pid
+    the get answered with: a namespace from an earlier run of the daemon is then told apart)
+    result: ``{}``
+    """
+
+    namespace_type: str
+    namespace_id: int
+    pid: int | None = None
+
+    @classmethod
+    def parse(cls, raw: dict) -> "NamespacePut":
+        params = _Params(raw, {"namespace_type", "namespace_id", "pid"})
+        return cls(params.namespace_type(), params.integer("namespace_id", 0, _MAX_ID), params.integer("pid", 1, _MAX_ID, required=False))
+
+    def params(self) -> dict:
+        params = {"namespace_type": self.namespace_type, "namespace_id": self.namespace_id}
+        return params if self.pid is None else {**params, "pid": self.pid}
+
+    def handle(self, gateway: "Gateway") -> dict:
+        if self.pid is not None and self.pid != gateway.pid:
+            raise NotFound(
+                f"{self.namespace_type} namespace {self.namespace_id} came from daemon pid {self.pid}, which is no "
+                f"longer running (this daemon is pid {gateway.pid}); it was released when that daemon exited"
+            )
+        if not gateway.put_namespace(self.namespace_type, self.namespace_id):
+            raise NotFound(f"{self.namespace_type} namespace {self.namespace_id} is not handed out by this daemon")
+        return {}
+
+
+@_method("namespace", "update")
+@dataclass(frozen=True)
+class NamespaceUpdate(Method):
+    """Set the number of idle namespaces kept per type for ``ref``; creates the pool of a new ref.
+
+    params: ``{"ref": REF, "capacity": N}`` (0 drains the pool)
+    result: ``{"created": true|false}``
+    """
+
+    ref: CheckpointRef
+    capacity: int
+
+    @classmethod
+    def parse(cls, raw: dict) -> "NamespaceUpdate":
+        params = _Params(raw, {"ref", "capacity"})
+        return cls(params.ref(), params.integer("capacity", 0, MAX_CAPACITY))
+
+    def params(self) -> dict:
+        return {"ref": self.ref.to_wire(), "capacity": self.capacity}
+
+    def handle(self, gateway: "Gateway") -> dict:
+        return {"created": gateway.update(self.ref, self.capacity)}
+
+
+@_method("checkpoint", "get")
+@dataclass(frozen=True)
+class CheckpointGet(Method):
+    """The directory of the checkpoint's CRIU images, ready for ``criu restore -D``/``--image-path``.
+
+    params: ``{"ref": REF}``; result: ``{"path": DIR}``. Each get counts a user until ``checkpoint.put``.
+    """
+
+    ref: CheckpointRef
+
+    @classmethod
+    def parse(cls, raw: dict) -> "CheckpointGet":
+        return cls(_Params(raw, {"ref"}).ref())
+
+    def params(self) -> dict:
+        return {"ref": self.ref.to_wire()}
+
+    def handle(self, gateway: "Gateway") -> dict:
+        return {"path": gateway.get_checkpoint(self.ref)}
+
+
+@_method("checkpoint", "put")
+@dataclass(frozen=True)
+class CheckpointPut(Method):
+    """Drop one user of a checkpoint directory from ``checkpoint.get``.
+
+    params: ``{"ref": REF}``; result: ``{"users": N}`` (the users left)
+    """
+
+    ref: CheckpointRef
+
+    @classmethod
+    def parse(cls, raw: dict) -> "CheckpointPut":
+        return cls(_Params(raw, {"ref"}).ref())
+
+    def params(self) -> dict:
+        return {"ref": self.ref.to_wire()}
+
+    def handle(self, gateway: "Gateway") -> dict:
+        return {"users": gateway.put_checkpoint(self.ref)}
+
+
+@_method("admin", "status")
+@dataclass(frozen=True)
+class AdminStatus(Method):
+    """Every pool with its state, last error, capacity, and per type idle/in-use/building counts and
+    warm/cold gets; the factory's and the extractor's counters; the daemon's version, pid and uptime.
+
+    params: ``{}``
+    """
+
+    @classmethod
+    def parse(cls, raw: dict) -> "AdminStatus":
+        _Params(raw, set())
+        return cls()
+
+    def params(self) -> dict:
+        return {}
+
+    def handle(self, gateway: "Gateway") -> dict:
+        return gateway.status()
