@@ -1,0 +1,149 @@
+"""Fixtures shared by the whole suite: a real cer daemon run as a separate process, and actor hygiene."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pykka
+import pytest
+
+# Test helper modules (criu_support, dummy_*) live beside this file; tests/ is not a package.
+sys.path.insert(0, str(Path(__file__).parent))
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "contrib" / "sample"
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
+    """Poll ``predicate`` until it returns something true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def short_tempdir(prefix: str = "cer-") -> Path:
+    # An ipc:// endpoint is a unix socket: its path must stay under ~107 bytes, so not under pytest's tmp_path.
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+@dataclass
+class RunningDaemon:
+    """A ``cer start`` process serving a temporary ROOT."""
+
+    root: Path
+    config: Path
+    process: subprocess.Popen
+    log: Path
+    endpoint: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.endpoint = f"ipc://{self.root}/daemon.sock"
+
+    def client(self, timeout: float = 15.0):
+        from cer.protocol.client import Client
+
+        return Client(self.endpoint, timeout=timeout)
+
+    def call(self, method) -> dict:
+        with self.client() as client:
+            return client.call(method)
+
+    def status(self) -> dict:
+        from cer.protocol.methods import AdminStatus
+
+        return self.call(AdminStatus())
+
+    def pool(self, name: str) -> dict:
+        return next(pool for pool in self.status()["pools"] if pool["ref"]["name"] == name)
+
+    def wait_full(self, name: str, types=("ipc", "uts", "mnt"), timeout: float = 20.0) -> dict:
+        def full():
+            pool = self.pool(name)
+            ready = pool["state"] == "ready" and all(
+                pool["types"][t]["idle"] >= pool["capacity"] for t in types
+            )
+            return pool if ready else None
+
+        return wait_for(full, timeout, 0.05, f"pool {name} to fill")
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        return self.process.wait(timeout)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def sample_config(**overrides) -> dict:
+    """The bundled sample checkpoints with absolute paths, and the sample rootfs for mnt namespaces."""
+    entries = [
+        {"name": "sample", "capacity": 2, "path": str(SAMPLE / "checkpoint"), "rootfs": str(SAMPLE / "rootfs")},
+        {"name": "sample-empty-ipc", "capacity": 2, "path": str(SAMPLE / "checkpoint-empty-ipc")},
+    ]
+    return {"containerd_checkpoints": entries, "default_capacity": 2, **overrides}
+
+
+def start_daemon(config: dict | str, *args: str, root: Path | None = None, wait: bool = True) -> RunningDaemon:
+    root = root or short_tempdir() / "root"
+    config_path = root.parent / "namespace_service.json"
+    config_path.write_text(config if isinstance(config, str) else json.dumps(config))
+    log = root.parent / "daemon.log"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cer", "start", "--root", str(root), "--config", str(config_path), *args],
+        stdout=open(log, "wb"),
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    daemon = RunningDaemon(root, config_path, process, log)
+    if wait:
+        def answering():
+            if process.poll() is not None:
+                pytest.fail(f"the daemon exited with {process.returncode}:\n{daemon.output()}")
+            try:
+                from cer.protocol.client import Client
+                from cer.protocol.methods import AdminStatus
+
+                with Client(daemon.endpoint, timeout=0.5) as client:
+                    return client.call(AdminStatus())
+            except Exception:
+                return None
+
+        wait_for(answering, 20, 0.05, "the daemon to answer")
+    return daemon
+
+
+@pytest.fixture
+def daemon():
+    """A daemon serving the bundled sample checkpoints; stopped with SIGTERM after the test."""
+    running = start_daemon(sample_config())
+    yield running
+    code = running.stop()
+    assert code == 0, running.output()
+
+
+@pytest.fixture(autouse=True)
+def _stop_actors():
+    yield
+    pykka.ActorRegistry.stop_all()
+
+
+def host_mounts() -> list[str]:
+    """The host's mount table, each mount as its mount point and source, for before/after comparisons."""
+    with open("/proc/1/mountinfo") as file:
+        return sorted(" ".join(line.split()[3:5]) for line in file)
+
+
+def open_fds(pid: int | str = "self") -> set[str]:
+    return set(os.listdir(f"/proc/{pid}/fd"))

@@ -1,0 +1,49 @@
+"""A stand-in for the actors behind the frontend, for tests of the frontend alone.
+
+It answers like the real Gateway but from fixed data; ``slow`` refs block until released, so tests can
+hold a worker busy and watch the others go on.
+"""
+
+import threading
+
+from cer.actors.pool import Lease
+from cer.errors import NotFound
+from cer.namespaces import Namespace
+
+
+class DummyGateway:
+    pid = 4242
+
+    def __init__(self) -> None:
+        self.release_slow = threading.Event()
+        self.slow_started = threading.Event()
+        self.calls: list[tuple] = []
+
+    def get_namespace(self, ns_type, ref) -> Lease:
+        self.calls.append(("get", ns_type, ref))
+        if ref.name == "slow":
+            self.slow_started.set()
+            self.release_slow.wait(30)
+        return Lease(Namespace(ns_type, 1500, self.pid), cold=ref.name == "slow", ipc_default=True)
+
+    def put_namespace(self, ns_type, namespace_id) -> bool:
+        self.calls.append(("put", ns_type, namespace_id))
+        return namespace_id == 1500
+
+    def ipc_default(self, ref) -> bool:
+        return ref.name != "busy"
+
+    def update(self, ref, capacity) -> bool:
+        self.calls.append(("update", ref, capacity))
+        return True
+
+    def get_checkpoint(self, ref) -> str:
+        if ref.name == "missing":
+            raise NotFound("no such checkpoint")
+        return f"/images/{ref.key}"
+
+    def put_checkpoint(self, ref) -> int:
+        return 0
+
+    def status(self) -> dict:
+        return {"version": "test", "pid": self.pid, "uptime_seconds": 0, "pools": []}
