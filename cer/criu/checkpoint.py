@@ -1,0 +1,362 @@
+"""What cer rebuilds from a checkpoint directory: the root task's IPC and UTS namespaces.
+
+:func:`read_checkpoint` reads them into frozen dataclasses that are safe to hand between actors
+and threads; :func:`cer.linux.sysv.populate_ipc_namespace` turns an :class:`IpcContents` back
+into a live IPC namespace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cer.criu import criu_pb2 as pb
+from cer.criu.images import (
+    IDS,
+    INVENTORY,
+    IPC_VAR,
+    IPCNS_MSG,
+    IPCNS_SEM,
+    IPCNS_SHM,
+    PSTREE,
+    UTSNS,
+    ImageReader,
+    ImageType,
+    RawImage,
+    pagemap_nr_pages,
+    read_pagemap,
+    read_single_entry,
+)
+from cer.errors import ImageError
+from cer.linux.sysv import SysctlValue, fresh_ipc_sysctls
+
+# The image set version every CRIU since 1.x writes (CRTOOLS_IMAGES_V1_1 in criu/include/magic.h).
+IMAGES_VERSION = 2
+# pages-*.img hold pages of the dumping machine, x86_64 for cer.
+PAGE_SIZE = 4096
+# pagemap_entry.flags (criu/include/pagemap.h)
+PE_PARENT = 1 << 0
+PE_PRESENT = 1 << 2
+
+# ipc_var_entry fields and the sysctl each one records, as CRIU's ipc_sysctl_req() pairs them.
+# auto_msgmni is left out: Linux ignores it since 4.0.
+IPC_VAR_SYSCTLS = (
+    ("sem_ctls", "kernel.sem"),
+    ("msg_ctlmax", "kernel.msgmax"),
+    ("msg_ctlmnb", "kernel.msgmnb"),
+    ("msg_ctlmni", "kernel.msgmni"),
+    ("shm_ctlmax", "kernel.shmmax"),
+    ("shm_ctlall", "kernel.shmall"),
+    ("shm_ctlmni", "kernel.shmmni"),
+    ("shm_rmid_forced", "kernel.shm_rmid_forced"),
+    ("mq_queues_max", "fs.mqueue.queues_max"),
+    ("mq_msg_max", "fs.mqueue.msg_max"),
+    ("mq_msgsize_max", "fs.mqueue.msgsize_max"),
+    ("mq_msg_default", "fs.mqueue.msg_default"),
+    ("mq_msgsize_default", "fs.mqueue.msgsize_default"),
+    ("msg_next_id", "kernel.msg_next_id"),
+    ("sem_next_id", "kernel.sem_next_id"),
+    ("shm_next_id", "kernel.shm_next_id"),
+)
+SEM_CTLS_COUNT = 4  # kernel.sem: semmsl, semmns, semopm, semmni
+
+
+@dataclass(frozen=True)
+class UtsContents:
+    """The host and domain name of a checkpoint's UTS namespace.
+
+    Bytes that are not UTF-8 are kept as surrogate escapes: encode with
+    ``"surrogateescape"`` to get the recorded bytes back.
+    """
+
+    nodename: str
+    domainname: str
+
+
+@dataclass(frozen=True)
+class ShmSegment:
+    """A SysV shared memory segment. ``key`` is the 32-bit key as CRIU records it (unsigned);
+    ``mode`` is the recorded ipc_perm mode, of which the permission bits are restored.
+    ``data`` holds exactly ``size`` bytes. ``hugetlb_flag`` is CRIU's shmget flag for a
+    segment backed by huge pages (SHM_HUGETLB and the page size), 0 otherwise."""
+
+    id: int
+    key: int
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    data: bytes = field(repr=False)
+    hugetlb_flag: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.data) != self.size:
+            raise ValueError(f"shm segment {self.id}: {len(self.data)} bytes of data for a size of {self.size}")
+
+
+@dataclass(frozen=True)
+class SemaphoreSet:
+    """A SysV semaphore set and its semaphores' values."""
+
+    id: int
+    key: int
+    mode: int
+    uid: int
+    gid: int
+    values: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class MessageQueue:
+    """A SysV message queue, its byte limit and its queued ``(mtype, text)`` messages in order."""
+
+    id: int
+    key: int
+    mode: int
+    uid: int
+    gid: int
+    qbytes: int
+    messages: tuple[tuple[int, bytes], ...]
+
+
+@dataclass(frozen=True)
+class IpcContents:
+    """A checkpoint's IPC namespace: its sysctls as ``(name, value)`` pairs, named like
+    ``kernel.msgmax`` and valued an int or, for kernel.sem, a tuple; and its SysV objects."""
+
+    sysctls: tuple[tuple[str, SysctlValue], ...] = ()
+    shm: tuple[ShmSegment, ...] = ()
+    sem: tuple[SemaphoreSet, ...] = ()
+    msg: tuple[MessageQueue, ...] = ()
+
+    @property
+    def is_default(self) -> bool:
+        """True when a fresh IPC namespace of this kernel already is this one: no objects, and
+        every recorded sysctl at a fresh namespace's value."""
+        if self.shm or self.sem or self.msg:
+            return False
+        fresh = fresh_ipc_sysctls()
+        return all(fresh.get(name) == value for name, value in self.sysctls)
+
+
+@dataclass(frozen=True)
+class CheckpointContents:
+    """The namespaces of a checkpoint's root task that cer rebuilds. None: the checkpoint holds
+    no such namespace (the root task shared the dumping host's)."""
+
+    ipc: IpcContents | None
+    uts: UtsContents | None
+
+
+def read_checkpoint(directory: str | os.PathLike[str]) -> CheckpointContents:
+    """Read the root task's IPC and UTS namespaces from a CRIU image directory.
+
+    Raises :class:`~cer.errors.ImageError` when the directory is no CRIU image set, an image is
+    truncated or corrupt, or which namespace belongs to the root task cannot be told.
+    """
+    directory = Path(directory)
+    inventory = read_single_entry(directory / "inventory.img", INVENTORY)
+    if inventory.img_version != IMAGES_VERSION:
+        raise ImageError(str(directory / "inventory.img"), 0, f"image set version {inventory.img_version}, "
+                         f"only version {IMAGES_VERSION} is supported")
+    root = _root_task_ids(directory)
+    host = inventory.root_ids if inventory.HasField("root_ids") else None
+
+    ipc_id = _root_namespace_image(directory, "ipc", r"ipcns-var-(\d+)\.img", root, host)
+    uts_id = _root_namespace_image(directory, "uts", r"utsns-(\d+)\.img", root, host)
+    return CheckpointContents(
+        ipc=None if ipc_id is None else _read_ipc(directory, ipc_id),
+        uts=None if uts_id is None else _read_uts(directory / f"utsns-{uts_id}.img"),
+    )
+
+
+def _root_task_ids(directory: Path) -> pb.task_kobj_ids_entry | None:
+    """The root task's ids (pstree.img names the root task first), None for images without
+    ids files."""
+    pstree = directory / "pstree.img"
+    with ImageReader(pstree, PSTREE) as image:
+        root = image.read_entry()
+        if root is None:
+            raise image.error("no task in the process tree")
+    ids = directory / f"ids-{root.pid}.img"
+    return read_single_entry(ids, IDS) if ids.exists() else None
+
+
+def _root_namespace_image(
+    directory: Path,
+    kind: str,
+    pattern: str,
+    root: pb.task_kobj_ids_entry | None,
+    host: pb.task_kobj_ids_entry | None,
+) -> int | None:
+    """The id naming the root task's ``kind`` namespace images, None when there are none for it.
+
+    Namespace images are named by CRIU's namespace ids, which ids-<pid>.img gives per task;
+    inventory.img's root_ids are the dumping CRIU's own, so a root task with the same id shared
+    the host's namespace and has none.
+    """
+    found = sorted(int(m.group(1)) for name in os.listdir(directory) if (m := re.fullmatch(pattern, name)))
+    field_name = f"{kind}_ns_id"
+    if root is not None and root.HasField(field_name):
+        wanted = getattr(root, field_name)
+        if wanted in found:
+            return wanted
+        shares_host = host is not None and host.HasField(field_name) and getattr(host, field_name) == wanted
+        if found and not shares_host:
+            raise ImageError(str(directory), 0, f"{kind} namespace images exist for ids {found}, "
+                             f"but not for the root task's namespace {wanted}")
+        return None
+    if len(found) > 1:
+        raise ImageError(str(directory), 0, f"{kind} namespace images for ids {found} and no ids image "
+                         "of the root task to tell which one is its")
+    return found[0] if found else None
+
+
+@contextlib.contextmanager
+def _optional_image(path: Path, image_type: ImageType) -> Iterator[ImageReader | _NoEntries]:
+    """An image that CRIU leaves out when it would hold no entry (as for an IPC namespace without
+    shm segments): a missing file reads as an empty one."""
+    if not path.exists():
+        yield _NoEntries()
+        return
+    with ImageReader(path, image_type) as image:
+        yield image
+
+
+class _NoEntries:
+    def read_entry(self) -> None:
+        return None
+
+
+def _read_uts(path: Path) -> UtsContents:
+    entry = read_single_entry(path, UTSNS)
+    return UtsContents(nodename=_text(entry.nodename), domainname=_text(entry.domainname))
+
+
+def _text(value: str | bytes) -> str:
+    # The upb runtime hands out a proto2 string field that is not UTF-8 as bytes.
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+
+
+def _read_ipc(directory: Path, ns_id: int) -> IpcContents:
+    var_path = directory / f"ipcns-var-{ns_id}.img"
+    return IpcContents(
+        sysctls=_sysctls(var_path, read_single_entry(var_path, IPC_VAR)),
+        shm=_read_shm(directory, directory / f"ipcns-shm-{ns_id}.img"),
+        sem=_read_sem(directory / f"ipcns-sem-{ns_id}.img"),
+        msg=_read_msg(directory / f"ipcns-msg-{ns_id}.img"),
+    )
+
+
+def _sysctls(path: Path, var: pb.ipc_var_entry) -> tuple[tuple[str, SysctlValue], ...]:
+    if len(var.sem_ctls) not in (0, SEM_CTLS_COUNT):
+        raise ImageError(str(path), 0, f"sem_ctls holds {len(var.sem_ctls)} values, kernel.sem takes {SEM_CTLS_COUNT}")
+    sysctls = []
+    for field_name, sysctl in IPC_VAR_SYSCTLS:
+        if field_name == "sem_ctls":
+            if var.sem_ctls:
+                sysctls.append((sysctl, tuple(var.sem_ctls)))
+        elif var.HasField(field_name):
+            sysctls.append((sysctl, getattr(var, field_name)))
+    return tuple(sysctls)
+
+
+def _owner(desc: pb.ipc_desc_entry) -> dict[str, int]:
+    return {"id": desc.id, "key": desc.key, "mode": desc.mode, "uid": desc.uid, "gid": desc.gid}
+
+
+def _read_shm(directory: Path, path: Path) -> tuple[ShmSegment, ...]:
+    segments = []
+    with _optional_image(path, IPCNS_SHM) as image:
+        while (entry := image.read_entry()) is not None:
+            shmid = entry.desc.id
+            if entry.in_pagemaps:
+                data = _read_shmem_pages(directory, shmid, entry.size)
+            else:
+                # CRIU before 3.x wrote the bytes inline, padded to 4 (ipc_ns.c, dump_ipc_shm_pages).
+                data = image.read_payload(entry.size, 4, f"contents of shm segment {shmid}")
+            segments.append(ShmSegment(**_owner(entry.desc), size=entry.size, data=data,
+                                       hugetlb_flag=entry.hugetlb_flag))
+    return tuple(segments)
+
+
+def _read_shmem_pages(directory: Path, shmid: int, size: int) -> bytes:
+    """A segment's bytes from pagemap-shmem-<shmid>.img and its pages image. Ranges the pagemap
+    leaves out were never touched and read as zeros."""
+    pagemap_path = directory / f"pagemap-shmem-{shmid}.img"
+    head, entries = read_pagemap(pagemap_path)
+    mapped = -(-size // PAGE_SIZE) * PAGE_SIZE
+    # (offset in the segment, length, offset in the pages image or None for zeros), merged
+    # where contiguous so that a fully dumped segment is one read and no join.
+    runs: list[list] = []
+    position = pages_offset = 0
+    for index, entry in enumerate(entries):
+        start, length = entry.vaddr, pagemap_nr_pages(entry) * PAGE_SIZE
+        flags = entry.flags if entry.HasField("flags") else (PE_PARENT if entry.in_parent else PE_PRESENT)
+        where = f"pagemap entry {index} ({start:#x}, {length} bytes)"
+        if start % PAGE_SIZE or start < position or start + length > mapped:
+            raise ImageError(str(pagemap_path), 0, f"{where} is unaligned, out of order or beyond the "
+                             f"segment's {size} bytes")
+        if not flags & PE_PRESENT:
+            raise ImageError(str(pagemap_path), 0, f"{where} has no pages in this image (flags {flags:#x}: "
+                             "in a parent checkpoint or left to a lazy-pages server)")
+        _add_run(runs, position, start - position, None)
+        _add_run(runs, start, length, pages_offset)
+        position = start + length
+        pages_offset += length
+    _add_run(runs, position, mapped - position, None)
+
+    parts = [bytes(length) for _, length, _ in runs]
+    if pages_offset:
+        with RawImage(directory / f"pages-{head.pages_id}.img") as pages:
+            for index, (_, length, source) in enumerate(runs):
+                if source is not None:
+                    parts[index] = pages.read_at(source, length, f"pages of shm segment {shmid}")
+    excess = mapped - size  # the segment's last page reaches past its size
+    if excess:
+        parts[-1] = parts[-1][: len(parts[-1]) - excess]
+    return b"".join(parts)
+
+
+def _add_run(runs: list[list], start: int, length: int, source: int | None) -> None:
+    if not length:
+        return
+    if runs:
+        last_start, last_length, last_source = runs[-1]
+        if (source is None and last_source is None) or (
+            source is not None and last_source is not None and last_source + last_length == source
+        ):
+            runs[-1][1] += length
+            return
+    runs.append([start, length, source])
+
+
+def _read_sem(path: Path) -> tuple[SemaphoreSet, ...]:
+    sets = []
+    with _optional_image(path, IPCNS_SEM) as image:
+        while (entry := image.read_entry()) is not None:
+            nsems = entry.nsems
+            raw = image.read_payload(2 * nsems, 8, f"values of semaphore set {entry.desc.id}")
+            sets.append(SemaphoreSet(**_owner(entry.desc), values=struct.unpack(f"<{nsems}H", raw)))
+    return tuple(sets)
+
+
+def _read_msg(path: Path) -> tuple[MessageQueue, ...]:
+    queues = []
+    with _optional_image(path, IPCNS_MSG) as image:
+        while (entry := image.read_entry()) is not None:
+            msqid = entry.desc.id
+            messages = []
+            for index in range(entry.qnum):
+                message = image.read_entry(pb.ipc_msg)
+                if message is None:
+                    raise image.error(f"message queue {msqid}: {entry.qnum} messages recorded, the file ends after {index}")
+                text = image.read_payload(message.msize, 8, f"text of message {index} of queue {msqid}")
+                messages.append((message.mtype, text))
+            queues.append(MessageQueue(**_owner(entry.desc), qbytes=entry.qbytes, messages=tuple(messages)))
+    return tuple(queues)

@@ -1,0 +1,218 @@
+"""Reading CRIU image files: the magic header, size-prefixed protobuf entries and raw payloads.
+
+An image file (CRIU's images/README and lib/pycriu/images/images.py) is::
+
+    IMAGE   ::= [IMG_COMMON_MAGIC] TYPE_MAGIC { ENTRY }      (u32 little-endian magics)
+    ENTRY   ::= SIZE MESSAGE [PAYLOAD]                       (SIZE: u32 little-endian)
+
+Only inventory.img lacks the common magic. PAYLOAD is raw data some entry types carry after the
+message (SysV shm bytes, semaphore values, message texts), its length given by the message and
+padded as the writer pads it. pages-*.img files are raw pages without any header.
+
+Every read is checked against what the file holds before anything is allocated, so a truncated,
+corrupt or hostile image raises :class:`~cer.errors.ImageError` naming the file and the offset
+instead of crashing, hanging or allocating what a garbled length claims.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from google.protobuf.message import DecodeError, Message
+
+from cer.criu import criu_pb2 as pb
+from cer.errors import ImageError
+
+IMG_COMMON_MAGIC = 0x54564319
+IMG_SERVICE_MAGIC = 0x55105940
+
+# The largest protobuf entry accepted. The entries cer reads are tens of bytes; mount entries,
+# the largest planned, carry a few paths and an option string. A bigger size field is corruption.
+MAX_ENTRY_SIZE = 1 << 20
+
+_U32 = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class ImageType:
+    """One kind of CRIU image: its name as crit prints it, its magic and its entries' message."""
+
+    name: str
+    magic: int
+    entry: type[Message]
+    common_magic: bool = True  # False: the type magic alone opens the file (inventory.img)
+
+
+INVENTORY = ImageType("INVENTORY", 0x58313116, pb.inventory_entry, common_magic=False)
+PSTREE = ImageType("PSTREE", 0x50273030, pb.pstree_entry)
+IDS = ImageType("IDS", 0x54432030, pb.task_kobj_ids_entry)
+UTSNS = ImageType("UTSNS", 0x54473203, pb.utsns_entry)
+IPC_VAR = ImageType("IPC_VAR", 0x53115007, pb.ipc_var_entry)
+IPCNS_SHM = ImageType("IPCNS_SHM", 0x46283044, pb.ipc_shm_entry)
+IPCNS_MSG = ImageType("IPCNS_MSG", 0x55453737, pb.ipc_msg_entry)
+IPCNS_SEM = ImageType("IPCNS_SEM", 0x59573019, pb.ipc_sem_entry)
+# The first entry of a pagemap is a pagemap_head; every later one a pagemap_entry.
+PAGEMAP = ImageType("PAGEMAP", 0x56084025, pb.pagemap_entry)
+MNTS = ImageType("MNTS", 0x55563928, pb.mnt_entry)
+
+IMAGE_TYPES = (INVENTORY, PSTREE, IDS, UTSNS, IPC_VAR, IPCNS_SHM, IPCNS_MSG, IPCNS_SEM, PAGEMAP, MNTS)
+_BY_MAGIC = {t.magic: t for t in IMAGE_TYPES}
+
+
+class RawImage:
+    """A regular file read with every read checked against its size: a pages-<id>.img as is,
+    and the base of :class:`ImageReader`. Use as a context manager."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = str(path)
+        self.offset = 0
+        try:
+            # O_NONBLOCK: a FIFO planted in an image directory must not block the open.
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as e:
+            raise ImageError(self.path, 0, f"cannot open: {e.strerror}") from e
+        self._file = os.fdopen(fd, "rb", buffering=0)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ImageError(self.path, 0, "not a regular file")
+        except BaseException:
+            self._file.close()
+            raise
+        self.size = st.st_size
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    @property
+    def remaining(self) -> int:
+        return self.size - self.offset
+
+    def error(self, problem: str, offset: int | None = None) -> ImageError:
+        return ImageError(self.path, self.offset if offset is None else offset, problem)
+
+    def read_exact(self, length: int, what: str) -> bytes:
+        """Read ``length`` bytes at the current offset, or fail before allocating anything."""
+        if length > self.remaining:
+            raise self.error(f"{what}: needs {length} bytes, the file ends {self.remaining} bytes later")
+        data = self._file.read(length) if length else b""
+        if len(data) != length:  # the file shrank under us
+            raise self.error(f"{what}: the file ends {len(data)} bytes later")
+        self.offset += length
+        return data
+
+    def read_at(self, offset: int, length: int, what: str) -> bytes:
+        """Read ``length`` bytes at ``offset``."""
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise self.error(f"{what}: bytes {offset}..{offset + length} lie beyond the end ({self.size})", offset)
+        self._file.seek(offset)
+        self.offset = offset
+        return self.read_exact(length, what)
+
+
+class ImageReader(RawImage):
+    """An open CRIU image, its magic checked, read entry by entry.
+
+    ``ImageReader(path, IPCNS_SEM)`` insists on that type; ``ImageReader(path)`` accepts any type
+    of :data:`IMAGE_TYPES` and tells which in :attr:`type`. Use as a context manager.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], image_type: ImageType | None = None) -> None:
+        super().__init__(path)
+        try:
+            self.type = self._read_magic(image_type)
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_magic(self, expected: ImageType | None) -> ImageType:
+        if self.size == 0:
+            raise self.error("empty file, not a CRIU image")
+        (magic,) = _U32.unpack(self.read_exact(4, "magic"))
+        if magic in (IMG_COMMON_MAGIC, IMG_SERVICE_MAGIC):
+            (magic,) = _U32.unpack(self.read_exact(4, "image type magic"))
+            found = _BY_MAGIC.get(magic)
+            if found is None or not found.common_magic:
+                raise self.error(f"unknown image type magic {magic:#010x}", self.offset - 4)
+        else:
+            found = _BY_MAGIC.get(magic)
+            if found is None or found.common_magic:
+                raise self.error(f"unknown magic {magic:#010x}: not a CRIU image this reader knows", 0)
+        if expected is not None and found is not expected:
+            raise self.error(f"a {found.name} image where a {expected.name} image was expected", 0)
+        return found
+
+    def read_entry(self, message_type: type[Message] | None = None) -> Message | None:
+        """Parse the next entry as ``message_type`` (default: the image type's), None at the end."""
+        if self.remaining == 0:
+            return None
+        start = self.offset
+        (size,) = _U32.unpack(self.read_exact(4, "entry size"))
+        if size > MAX_ENTRY_SIZE:
+            raise self.error(f"entry size {size} exceeds the limit of {MAX_ENTRY_SIZE} bytes", start)
+        raw = self.read_exact(size, "entry")
+        message = (message_type or self.type.entry)()
+        try:
+            message.ParseFromString(raw)
+        except (DecodeError, ValueError, RuntimeError) as e:
+            raise self.error(f"garbled {message.DESCRIPTOR.name} entry: {e}", start) from e
+        if not message.IsInitialized():
+            missing = ", ".join(message.FindInitializationErrors())
+            raise self.error(f"{message.DESCRIPTOR.name} entry lacks required fields: {missing}", start)
+        return message
+
+    def read_payload(self, length: int, align: int, what: str) -> bytes:
+        """Read the ``length`` raw bytes that follow an entry, and skip their padding to ``align``."""
+        padded = -(-length // align) * align
+        if padded > self.remaining:
+            raise self.error(f"{what}: needs {padded} bytes, the file ends {self.remaining} bytes later")
+        data = self.read_exact(length, what)
+        self.read_exact(padded - length, f"{what} padding")
+        return data
+
+    def entries(self) -> Iterator[Message]:
+        """Every remaining entry, parsed as the image type's message."""
+        while (entry := self.read_entry()) is not None:
+            yield entry
+
+
+def read_entries(path: str | os.PathLike[str], image_type: ImageType) -> list[Message]:
+    """All entries of an image that carries no payloads."""
+    with ImageReader(path, image_type) as image:
+        return list(image.entries())
+
+
+def read_single_entry(path: str | os.PathLike[str], image_type: ImageType) -> Message:
+    """The one entry of an image that holds exactly one (inventory, ids, utsns, ipcns-var)."""
+    with ImageReader(path, image_type) as image:
+        entry = image.read_entry()
+        if entry is None:
+            raise image.error(f"no {image_type.entry.DESCRIPTOR.name} entry")
+        if image.remaining:
+            raise image.error("unexpected data after the only entry")
+        return entry
+
+
+def read_pagemap(path: str | os.PathLike[str]) -> tuple[pb.pagemap_head, list[pb.pagemap_entry]]:
+    """A pagemap image: its head (which names the pages image) and its entries."""
+    with ImageReader(path, PAGEMAP) as image:
+        head = image.read_entry(pb.pagemap_head)
+        if head is None:
+            raise image.error("no pagemap_head entry")
+        return head, list(image.entries())
+
+
+def pagemap_nr_pages(entry: pb.pagemap_entry) -> int:
+    """The page count of a pagemap entry, wherever the writing CRIU version put it."""
+    return entry.nr_pages if entry.HasField("nr_pages") else entry.compat_nr_pages
+
