@@ -1,26 +1,32 @@
 """The ZeroMQ frontend: turns each request into actor asks, and always answers.
 
-Clients speak plain REQ/REP. Behind the bound ROUTER socket a ``zmq.proxy`` spreads requests over a
-few REP worker threads (the ZeroMQ guide's mtserver), so a slow request, such as a get that waits for a
-mount namespace to be built, holds up one worker and not the requests for other checkpoints. A REP socket
-must answer every request it receives or it wedges: every path through ``_answer`` returns a reply.
+Clients speak plain REQ/REP. One router thread owns the bound ROUTER socket: it hands each request to
+a pool of worker threads and sends their replies back, in whatever order they finish ("ROUTER with
+asynchronous replies"), so a slow request, such as a get that waits for a mount namespace to be built,
+holds up one worker and not the requests for other checkpoints. (A DEALER in front of REP workers would
+not do: it deals round-robin, queueing requests behind a busy worker.) Each worker owns a PUSH socket
+that carries its replies to the router thread; no socket is shared between threads.
 """
 
 import itertools
 import os
+import queue
 import threading
 
 import zmq
 from loguru import logger
 
 from cer.actors.gateway import Gateway
-from cer.errors import CerError, InternalError
+from cer.errors import CerError, InternalError, Unavailable
 from cer.protocol.methods import find_method
 from cer.protocol.wire import MAX_REQUEST_BYTES, decode_request, encode_error, encode_result
 
 # Larger messages make libzmq drop the connection before anything reads them; up to this size a
 # too-large request still gets an error reply from decode_request.
 _MAX_MESSAGE_BYTES = 16 * MAX_REQUEST_BYTES
+# Requests waiting for a worker beyond this are refused at once rather than queued without bound.
+_MAX_QUEUED = 1024
+_WORKER_DONE = b"done"
 _instances = itertools.count()
 
 
@@ -34,8 +40,10 @@ class Frontend:
         self._gateway = gateway
         self._workers = workers
         self._debug = debug
-        self._backend = f"inproc://cer-workers-{next(_instances)}"
-        self._control = f"inproc://cer-control-{self._backend.rsplit('-', 1)[1]}"
+        instance = next(_instances)
+        self._replies_address = f"inproc://cer-replies-{instance}"
+        self._control_address = f"inproc://cer-control-{instance}"
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
         self._context: zmq.Context | None = None
         self._threads: list[threading.Thread] = []
 
@@ -50,39 +58,42 @@ class Frontend:
         except zmq.ZMQError as error:
             router.close()
             self._context.term()
+            self._context = None
             raise FrontendError(f"cannot serve {self.endpoint}: {error}") from None
-        dealer = self._context.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.LINGER, 0)
-        dealer.bind(self._backend)
+        replies = self._context.socket(zmq.PULL)
+        replies.bind(self._replies_address)
         control = self._context.socket(zmq.PAIR)
-        control.bind(self._control)
-        # The sockets move to the proxy thread here; starting a thread is the memory barrier ZeroMQ asks for.
+        control.bind(self._control_address)
+        # The sockets move to the router thread here; starting a thread is the memory barrier ZeroMQ asks for.
         self._threads.append(
-            threading.Thread(target=_run_proxy, args=(router, dealer, control), name="cer-frontend-proxy", daemon=True)
+            threading.Thread(target=self._route, args=(router, replies, control), name="cer-frontend", daemon=True)
         )
         for index in range(self._workers):
-            socket = self._context.socket(zmq.REP)
-            socket.setsockopt(zmq.LINGER, 0)
-            socket.connect(self._backend)
+            push = self._context.socket(zmq.PUSH)
+            push.connect(self._replies_address)
             self._threads.append(
-                threading.Thread(target=self._serve, args=(socket,), name=f"cer-frontend-{index}", daemon=True)
+                threading.Thread(target=self._work, args=(push,), name=f"cer-worker-{index}", daemon=True)
             )
         for thread in self._threads:
             thread.start()
         logger.info("serving {} with {} workers", self.endpoint, self._workers)
 
     def stop(self) -> None:
-        """Stop taking requests; requests being handled are answered first."""
+        """Stop taking requests; the ones already taken are answered first."""
         if self._context is None:
             return
         terminate = self._context.socket(zmq.PAIR)
-        terminate.connect(self._control)
+        terminate.connect(self._control_address)
         terminate.send(b"TERMINATE")
         terminate.close()
-        # term() wakes the workers blocked in recv with ContextTerminated and waits for their sockets.
-        self._context.term()
         for thread in self._threads:
-            thread.join(10)
+            thread.join(60)
+        stuck = [thread.name for thread in self._threads if thread.is_alive()]
+        if stuck:
+            # Their sockets are still open, so term() would wait for ever; the process exit closes them.
+            logger.error("frontend threads did not stop: {}", ", ".join(stuck))
+        else:
+            self._context.term()
         self._context = None
         if self.endpoint.startswith("ipc://"):
             try:
@@ -91,16 +102,69 @@ class Frontend:
                 pass
         logger.info("stopped serving {}", self.endpoint)
 
-    def _serve(self, socket: zmq.Socket) -> None:
+    def _route(self, router: zmq.Socket, replies: zmq.Socket, control: zmq.Socket) -> None:
+        poller = zmq.Poller()
+        for socket in (router, replies, control):
+            poller.register(socket, zmq.POLLIN)
+        working = self._workers
         try:
-            while True:
-                try:
-                    frames = socket.recv_multipart()
-                except zmq.ContextTerminated:
-                    return
-                socket.send(self._answer(frames))
+            while working:
+                events = dict(poller.poll())
+                if control in events:
+                    control.recv()
+                    # Stop reading requests; workers finish what is queued, then report done.
+                    poller.unregister(router)
+                    poller.unregister(control)
+                    for _ in range(self._workers):
+                        self._tasks.put(None)
+                if router in events:
+                    self._take_requests(router)
+                if replies in events:
+                    working -= self._send_replies(router, replies)
         finally:
-            socket.close()
+            for socket in (router, replies, control):
+                socket.close()
+
+    def _take_requests(self, router: zmq.Socket) -> None:
+        while True:
+            try:
+                frames = router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                # [peer identity, (REQ envelope...), b"", body...]: a peer without the empty delimiter
+                # is not speaking REQ and could not read a reply anyway.
+                delimiter = frames.index(b"", 1)
+            except ValueError:
+                logger.debug("dropping a message without a REQ envelope")
+                continue
+            envelope, body = frames[: delimiter + 1], frames[delimiter + 1 :]
+            if self._tasks.qsize() >= _MAX_QUEUED:
+                router.send_multipart([*envelope, encode_error(Unavailable("the daemon is too busy; try again"))])
+            else:
+                self._tasks.put((envelope, body))
+
+    @staticmethod
+    def _send_replies(router: zmq.Socket, replies: zmq.Socket) -> int:
+        done = 0
+        while True:
+            try:
+                frames = replies.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return done
+            if frames == [_WORKER_DONE]:
+                done += 1
+            else:
+                router.send_multipart(frames)
+
+    def _work(self, push: zmq.Socket) -> None:
+        try:
+            while (task := self._tasks.get()) is not None:
+                envelope, body = task
+                push.send_multipart([*envelope, self._answer(body)])
+            push.send(_WORKER_DONE)
+        finally:
+            push.close()
 
     def _answer(self, frames: list[bytes]) -> bytes:
         try:
@@ -117,13 +181,3 @@ class Frontend:
         if self._debug:
             logger.debug("reply {}", reply.decode(errors="replace"))
         return reply
-
-
-def _run_proxy(router: zmq.Socket, dealer: zmq.Socket, control: zmq.Socket) -> None:
-    try:
-        zmq.proxy_steerable(router, dealer, None, control)
-    except zmq.ContextTerminated:
-        pass
-    finally:
-        for socket in (router, dealer, control):
-            socket.close()

@@ -47,7 +47,7 @@ class _Params:
         return CheckpointRef.from_wire(self._raw.get(name), name)
 
     def refs(self, name: str) -> tuple[CheckpointRef, ...]:
-        values = self._raw.get(name) or []
+        values = self._raw.get(name, [])
         if not isinstance(values, list) or len(values) > _MAX_EXTRA_REFS:
             raise BadRequest(f"{name} must be a list of at most {_MAX_EXTRA_REFS} refs")
         return tuple(CheckpointRef.from_wire(value, f"{name}[{index}]") for index, value in enumerate(values))

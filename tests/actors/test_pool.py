@@ -33,7 +33,7 @@ def start_pool(bundles, capacity=2, rootfs=SAMPLE / "rootfs", cold_timeout=5.0, 
 
 def wait_full(pool, types=TYPES, timeout=20):
     def full():
-        status = pool.status().get(5)
+        status = pool.status().get(timeout=5)
         return status if all(status["types"][t]["idle"] >= status["capacity"] for t in types) else None
 
     return wait_for(full, timeout, what="the pool to fill")
@@ -51,9 +51,9 @@ def test_get_put_cycles_leak_no_fd_mount_or_bundle(bundles):
     wait_full(pool)
     for _ in range(20):
         for ns_type in TYPES:
-            lease = pool.get(ns_type).get(5).get(10)
+            lease = pool.get(ns_type).get(timeout=5).get(timeout=10)
             assert os.path.exists(lease.namespace.path)
-            pool.put(ns_type, lease.namespace.namespace_id).get(5)
+            pool.put(ns_type, lease.namespace.namespace_id).get(timeout=5)
     status = wait_full(pool)
     assert all(status["types"][t]["in_use"] == 0 for t in TYPES)
     assert len(os.listdir(bundles)) == 2
@@ -66,15 +66,20 @@ def test_get_put_cycles_leak_no_fd_mount_or_bundle(bundles):
 def test_a_namespace_handed_out_is_never_handed_out_again(bundles):
     factory, extractor, pool = start_pool(bundles, capacity=1)
     wait_full(pool)
-    seen = set()
+    # Holding our own fd of every namespace we were given keeps it alive, so the kernel cannot reuse its
+    # inode number: a namespace handed out twice would show up as an inode seen before.
+    held: dict[int, int] = {}
     for _ in range(15):
-        lease = pool.get("uts").get(5).get(10)
-        inode = os.stat(lease.namespace.path).st_ino
-        assert inode not in seen
-        seen.add(inode)
-        pool.put("uts", lease.namespace.namespace_id).get(5)
+        lease = pool.get("uts").get(timeout=5).get(timeout=10)
+        fd = os.open(lease.namespace.path, os.O_RDONLY)
+        inode = os.fstat(fd).st_ino
+        assert inode not in held
+        held[inode] = fd
+        pool.put("uts", lease.namespace.namespace_id).get(timeout=5)
     with pytest.raises(NotFound):
-        pool.put("uts", lease.namespace.namespace_id).get(5)
+        pool.put("uts", lease.namespace.namespace_id).get(timeout=5)
+    for fd in held.values():
+        os.close(fd)
     stop_all(factory, extractor, pool)
 
 
@@ -83,9 +88,9 @@ def test_namespace_ids_are_not_reused_right_after_a_put(bundles):
     wait_full(pool)
     ids = []
     for _ in range(10):
-        lease = pool.get("ipc").get(5).get(10)
+        lease = pool.get("ipc").get(timeout=5).get(timeout=10)
         ids.append(lease.namespace.namespace_id)
-        pool.put("ipc", lease.namespace.namespace_id).get(5)
+        pool.put("ipc", lease.namespace.namespace_id).get(timeout=5)
     assert len(set(ids)) == len(ids)
     stop_all(factory, extractor, pool)
 
@@ -96,15 +101,15 @@ def test_creation_failures_are_reported_answered_and_retried_until_the_cause_goe
     factory, extractor, pool = start_pool(bundles, capacity=1, rootfs=rootfs, cold_timeout=3)
     wait_full(pool)
     shutil.rmtree(rootfs)  # every mnt creation fails from now on
-    lease = pool.get("mnt").get(5).get(10)  # the idle one is still good
+    lease = pool.get("mnt").get(timeout=5).get(timeout=10)  # the idle one is still good
     with pytest.raises(Exhausted, match="creating a mnt namespace failed"):
-        pool.get("mnt").get(5).get(10)
-    status = pool.status().get(5)
+        pool.get("mnt").get(timeout=5).get(timeout=10)
+    status = pool.status().get(timeout=5)
     assert status["state"] == "failing"
     assert "mnt" in status["last_error"]
     assert status["types"]["mnt"]["failures"] >= 1
     # The other types go on being served.
-    assert pool.get("uts").get(5).get(10).namespace.ns_type == "uts"
+    assert pool.get("uts").get(timeout=5).get(timeout=10).namespace.ns_type == "uts"
     assert os.listdir(bundles) == [os.path.basename(lease.namespace.bundle)]  # nothing half-built is left
     shutil.copytree(SAMPLE / "rootfs", rootfs)  # the cause goes away
     status = wait_full(pool, ("mnt",), timeout=30)
@@ -119,10 +124,10 @@ def test_a_cold_get_that_cannot_be_served_in_time_is_exhausted(bundles):
     extractor = CheckpointExtractor.start()
     entry = CheckpointEntry(CheckpointRef("sample"), 1, str(SAMPLE / "checkpoint"), None)
     pool = PoolActor.start(entry, factory.proxy(), extractor.proxy(), 0.3).proxy()
-    wait_for(lambda: pool.status().get(5)["state"] == "ready", 10)
+    wait_for(lambda: pool.status().get(timeout=5)["state"] == "ready", 10)
     with pytest.raises(Exhausted, match="was ready within 0.3 s"):
-        pool.get("uts").get(5).get(5)
-    assert pool.status().get(5)["types"]["uts"]["waiting"] == 0
+        pool.get("uts").get(timeout=5).get(timeout=5)
+    assert pool.status().get(timeout=5)["types"]["uts"]["waiting"] == 0
     stop_all(factory, extractor, pool)
 
 
@@ -132,9 +137,9 @@ def test_a_broken_checkpoint_fails_its_pool_only(bundles, tmp_path):
     shm_image = next(broken.glob("ipcns-shm-*.img"))
     shm_image.write_bytes(shm_image.read_bytes()[:20])
     factory, extractor, pool = start_pool(bundles, path=broken)
-    wait_for(lambda: pool.status().get(5)["state"] == "failed", 10)
-    status = pool.status().get(5)
+    wait_for(lambda: pool.status().get(timeout=5)["state"] == "failed", 10)
+    status = pool.status().get(timeout=5)
     assert shm_image.name in status["last_error"]
     with pytest.raises(Unavailable, match="unusable"):
-        pool.get("uts").get(5)
+        pool.get("uts").get(timeout=5)
     stop_all(factory, extractor, pool)

@@ -95,7 +95,7 @@ def test_put_destroys_the_namespace_and_a_second_put_is_refused(daemon):
         reply = daemon.call(NamespaceGet(ns_type, SAMPLE_REF))
         bundle = reply["info"].get("bundle")
         daemon.call(NamespacePut(ns_type, reply["namespace_id"], reply["pid"]))
-        assert not os.path.exists(reply["path"])
+        wait_for(lambda: not os.path.exists(reply["path"]), 5, what="the namespace fd to close")
         if bundle:
             wait_for(lambda: not os.path.exists(bundle), 5, what="the bundle to go")
         with pytest.raises(NotFound):
