@@ -14,6 +14,13 @@ NAMESPACE_TYPE = click.Choice(["ipc", "uts", "mnt"])
 
 
 def _endpoint_option(command):
+    command = click.option(
+        "--timeout",
+        default=30.0,
+        show_default=True,
+        type=click.FloatRange(0.1),
+        help="Seconds to wait for the daemon's answer.",
+    )(command)
     return click.option(
         "--endpoint",
         envvar="CER_ENDPOINT",
@@ -35,11 +42,11 @@ def _ref(checkpoint: str, namespace: str) -> CheckpointRef:
         raise click.BadParameter(str(error)) from None
 
 
-def _call(endpoint: str, method) -> dict:
+def _call(endpoint: str, timeout: float, method) -> dict:
     from cer.protocol.client import Client  # noqa: PLC0415 - keeps `cer start` free of client setup
 
     try:
-        with Client(endpoint) as client:
+        with Client(endpoint, timeout) as client:
             return client.call(method)
     except CerError as error:
         click.echo(f"error: {error.code}: {error}", err=True)
@@ -95,12 +102,12 @@ def ns() -> None:
 @click.argument("namespace_type", type=NAMESPACE_TYPE)
 @_ref_options
 @click.option("--extra", "extra", multiple=True, help="Another checkpoint sharing the namespace (repeatable).")
-def ns_get(endpoint, namespace_type, checkpoint, namespace, extra) -> None:
+def ns_get(endpoint, timeout, namespace_type, checkpoint, namespace, extra) -> None:
     """Take a namespace of NAMESPACE_TYPE for CHECKPOINT; prints the reply as JSON."""
     from cer.protocol.methods import NamespaceGet  # noqa: PLC0415
 
     extra_refs = tuple(_ref(name, namespace) for name in extra)
-    _print_json(_call(endpoint, NamespaceGet(namespace_type, _ref(checkpoint, namespace), extra_refs)))
+    _print_json(_call(endpoint, timeout, NamespaceGet(namespace_type, _ref(checkpoint, namespace), extra_refs)))
 
 
 @ns.command("put")
@@ -108,22 +115,22 @@ def ns_get(endpoint, namespace_type, checkpoint, namespace, extra) -> None:
 @click.argument("namespace_type", type=NAMESPACE_TYPE)
 @click.argument("namespace_id", type=click.IntRange(0))
 @click.option("--pid", type=click.IntRange(1), help="The daemon pid that handed it out.")
-def ns_put(endpoint, namespace_type, namespace_id, pid) -> None:
+def ns_put(endpoint, timeout, namespace_type, namespace_id, pid) -> None:
     """Give back namespace NAMESPACE_ID of NAMESPACE_TYPE."""
     from cer.protocol.methods import NamespacePut  # noqa: PLC0415
 
-    _call(endpoint, NamespacePut(namespace_type, namespace_id, pid))
+    _call(endpoint, timeout, NamespacePut(namespace_type, namespace_id, pid))
 
 
 @ns.command("update")
 @_endpoint_option
 @_ref_options
 @click.argument("capacity", type=click.IntRange(0, MAX_CAPACITY))
-def ns_update(endpoint, checkpoint, namespace, capacity) -> None:
+def ns_update(endpoint, timeout, checkpoint, namespace, capacity) -> None:
     """Keep CAPACITY idle namespaces of each type for CHECKPOINT."""
     from cer.protocol.methods import NamespaceUpdate  # noqa: PLC0415
 
-    _print_json(_call(endpoint, NamespaceUpdate(_ref(checkpoint, namespace), capacity)))
+    _print_json(_call(endpoint, timeout, NamespaceUpdate(_ref(checkpoint, namespace), capacity)))
 
 
 @main.group()
@@ -134,31 +141,31 @@ def checkpoint() -> None:
 @checkpoint.command("get")
 @_endpoint_option
 @_ref_options
-def checkpoint_get(endpoint, checkpoint, namespace) -> None:
+def checkpoint_get(endpoint, timeout, checkpoint, namespace) -> None:
     """Print the directory of CHECKPOINT's CRIU images."""
     from cer.protocol.methods import CheckpointGet  # noqa: PLC0415
 
-    click.echo(_call(endpoint, CheckpointGet(_ref(checkpoint, namespace)))["path"])
+    click.echo(_call(endpoint, timeout, CheckpointGet(_ref(checkpoint, namespace)))["path"])
 
 
 @checkpoint.command("put")
 @_endpoint_option
 @_ref_options
-def checkpoint_put(endpoint, checkpoint, namespace) -> None:
+def checkpoint_put(endpoint, timeout, checkpoint, namespace) -> None:
     """Release one get of CHECKPOINT's directory."""
     from cer.protocol.methods import CheckpointPut  # noqa: PLC0415
 
-    _call(endpoint, CheckpointPut(_ref(checkpoint, namespace)))
+    _call(endpoint, timeout, CheckpointPut(_ref(checkpoint, namespace)))
 
 
 @main.command()
 @_endpoint_option
 @click.option("--json", "as_json", is_flag=True, help="Print the whole status as JSON.")
-def status(endpoint, as_json) -> None:
+def status(endpoint, timeout, as_json) -> None:
     """Show every pool: state, and per type idle, in use and building counts."""
     from cer.protocol.methods import AdminStatus  # noqa: PLC0415
 
-    reply = _call(endpoint, AdminStatus())
+    reply = _call(endpoint, timeout, AdminStatus())
     if as_json:
         _print_json(reply)
         return

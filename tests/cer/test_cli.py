@@ -1,0 +1,65 @@
+"""The `cer` client verbs against a real daemon, as an operator types them."""
+
+import json
+import subprocess
+import sys
+
+from conftest import SAMPLE, short_tempdir, wait_for
+
+
+def cer(*args: str, endpoint: str, check: bool = True) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "cer", *args, "--endpoint", endpoint]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_ns_get_and_put_round_trip(daemon):
+    daemon.wait_full("sample")
+    reply = json.loads(cer("ns", "get", "uts", "sample", endpoint=daemon.endpoint).stdout)
+    hostname = subprocess.run(["nsenter", f"--uts={reply['path']}", "hostname"], capture_output=True, text=True, timeout=10)
+    assert hostname.stdout.strip() == "cer-sample"
+    cer("ns", "put", "uts", str(reply["namespace_id"]), "--pid", str(reply["pid"]), endpoint=daemon.endpoint)
+    again = cer("ns", "put", "uts", str(reply["namespace_id"]), endpoint=daemon.endpoint, check=False)
+    assert again.returncode == 1
+    assert again.stderr.startswith("error: not_found: ")
+
+
+def test_status_table_and_json(daemon):
+    daemon.wait_full("sample")
+    table = cer("status", endpoint=daemon.endpoint).stdout
+    assert table.splitlines()[0].startswith(f"cer 0.1.0, pid {daemon.process.pid}")
+    lines = [line.split() for line in table.splitlines()[2:]]
+    assert ["default/sample", "ready", "uts", "2", "2", "0", "0", "0"] in lines
+    document = json.loads(cer("status", "--json", endpoint=daemon.endpoint).stdout)
+    assert {pool["ref"]["name"] for pool in document["pools"]} == {"sample", "sample-empty-ipc"}
+
+
+def test_endpoint_comes_from_the_environment(daemon):
+    result = subprocess.run(
+        [sys.executable, "-m", "cer", "checkpoint", "get", "sample"],
+        capture_output=True, text=True, timeout=30, env={"CER_ENDPOINT": daemon.endpoint, "PATH": "/usr/bin:/bin"},
+    )
+    assert result.stdout.strip() == str(SAMPLE / "checkpoint")
+
+
+def test_update_and_bad_arguments(daemon):
+    assert json.loads(cer("ns", "update", "sample", "4", endpoint=daemon.endpoint).stdout) == {"created": False}
+    wait_for(lambda: daemon.pool("sample")["types"]["ipc"]["idle"] == 4, 20)
+    bad = cer("ns", "update", "sample", "-1", endpoint=daemon.endpoint, check=False)
+    assert bad.returncode == 2 and "-1" in bad.stderr
+    bad = cer("ns", "get", "pid", "sample", endpoint=daemon.endpoint, check=False)
+    assert bad.returncode == 2 and "'pid' is not one of" in bad.stderr
+    bad = cer("ns", "get", "uts", "a\x01b", endpoint=daemon.endpoint, check=False)
+    assert bad.returncode == 2 and "control characters" in bad.stderr
+
+
+def test_a_client_with_no_daemon_says_so():
+    endpoint = f"ipc://{short_tempdir()}/none.sock"
+    result = subprocess.run(
+        [sys.executable, "-m", "cer", "status", "--endpoint", endpoint, "--timeout", "0.5"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 1
+    assert f"error: unavailable: no answer from the cer daemon at {endpoint}" in result.stderr
