@@ -9,23 +9,19 @@ import time
 import pykka
 
 from cer import __version__
-from cer.actors.pool import Lease
-from cer.errors import Unavailable
+from cer.actors.pool import Lease, PoolPeers
+from cer.errors import NotFound, Unavailable
 from cer.references import CheckpointRef
 
 
 class Gateway:
     def __init__(
-        self,
-        supervisor: pykka.ActorProxy,
-        factory: pykka.ActorProxy,
-        extractor: pykka.ActorProxy,
-        ask_timeout: float = 5.0,
-        cold_timeout: float = 10.0,
+        self, supervisor: pykka.ActorProxy, peers: PoolPeers, ask_timeout: float = 5.0, cold_timeout: float = 10.0
     ) -> None:
         self._supervisor = supervisor
-        self._factory = factory
-        self._extractor = extractor
+        self._factory = peers.factory
+        self._extractor = peers.extractor
+        self._watcher = peers.watcher
         self._ask_timeout = ask_timeout
         self._cold_timeout = cold_timeout
         # Asking the supervisor for the pool on every request would double the hops of a get; a pool
@@ -39,13 +35,19 @@ class Gateway:
         # The pool answers a cold get within its cold timeout; the margin covers a busy machine.
         return self._wait(pending, f"the {ns_type} pool of {ref}", self._cold_timeout + self._ask_timeout)
 
-    def put_namespace(self, ns_type: str, namespace_id: int) -> bool:
-        """Return a namespace to its pool; False when no pool owns it."""
+    def put_namespace(self, ns_type: str, namespace_id: int) -> None:
+        """Return a namespace to its pool, which destroys it."""
+        self._wait(self._owner(ns_type, namespace_id).put(ns_type, namespace_id), "the pool")
+
+    def bind_namespace(self, ns_type: str, namespace_id: int, holder_pid: int) -> None:
+        """Release the namespace by itself when process ``holder_pid`` exits."""
+        self._wait(self._owner(ns_type, namespace_id).bind(ns_type, namespace_id, holder_pid), "the pool")
+
+    def _owner(self, ns_type: str, namespace_id: int) -> pykka.ActorProxy:
         owner = self._wait(self._factory.owner(ns_type, namespace_id), "the namespace factory")
         if owner is None:
-            return False
-        self._wait(owner.put(ns_type, namespace_id), "the pool")
-        return True
+            raise NotFound(f"{ns_type} namespace {namespace_id} is not handed out by this daemon")
+        return owner
 
     def ipc_default(self, ref: CheckpointRef) -> bool | None:
         return self._ask_pool(ref, lambda pool: pool.ipc_default())
@@ -63,6 +65,7 @@ class Gateway:
         pools = self._supervisor.status()
         factory = self._factory.status()
         checkpoints = self._extractor.status()
+        watching = self._watcher.watching()
         return {
             "version": __version__,
             "pid": self.pid,
@@ -70,6 +73,7 @@ class Gateway:
             "pools": self._wait(pools, "the supervisor", 3 * self._ask_timeout),
             "factory": self._wait(factory, "the namespace factory"),
             "checkpoints": self._wait(checkpoints, "the checkpoint extractor"),
+            "watched_holders": self._wait(watching, "the process watcher"),
         }
 
     def _ask_pool(self, ref: CheckpointRef, call):

@@ -1,12 +1,14 @@
 """A pool actor keeps one checkpoint's ready namespaces, per type, at the capacity asked for.
 
-It is the only owner of those namespaces' bookkeeping: which are idle, which are handed out, which
-are being built. A get takes an idle one and starts a refill; when none is idle it asks the factory for
-one and answers once it arrives (a "cold" get). A namespace that was handed out is never handed out
-again: its put destroys it and the pool builds a fresh one.
+It is the only owner of those namespaces' bookkeeping: which are idle, which are handed out (and to
+which process, once bound), which are being built. A get takes an idle one and starts a refill; when
+none is idle it asks the factory for one and answers once it arrives (a "cold" get). A namespace that
+was handed out is never handed out again: its put, or the exit of the process it is bound to, destroys
+it and the pool builds a fresh one.
 """
 
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -15,9 +17,27 @@ from loguru import logger
 
 from cer.config import CheckpointEntry
 from cer.errors import Exhausted, NotFound, Unavailable
+from cer.linux.processes import pidfd_open
 from cer.namespaces import NAMESPACE_TYPES, Namespace, Recipe
 
 _MAX_BACKOFF = 60.0
+
+
+@dataclass(frozen=True)
+class PoolPeers:
+    """The actors every pool talks to."""
+
+    factory: pykka.ActorProxy
+    extractor: pykka.ActorProxy
+    watcher: pykka.ActorProxy
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    cold_timeout: float = 10.0
+    """The longest a get waits for a namespace built on demand."""
+    lease_timeout: float = 300.0
+    """A namespace handed out, and neither put nor bound to a process for this long, is reported overdue."""
 
 
 @dataclass(frozen=True)
@@ -27,6 +47,13 @@ class Lease:
     namespace: Namespace
     cold: bool
     ipc_default: bool | None
+
+
+@dataclass
+class _Handout:
+    namespace: Namespace
+    since: float
+    holder_pid: int | None = None
 
 
 @dataclass(eq=False)
@@ -54,18 +81,14 @@ class PoolActor(pykka.ThreadingActor):
     are retried with backoff), failed (the checkpoint is unusable).
     """
 
-    def __init__(
-        self,
-        entry: CheckpointEntry,
-        factory: pykka.ActorProxy,
-        extractor: pykka.ActorProxy,
-        cold_timeout: float = 10.0,
-    ) -> None:
+    def __init__(self, entry: CheckpointEntry, peers: PoolPeers, settings: PoolSettings) -> None:
         super().__init__()
         self.entry = entry
-        self._factory = factory
-        self._extractor = extractor
-        self._cold_timeout = cold_timeout
+        self._factory = peers.factory
+        self._extractor = peers.extractor
+        self._watcher = peers.watcher
+        self._cold_timeout = settings.cold_timeout
+        self._lease_timeout = settings.lease_timeout
         self._capacity = entry.capacity
         self._types = {ns_type: _TypePool() for ns_type in NAMESPACE_TYPES}
         self._recipe: Recipe | None = None
@@ -108,7 +131,7 @@ class PoolActor(pykka.ThreadingActor):
         future = pykka.ThreadingFuture()
         if pool.idle:
             namespace = pool.idle.popleft()
-            pool.in_use[namespace.namespace_id] = namespace
+            pool.in_use[namespace.namespace_id] = _Handout(namespace, time.monotonic())
             pool.warm_gets += 1
             future.set(self._lease(namespace, cold=False))
         else:
@@ -121,11 +144,41 @@ class PoolActor(pykka.ThreadingActor):
 
     def put(self, ns_type: str, namespace_id: int) -> None:
         """Take back a namespace that was handed out, destroy it and build a fresh one."""
-        pool = self._types[ns_type]
-        namespace = pool.in_use.pop(namespace_id, None)
-        if namespace is None:
+        self._release(ns_type, self._handout(ns_type, namespace_id))
+
+    def bind(self, ns_type: str, namespace_id: int, holder_pid: int) -> None:
+        """Tie a handed-out namespace to a process: when it exits, the namespace comes back by itself.
+
+        Binding again moves it to another process (a restore wrapper binds to itself, then to the
+        restored container's init).
+        """
+        handout = self._handout(ns_type, namespace_id)
+        try:
+            pidfd = pidfd_open(holder_pid)
+        except ProcessLookupError:
+            raise NotFound(f"process {holder_pid} is not running") from None
+        handout.holder_pid = holder_pid
+        self._watcher.watch(pidfd, holder_pid, self._self, (ns_type, namespace_id))
+
+    def holder_exited(self, key: tuple[str, int], pid: int) -> None:
+        """The process a namespace was bound to has exited (from the process watcher)."""
+        ns_type, namespace_id = key
+        handout = self._types[ns_type].in_use.get(namespace_id)
+        if handout is not None and handout.holder_pid == pid:
+            logger.info("pool {}: {} namespace {} released: its holder {} exited", self.entry.ref, ns_type, namespace_id, pid)
+            self._release(ns_type, handout)
+
+    def _handout(self, ns_type: str, namespace_id: int) -> _Handout:
+        handout = self._types[ns_type].in_use.get(namespace_id)
+        if handout is None:
             raise NotFound(f"{ns_type} namespace {namespace_id} of {self.entry.ref} is not handed out")
-        self._factory.destroy(namespace)
+        return handout
+
+    def _release(self, ns_type: str, handout: _Handout) -> None:
+        del self._types[ns_type].in_use[handout.namespace.namespace_id]
+        if handout.holder_pid is not None:
+            self._watcher.unwatch((ns_type, handout.namespace.namespace_id))
+        self._factory.destroy(handout.namespace)
         self._refill()
 
     def set_capacity(self, capacity: int) -> None:
@@ -141,6 +194,7 @@ class PoolActor(pykka.ThreadingActor):
         return None if self._recipe is None else self._recipe.ipc_default
 
     def status(self) -> dict:
+        now = time.monotonic()
         return {
             "ref": self.entry.ref.to_wire(),
             "source": self.entry.path or "containerd",
@@ -153,6 +207,11 @@ class PoolActor(pykka.ThreadingActor):
                     "supported": self._recipe is None or self._recipe.supports(ns_type),
                     "idle": len(pool.idle),
                     "in_use": len(pool.in_use),
+                    "bound": sum(handout.holder_pid is not None for handout in pool.in_use.values()),
+                    "overdue": sum(
+                        handout.holder_pid is None and now - handout.since > self._lease_timeout
+                        for handout in pool.in_use.values()
+                    ),
                     "building": pool.building,
                     "waiting": len(pool.waiters),
                     "warm_gets": pool.warm_gets,
@@ -181,7 +240,7 @@ class PoolActor(pykka.ThreadingActor):
         if pool.waiters:
             waiter = pool.waiters.popleft()
             waiter.timer.cancel()
-            pool.in_use[namespace.namespace_id] = namespace
+            pool.in_use[namespace.namespace_id] = _Handout(namespace, time.monotonic())
             pool.cold_gets += 1
             waiter.future.set(self._lease(namespace, cold=True))
         elif len(pool.idle) < self._capacity:
@@ -274,9 +333,11 @@ class PoolActor(pykka.ThreadingActor):
             for waiter in pool.waiters:
                 waiter.timer.cancel()
                 waiter.future.set_exception(exc_info=(Unavailable, Unavailable("the daemon is stopping"), None))
-            for namespace in pool.in_use.values():
-                logger.warning("pool {}: {} namespace {} was still handed out at shutdown", self.entry.ref, ns_type, namespace.namespace_id)
-            for namespace in [*pool.idle, *pool.in_use.values()]:
+            for handout in pool.in_use.values():
+                logger.warning(
+                    "pool {}: {} namespace {} was still handed out at shutdown", self.entry.ref, ns_type, handout.namespace.namespace_id
+                )
+            for namespace in [*pool.idle, *(handout.namespace for handout in pool.in_use.values())]:
                 try:
                     self._factory.destroy(namespace)
                 except pykka.ActorDeadError:

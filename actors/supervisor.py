@@ -11,19 +11,16 @@ from loguru import logger
 
 from cer.config import CheckpointEntry, Config
 from cer.errors import NotFound
-from cer.actors.pool import PoolActor
+from cer.actors.pool import PoolActor, PoolPeers, PoolSettings
 from cer.references import CheckpointRef
 
 
 class Supervisor(pykka.ThreadingActor):
-    def __init__(
-        self, config: Config, factory: pykka.ActorProxy, extractor: pykka.ActorProxy, cold_timeout: float
-    ) -> None:
+    def __init__(self, config: Config, peers: PoolPeers, settings: PoolSettings) -> None:
         super().__init__()
         self._config = config
-        self._factory = factory
-        self._extractor = extractor
-        self._cold_timeout = cold_timeout
+        self._peers = peers
+        self._settings = settings
         self._pools: dict[CheckpointRef, pykka.ActorRef] = {}
         self._entries: dict[CheckpointRef, CheckpointEntry] = {}
 
@@ -67,7 +64,7 @@ class Supervisor(pykka.ThreadingActor):
 
     def _start_pool(self, entry: CheckpointEntry) -> pykka.ActorRef:
         self._entries[entry.ref] = entry
-        actor = PoolActor.start(entry, self._factory, self._extractor, self._cold_timeout)
+        actor = PoolActor.start(entry, self._peers, self._settings)
         self._pools[entry.ref] = actor
         return actor
 

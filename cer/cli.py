@@ -72,10 +72,12 @@ def main(context: click.Context, debug: bool) -> None:
 @click.option("--endpoint", help="ZeroMQ endpoint to serve. Default: ipc://ROOT/daemon.sock.")
 @click.option("--workers", default=8, show_default=True, type=click.IntRange(1, 256), help="Requests served at once.")
 @click.option("--cold-timeout", default=10.0, show_default=True, type=click.FloatRange(0.1, 600), help="Longest wait, in seconds, for a namespace built on demand.")
+@click.option("--lease-timeout", default=300.0, show_default=True, type=click.FloatRange(1), help="Seconds after which a namespace neither put nor bound to a process is reported overdue.")
 @click.pass_context
-def start(context, debug, root, config_path, endpoint, workers, cold_timeout) -> None:
+def start(context, debug, root, config_path, endpoint, workers, cold_timeout, lease_timeout) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
     from cer.config import load_config  # noqa: PLC0415
+    from cer.actors.pool import PoolSettings  # noqa: PLC0415
     from cer.daemon import Settings, run  # noqa: PLC0415
     from cer.logs import setup_logging  # noqa: PLC0415
 
@@ -86,7 +88,13 @@ def start(context, debug, root, config_path, endpoint, workers, cold_timeout) ->
     root = os.path.abspath(root)
     try:
         config = load_config(config_path or os.path.join(root, CONFIG_NAME))
-        settings = Settings(root=root, endpoint=endpoint or default_endpoint(root), debug=debug, workers=workers, cold_timeout=cold_timeout)
+        settings = Settings(
+            root=root,
+            endpoint=endpoint or default_endpoint(root),
+            debug=debug,
+            workers=workers,
+            pool=PoolSettings(cold_timeout=cold_timeout, lease_timeout=lease_timeout),
+        )
         run(config, settings)
     except CerError as error:
         raise click.ClickException(str(error)) from None

@@ -16,7 +16,9 @@ from loguru import logger
 from cer.actors.extractor import CheckpointExtractor
 from cer.actors.factory import NamespaceFactory
 from cer.actors.gateway import Gateway
+from cer.actors.pool import PoolPeers, PoolSettings
 from cer.actors.supervisor import Supervisor
+from cer.actors.watcher import ProcessWatcher
 from cer.config import Config
 from cer.errors import CerError
 from cer.protocol.frontend import Frontend
@@ -30,7 +32,7 @@ class Settings:
     workers: int = 8
     max_concurrent_creations: int = 4
     ask_timeout: float = 5.0
-    cold_timeout: float = 10.0
+    pool: PoolSettings = PoolSettings()
 
 
 class DaemonError(CerError):
@@ -52,11 +54,12 @@ def run(config: Config, settings: Settings) -> None:
             actors.append(factory)
             extractor = CheckpointExtractor.start()
             actors.append(extractor)
-            supervisor = Supervisor.start(config, factory.proxy(), extractor.proxy(), settings.cold_timeout)
+            watcher = ProcessWatcher.start()
+            actors.append(watcher)
+            peers = PoolPeers(factory.proxy(), extractor.proxy(), watcher.proxy())
+            supervisor = Supervisor.start(config, peers, settings.pool)
             actors.append(supervisor)
-            gateway = Gateway(
-                supervisor.proxy(), factory.proxy(), extractor.proxy(), settings.ask_timeout, settings.cold_timeout
-            )
+            gateway = Gateway(supervisor.proxy(), peers, settings.ask_timeout, settings.pool.cold_timeout)
             frontend = Frontend(settings.endpoint, gateway, settings.workers, settings.debug)
             frontend.start()
             logger.info("cer started, pid {}, {} checkpoint(s) from {}", os.getpid(), len(config.checkpoints), config.path)

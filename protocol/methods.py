@@ -169,8 +169,37 @@ class NamespacePut(Method):
                 f"{self.namespace_type} namespace {self.namespace_id} came from daemon pid {self.pid}, which is no "
                 f"longer running (this daemon is pid {gateway.pid}); it was released when that daemon exited"
             )
-        if not gateway.put_namespace(self.namespace_type, self.namespace_id):
-            raise NotFound(f"{self.namespace_type} namespace {self.namespace_id} is not handed out by this daemon")
+        gateway.put_namespace(self.namespace_type, self.namespace_id)
+        return {}
+
+
+@_method("namespace", "bind")
+@dataclass(frozen=True)
+class NamespaceBind(Method):
+    """Tie a namespace from ``namespace.get`` to a process: when it exits, the daemon takes the namespace back.
+
+    params: ``{"namespace_type": T, "namespace_id": ID, "holder_pid": PID}``
+    result: ``{}``
+
+    Binding again moves the namespace to another process: a restore wrapper binds what it got to its own
+    pid at once (so nothing is lost if it dies), then to the restored container's init. A put still works
+    on a bound namespace. ``not_found`` when the namespace is not handed out or the process is not running.
+    """
+
+    namespace_type: str
+    namespace_id: int
+    holder_pid: int
+
+    @classmethod
+    def parse(cls, raw: dict) -> "NamespaceBind":
+        params = _Params(raw, {"namespace_type", "namespace_id", "holder_pid"})
+        return cls(params.namespace_type(), params.integer("namespace_id", 0, _MAX_ID), params.integer("holder_pid", 1, _MAX_ID))
+
+    def params(self) -> dict:
+        return {"namespace_type": self.namespace_type, "namespace_id": self.namespace_id, "holder_pid": self.holder_pid}
+
+    def handle(self, gateway: "Gateway") -> dict:
+        gateway.bind_namespace(self.namespace_type, self.namespace_id, self.holder_pid)
         return {}
 
 

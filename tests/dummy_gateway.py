@@ -26,9 +26,13 @@ class DummyGateway:
             self.release_slow.wait(30)
         return Lease(Namespace(ns_type, 1500, self.pid), cold=ref.name == "slow", ipc_default=True)
 
-    def put_namespace(self, ns_type, namespace_id) -> bool:
+    def put_namespace(self, ns_type, namespace_id) -> None:
         self.calls.append(("put", ns_type, namespace_id))
-        return namespace_id == 1500
+        if namespace_id != 1500:
+            raise NotFound(f"{ns_type} namespace {namespace_id} is not handed out by this daemon")
+
+    def bind_namespace(self, ns_type, namespace_id, holder_pid) -> None:
+        self.calls.append(("bind", ns_type, namespace_id, holder_pid))
 
     def ipc_default(self, ref) -> bool:
         return ref.name != "busy"

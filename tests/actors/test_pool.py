@@ -2,13 +2,15 @@
 
 import os
 import shutil
+import subprocess
 
 import pytest
 from conftest import SAMPLE, host_mounts, open_fds, wait_for
 
 from cer.actors.extractor import CheckpointExtractor
 from cer.actors.factory import NamespaceFactory
-from cer.actors.pool import PoolActor
+from cer.actors.pool import PoolActor, PoolPeers, PoolSettings
+from cer.actors.watcher import ProcessWatcher
 from cer.config import CheckpointEntry
 from cer.errors import Exhausted, NotFound, Unavailable
 from cer.references import CheckpointRef
@@ -23,12 +25,26 @@ def bundles(tmp_path):
     return path
 
 
-def start_pool(bundles, capacity=2, rootfs=SAMPLE / "rootfs", cold_timeout=5.0, path=SAMPLE / "checkpoint"):
-    factory = NamespaceFactory.start(str(bundles), 4)
-    extractor = CheckpointExtractor.start()
-    entry = CheckpointEntry(CheckpointRef("sample"), capacity, str(path), str(rootfs) if rootfs else None)
-    pool = PoolActor.start(entry, factory.proxy(), extractor.proxy(), cold_timeout).proxy()
-    return factory, extractor, pool
+class Started:
+    """A pool with its own factory, extractor and process watcher, stopped in the daemon's order."""
+
+    def __init__(self, bundles, capacity=2, rootfs=SAMPLE / "rootfs", cold_timeout=5.0, path=SAMPLE / "checkpoint",
+                 lease_timeout=300.0, creation_slots=4):
+        self.refs = [NamespaceFactory.start(str(bundles), creation_slots), CheckpointExtractor.start(), ProcessWatcher.start()]
+        peers = PoolPeers(*(ref.proxy() for ref in self.refs))
+        entry = CheckpointEntry(CheckpointRef("sample"), capacity, str(path), str(rootfs) if rootfs else None)
+        self.refs.append(PoolActor.start(entry, peers, PoolSettings(cold_timeout, lease_timeout)))
+        self.pool = self.refs[-1].proxy()
+
+    def stop(self):
+        # The pool hands its namespaces to the factory, which stops last.
+        for ref in reversed(self.refs):
+            ref.stop(block=True, timeout=30)
+
+
+def start_pool(bundles, **kwargs):
+    started = Started(bundles, **kwargs)
+    return started, started.pool
 
 
 def wait_full(pool, types=TYPES, timeout=20):
@@ -39,15 +55,9 @@ def wait_full(pool, types=TYPES, timeout=20):
     return wait_for(full, timeout, what="the pool to fill")
 
 
-def stop_all(factory, extractor, pool):
-    """Stop in the daemon's order: the pool hands its namespaces to the factory, which stops last."""
-    for actor in (pool.actor_ref, extractor, factory):
-        actor.stop(block=True, timeout=30)
-
-
 def test_get_put_cycles_leak_no_fd_mount_or_bundle(bundles):
     fds_before, mounts_before = open_fds(), host_mounts()
-    factory, extractor, pool = start_pool(bundles)
+    started, pool = start_pool(bundles)
     wait_full(pool)
     for _ in range(20):
         for ns_type in TYPES:
@@ -57,14 +67,14 @@ def test_get_put_cycles_leak_no_fd_mount_or_bundle(bundles):
     status = wait_full(pool)
     assert all(status["types"][t]["in_use"] == 0 for t in TYPES)
     assert len(os.listdir(bundles)) == 2
-    stop_all(factory, extractor, pool)
+    started.stop()
     assert os.listdir(bundles) == []
     assert host_mounts() == mounts_before
     wait_for(lambda: open_fds() == fds_before, 5, what="the fds to close")
 
 
 def test_a_namespace_handed_out_is_never_handed_out_again(bundles):
-    factory, extractor, pool = start_pool(bundles, capacity=1)
+    started, pool = start_pool(bundles, capacity=1)
     wait_full(pool)
     # Holding our own fd of every namespace we were given keeps it alive, so the kernel cannot reuse its
     # inode number: a namespace handed out twice would show up as an inode seen before.
@@ -80,11 +90,11 @@ def test_a_namespace_handed_out_is_never_handed_out_again(bundles):
         pool.put("uts", lease.namespace.namespace_id).get(timeout=5)
     for fd in held.values():
         os.close(fd)
-    stop_all(factory, extractor, pool)
+    started.stop()
 
 
 def test_namespace_ids_are_not_reused_right_after_a_put(bundles):
-    factory, extractor, pool = start_pool(bundles, capacity=1)
+    started, pool = start_pool(bundles, capacity=1)
     wait_full(pool)
     ids = []
     for _ in range(10):
@@ -92,13 +102,13 @@ def test_namespace_ids_are_not_reused_right_after_a_put(bundles):
         ids.append(lease.namespace.namespace_id)
         pool.put("ipc", lease.namespace.namespace_id).get(timeout=5)
     assert len(set(ids)) == len(ids)
-    stop_all(factory, extractor, pool)
+    started.stop()
 
 
 def test_creation_failures_are_reported_answered_and_retried_until_the_cause_goes(bundles, tmp_path):
     rootfs = tmp_path / "rootfs"
     shutil.copytree(SAMPLE / "rootfs", rootfs)
-    factory, extractor, pool = start_pool(bundles, capacity=1, rootfs=rootfs, cold_timeout=3)
+    started, pool = start_pool(bundles, capacity=1, rootfs=rootfs, cold_timeout=3)
     wait_full(pool)
     shutil.rmtree(rootfs)  # every mnt creation fails from now on
     lease = pool.get("mnt").get(timeout=5).get(timeout=10)  # the idle one is still good
@@ -110,25 +120,23 @@ def test_creation_failures_are_reported_answered_and_retried_until_the_cause_goe
     assert status["types"]["mnt"]["failures"] >= 1
     # The other types go on being served.
     assert pool.get("uts").get(timeout=5).get(timeout=10).namespace.ns_type == "uts"
-    assert os.listdir(bundles) == [os.path.basename(lease.namespace.bundle)]  # nothing half-built is left
+    # Nothing half-built is left (a retry in progress has its bundle only while it runs).
+    wait_for(lambda: os.listdir(bundles) == [os.path.basename(lease.namespace.bundle)], 5, what="failed bundles to go")
     shutil.copytree(SAMPLE / "rootfs", rootfs)  # the cause goes away
     status = wait_full(pool, ("mnt",), timeout=30)
     assert status["state"] == "ready" and status["last_error"] is None
-    stop_all(factory, extractor, pool)
+    started.stop()
     assert os.listdir(bundles) == []
 
 
 def test_a_cold_get_that_cannot_be_served_in_time_is_exhausted(bundles):
     # A factory with no creation slots never builds: the pool must still answer within its cold timeout.
-    factory = NamespaceFactory.start(str(bundles), 0)
-    extractor = CheckpointExtractor.start()
-    entry = CheckpointEntry(CheckpointRef("sample"), 1, str(SAMPLE / "checkpoint"), None)
-    pool = PoolActor.start(entry, factory.proxy(), extractor.proxy(), 0.3).proxy()
+    started, pool = start_pool(bundles, capacity=1, rootfs=None, cold_timeout=0.3, creation_slots=0)
     wait_for(lambda: pool.status().get(timeout=5)["state"] == "ready", 10)
     with pytest.raises(Exhausted, match="was ready within 0.3 s"):
         pool.get("uts").get(timeout=5).get(timeout=5)
     assert pool.status().get(timeout=5)["types"]["uts"]["waiting"] == 0
-    stop_all(factory, extractor, pool)
+    started.stop()
 
 
 def test_a_broken_checkpoint_fails_its_pool_only(bundles, tmp_path):
@@ -136,10 +144,77 @@ def test_a_broken_checkpoint_fails_its_pool_only(bundles, tmp_path):
     shutil.copytree(SAMPLE / "checkpoint", broken)
     shm_image = next(broken.glob("ipcns-shm-*.img"))
     shm_image.write_bytes(shm_image.read_bytes()[:20])
-    factory, extractor, pool = start_pool(bundles, path=broken)
+    started, pool = start_pool(bundles, path=broken)
     wait_for(lambda: pool.status().get(timeout=5)["state"] == "failed", 10)
     status = pool.status().get(timeout=5)
     assert shm_image.name in status["last_error"]
     with pytest.raises(Unavailable, match="unusable"):
         pool.get("uts").get(timeout=5)
-    stop_all(factory, extractor, pool)
+    started.stop()
+
+
+def test_a_namespace_bound_to_a_process_comes_back_when_it_exits(bundles):
+    started, pool = start_pool(bundles, capacity=1)
+    wait_full(pool)
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        lease = pool.get("ipc").get(timeout=5).get(timeout=10)
+        pool.bind("ipc", lease.namespace.namespace_id, holder.pid).get(timeout=5)
+        status = pool.status().get(timeout=5)["types"]["ipc"]
+        assert (status["in_use"], status["bound"]) == (1, 1)
+        holder.kill()
+        holder.wait(5)
+        wait_for(lambda: pool.status().get(timeout=5)["types"]["ipc"]["in_use"] == 0, 10, what="the release")
+        wait_for(lambda: not os.path.exists(lease.namespace.path), 5, what="the fd to close")
+        with pytest.raises(NotFound):
+            pool.put("ipc", lease.namespace.namespace_id).get(timeout=5)
+    finally:
+        holder.kill()
+        started.stop()
+
+
+def test_binding_again_moves_the_namespace_to_the_new_process(bundles):
+    started, pool = start_pool(bundles, capacity=1)
+    wait_full(pool)
+    first, second = subprocess.Popen(["sleep", "60"]), subprocess.Popen(["sleep", "60"])
+    try:
+        lease = pool.get("uts").get(timeout=5).get(timeout=10)
+        namespace_id = lease.namespace.namespace_id
+        pool.bind("uts", namespace_id, first.pid).get(timeout=5)
+        pool.bind("uts", namespace_id, second.pid).get(timeout=5)
+        first.kill()
+        first.wait(5)
+        # The first holder's exit no longer counts.
+        assert pool.status().get(timeout=5)["types"]["uts"]["in_use"] == 1
+        second.kill()
+        second.wait(5)
+        wait_for(lambda: pool.status().get(timeout=5)["types"]["uts"]["in_use"] == 0, 10, what="the release")
+    finally:
+        first.kill()
+        second.kill()
+        started.stop()
+
+
+def test_binding_to_a_process_that_is_gone_is_refused(bundles):
+    started, pool = start_pool(bundles, capacity=1)
+    wait_full(pool)
+    gone = subprocess.Popen(["true"])
+    gone.wait(5)
+    lease = pool.get("uts").get(timeout=5).get(timeout=10)
+    with pytest.raises(NotFound, match=f"process {gone.pid} is not running"):
+        pool.bind("uts", lease.namespace.namespace_id, gone.pid).get(timeout=5)
+    with pytest.raises(NotFound):
+        pool.bind("uts", 99999, os.getpid()).get(timeout=5)
+    started.stop()
+
+
+def test_a_namespace_neither_put_nor_bound_is_reported_overdue_and_kept(bundles):
+    started, pool = start_pool(bundles, capacity=1, lease_timeout=0.2)
+    wait_full(pool)
+    lease = pool.get("uts").get(timeout=5).get(timeout=10)
+    status = wait_for(lambda: (s := pool.status().get(timeout=5)["types"]["uts"])["overdue"] == 1 and s, 5)
+    assert status["in_use"] == 1
+    assert os.path.exists(lease.namespace.path)  # reported, never silently reclaimed
+    pool.put("uts", lease.namespace.namespace_id).get(timeout=5)
+    assert pool.status().get(timeout=5)["types"]["uts"]["overdue"] == 0
+    started.stop()

@@ -9,6 +9,7 @@ from cer.errors import BadRequest, UnknownMethod
 from cer.protocol.methods import (
     METHODS,
     AdminStatus,
+    NamespaceBind,
     CheckpointGet,
     CheckpointPut,
     NamespaceGet,
@@ -24,6 +25,7 @@ EXAMPLES = [
     NamespaceGet("mnt", CheckpointRef("docker.io/library/x:1")),
     NamespacePut("uts", 1030, 77),
     NamespacePut("uts", 1030),
+    NamespaceBind("mnt", 1031, 4242),
     NamespaceUpdate(CheckpointRef("a"), 0),
     CheckpointGet(CheckpointRef("a")),
     CheckpointPut(CheckpointRef("a", "n")),
