@@ -23,13 +23,13 @@ from cer.criu.images import (
     IPCNS_MSG,
     IPCNS_SEM,
     IPCNS_SHM,
+    PAGEMAP,
     PSTREE,
     UTSNS,
     ImageReader,
     ImageType,
     RawImage,
     pagemap_nr_pages,
-    read_pagemap,
     read_single_entry,
 )
 from cer.errors import ImageError
@@ -288,35 +288,45 @@ def _read_shm(directory: Path, path: Path) -> tuple[ShmSegment, ...]:
 def _read_shmem_pages(directory: Path, shmid: int, size: int) -> bytes:
     """A segment's bytes from pagemap-shmem-<shmid>.img and its pages image. Ranges the pagemap
     leaves out were never touched and read as zeros."""
-    pagemap_path = directory / f"pagemap-shmem-{shmid}.img"
-    head, entries = read_pagemap(pagemap_path)
     mapped = -(-size // PAGE_SIZE) * PAGE_SIZE
     # (offset in the segment, length, offset in the pages image or None for zeros), merged
     # where contiguous so that a fully dumped segment is one read and no join.
     runs: list[list] = []
     position = pages_offset = 0
-    for index, entry in enumerate(entries):
-        start, length = entry.vaddr, pagemap_nr_pages(entry) * PAGE_SIZE
-        flags = entry.flags if entry.HasField("flags") else (PE_PARENT if entry.in_parent else PE_PRESENT)
-        where = f"pagemap entry {index} ({start:#x}, {length} bytes)"
-        if start % PAGE_SIZE or start < position or start + length > mapped:
-            raise ImageError(str(pagemap_path), 0, f"{where} is unaligned, out of order or beyond the "
-                             f"segment's {size} bytes")
-        if not flags & PE_PRESENT:
-            raise ImageError(str(pagemap_path), 0, f"{where} has no pages in this image (flags {flags:#x}: "
-                             "in a parent checkpoint or left to a lazy-pages server)")
-        _add_run(runs, position, start - position, None)
-        _add_run(runs, start, length, pages_offset)
-        position = start + length
-        pages_offset += length
-    _add_run(runs, position, mapped - position, None)
+    with ImageReader(directory / f"pagemap-shmem-{shmid}.img", PAGEMAP) as pagemap:
+        head = pagemap.read_entry(pb.pagemap_head)
+        if head is None:
+            raise pagemap.error("no pagemap_head entry")
+        while True:
+            offset = pagemap.offset
+            entry = pagemap.read_entry()
+            if entry is None:
+                break
+            start, length = entry.vaddr, pagemap_nr_pages(entry) * PAGE_SIZE
+            flags = entry.flags if entry.HasField("flags") else (PE_PARENT if entry.in_parent else PE_PRESENT)
+            if start % PAGE_SIZE or start < position or start + length > mapped:
+                raise pagemap.error(f"pages {start:#x}+{length:#x} are unaligned, out of order or beyond the "
+                                    f"segment's {size} bytes", offset)
+            if not flags & PE_PRESENT:
+                raise pagemap.error(f"pages {start:#x}+{length:#x} are not in this image (flags {flags:#x}: in a "
+                                    "parent checkpoint or left to a lazy-pages server)", offset)
+            _add_run(runs, position, start - position, None)
+            _add_run(runs, start, length, pages_offset)
+            position = start + length
+            pages_offset += length
+        _add_run(runs, position, mapped - position, None)
 
-    parts = [bytes(length) for _, length, _ in runs]
-    if pages_offset:
-        with RawImage(directory / f"pages-{head.pages_id}.img") as pages:
-            for index, (_, length, source) in enumerate(runs):
-                if source is not None:
-                    parts[index] = pages.read_at(source, length, f"pages of shm segment {shmid}")
+        pages_path = directory / f"pages-{head.pages_id}.img"
+        if not pages_offset and not pages_path.exists():
+            return bytes(size)  # never touched: CRIU may leave the empty pages image out
+        with RawImage(pages_path) as pages:
+            # A pages image belongs to one pagemap: pages beyond those it maps mean a pagemap
+            # cut short, which would otherwise read as zeros.
+            if pages.size != pages_offset:
+                raise pagemap.error(f"shm segment {shmid}: maps {pages_offset} bytes of pages, "
+                                    f"{pages_path.name} holds {pages.size}")
+            parts = [bytes(length) if source is None else pages.read_at(source, length, f"pages of shm segment {shmid}")
+                     for _, length, source in runs]
     excess = mapped - size  # the segment's last page reaches past its size
     if excess:
         parts[-1] = parts[-1][: len(parts[-1]) - excess]
@@ -355,7 +365,8 @@ def _read_msg(path: Path) -> tuple[MessageQueue, ...]:
             for index in range(entry.qnum):
                 message = image.read_entry(pb.ipc_msg)
                 if message is None:
-                    raise image.error(f"message queue {msqid}: {entry.qnum} messages recorded, the file ends after {index}")
+                    raise image.error(f"message queue {msqid}: {entry.qnum} messages recorded, "
+                                      f"the file ends after {index}")
                 text = image.read_payload(message.msize, 8, f"text of message {index} of queue {msqid}")
                 messages.append((message.mtype, text))
             queues.append(MessageQueue(**_owner(entry.desc), qbytes=entry.qbytes, messages=tuple(messages)))

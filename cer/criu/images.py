@@ -75,14 +75,13 @@ class RawImage:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as e:
             raise ImageError(self.path, 0, f"cannot open: {e.strerror}") from e
-        self._file = os.fdopen(fd, "rb", buffering=0)
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise ImageError(self.path, 0, "not a regular file")
-        except BaseException:
-            self._file.close()
-            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise ImageError(self.path, 0, "not a regular file")
+        # Buffered: read(n) returns n bytes unless the file ends, however large n (one read(2)
+        # stops at 2 GiB), into one allocation.
+        self._file = os.fdopen(fd, "rb")
         self.size = st.st_size
 
     def close(self) -> None:
@@ -149,7 +148,7 @@ class ImageReader(RawImage):
             if found is None or found.common_magic:
                 raise self.error(f"unknown magic {magic:#010x}: not a CRIU image this reader knows", 0)
         if expected is not None and found is not expected:
-            raise self.error(f"a {found.name} image where a {expected.name} image was expected", 0)
+            raise self.error(f"an image of type {found.name}, not {expected.name}", 0)
         return found
 
     def read_entry(self, message_type: type[Message] | None = None) -> Message | None:
@@ -160,6 +159,8 @@ class ImageReader(RawImage):
         (size,) = _U32.unpack(self.read_exact(4, "entry size"))
         if size > MAX_ENTRY_SIZE:
             raise self.error(f"entry size {size} exceeds the limit of {MAX_ENTRY_SIZE} bytes", start)
+        if size > self.remaining:
+            raise self.error(f"entry of {size} bytes: the file ends {self.remaining} bytes after its size", start)
         raw = self.read_exact(size, "entry")
         message = (message_type or self.type.entry)()
         try:

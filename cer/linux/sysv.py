@@ -10,13 +10,14 @@ Structure layouts are glibc's on x86_64 (bits/ipc-perm.h and bits/types/struct_*
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
 import os
 import struct
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from ctypes import POINTER, c_int, c_long, c_size_t, c_uint32, c_ulong, c_ushort, c_void_p
 from types import MappingProxyType
 from typing import TYPE_CHECKING
@@ -176,7 +177,7 @@ def semget(key: int, nsems: int, flags: int) -> int:
     return check(_semget(key_t(key), nsems, flags), f"semget(key={key:#x}, nsems={nsems})")
 
 
-def semctl(semid: int, semnum: int, command: int, argument: ctypes._CData | None = None) -> int:
+def semctl(semid: int, semnum: int, command: int, argument: ctypes.Structure | ctypes.Array | None = None) -> int:
     pointer = ctypes.cast(ctypes.pointer(argument), c_void_p) if argument is not None else None
     return check(_semctl(semid, semnum, command, pointer), f"semctl(sem id {semid}, {command})")
 
@@ -280,14 +281,44 @@ def populate_ipc_namespace(contents: IpcContents) -> None:
 
     for segment in contents.shm:
         _create_shm(segment)
-    for queue in contents.msg:
-        _create_msg(queue)
+    with _message_limits_raised(contents, fresh):
+        for queue in contents.msg:
+            _create_msg(queue)
     for sem_set in contents.sem:
         _create_sem(sem_set)
 
     for name, value in contents.sysctls:
         if name in next_ids:
             write_sysctl(name, value)
+
+
+@contextlib.contextmanager
+def _message_limits_raised(contents: IpcContents, fresh: Mapping[str, SysctlValue | None]) -> Iterator[None]:
+    """Raise kernel.msgmnb and kernel.msgmax while the queues are filled, where the namespace's
+    own are below a queue's byte limit or a message's length, then put them back.
+
+    A queue may hold more than these limits allow today (they were lowered after the messages
+    were queued, or the queue's limit was raised with CAP_SYS_RESOURCE), and without
+    CAP_SYS_RESOURCE (which this daemon may well lack) IPC_SET refuses a qbytes above msgmnb.
+    """
+    needed = {
+        "kernel.msgmnb": max((max(q.qbytes, _queued_bytes(q)) for q in contents.msg), default=0),
+        "kernel.msgmax": max((len(text) for q in contents.msg for _, text in q.messages), default=0),
+    }
+    recorded = dict(contents.sysctls)
+    restore = {}
+    for name, value in needed.items():
+        own = recorded.get(name, fresh[name])
+        if value > own:
+            write_sysctl(name, value)
+            restore[name] = own
+    yield
+    for name, value in restore.items():
+        write_sysctl(name, value)
+
+
+def _queued_bytes(queue: MessageQueue) -> int:
+    return sum(len(text) for _, text in queue.messages)
 
 
 def _created(kind: str, wanted: int, create) -> int:
@@ -362,8 +393,7 @@ def _create_msg(queue: MessageQueue) -> None:
         _set_perm(ds.msg_perm, queue)
         # Room for every message first: the recorded limit may have been lowered below what the
         # queue held, which the kernel allows for queued messages but not for new ones.
-        queued = sum(len(text) for _, text in queue.messages)
-        ds.msg_qbytes = max(queue.qbytes, queued)
+        ds.msg_qbytes = max(queue.qbytes, _queued_bytes(queue))
         msgctl(msqid, IPC_SET, ds)
         for mtype, text in queue.messages:
             msgsnd(msqid, mtype, text)
