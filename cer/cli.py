@@ -21,6 +21,12 @@ def _endpoint_option(command):
         type=click.FloatRange(0.1),
         help="Seconds to wait for the daemon's answer.",
     )(command)
+    command = click.option(
+        "--curve-keys",
+        envvar="CER_CURVE_KEYS",
+        type=click.Path(file_okay=False, exists=True),
+        help="Keys directory for a CURVE-secured tcp:// endpoint ($CER_CURVE_KEYS).",
+    )(command)
     return click.option(
         "--endpoint",
         envvar="CER_ENDPOINT",
@@ -42,11 +48,11 @@ def _ref(checkpoint: str, namespace: str) -> CheckpointRef:
         raise click.BadParameter(str(error)) from None
 
 
-def _call(endpoint: str, timeout: float, method) -> dict:
+def _call(endpoint: str, timeout: float, curve_keys: str | None, method) -> dict:
     from cer.protocol.client import Client  # noqa: PLC0415 - keeps `cer start` free of client setup
 
     try:
-        with Client(endpoint, timeout) as client:
+        with Client(endpoint, timeout, curve_keys) as client:
             return client.call(method)
     except CerError as error:
         click.echo(f"error: {error.code}: {error}", err=True)
@@ -72,9 +78,10 @@ def main(context: click.Context, debug: bool) -> None:
 @click.option("--endpoint", help="ZeroMQ endpoint to serve. Default: ipc://ROOT/daemon.sock.")
 @click.option("--workers", default=8, show_default=True, type=click.IntRange(1, 256), help="Requests served at once.")
 @click.option("--cold-timeout", default=10.0, show_default=True, type=click.FloatRange(0.1, 600), help="Longest wait, in seconds, for a namespace built on demand.")
+@click.option("--curve-keys", type=click.Path(file_okay=False, exists=True), help="Keys directory (see `cer keys`): tcp:// clients must present an authorized key.")
 @click.option("--lease-timeout", default=300.0, show_default=True, type=click.FloatRange(1), help="Seconds after which a namespace neither put nor bound to a process is reported overdue.")
 @click.pass_context
-def start(context, debug, root, config_path, endpoint, workers, cold_timeout, lease_timeout) -> None:
+def start(context, debug, root, config_path, endpoint, workers, cold_timeout, curve_keys, lease_timeout) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
     from cer.config import load_config  # noqa: PLC0415
     from cer.actors.pool import PoolSettings  # noqa: PLC0415
@@ -94,6 +101,7 @@ def start(context, debug, root, config_path, endpoint, workers, cold_timeout, le
             debug=debug,
             workers=workers,
             pool=PoolSettings(cold_timeout=cold_timeout, lease_timeout=lease_timeout),
+            curve_keys=curve_keys,
         )
         run(config, settings)
     except CerError as error:
@@ -110,12 +118,12 @@ def ns() -> None:
 @click.argument("namespace_type", type=NAMESPACE_TYPE)
 @_ref_options
 @click.option("--extra", "extra", multiple=True, help="Another checkpoint sharing the namespace (repeatable).")
-def ns_get(endpoint, timeout, namespace_type, checkpoint, namespace, extra) -> None:
+def ns_get(endpoint, curve_keys, timeout, namespace_type, checkpoint, namespace, extra) -> None:
     """Take a namespace of NAMESPACE_TYPE for CHECKPOINT; prints the reply as JSON."""
     from cer.protocol.methods import NamespaceGet  # noqa: PLC0415
 
     extra_refs = tuple(_ref(name, namespace) for name in extra)
-    _print_json(_call(endpoint, timeout, NamespaceGet(namespace_type, _ref(checkpoint, namespace), extra_refs)))
+    _print_json(_call(endpoint, timeout, curve_keys, NamespaceGet(namespace_type, _ref(checkpoint, namespace), extra_refs)))
 
 
 @ns.command("put")
@@ -123,22 +131,22 @@ def ns_get(endpoint, timeout, namespace_type, checkpoint, namespace, extra) -> N
 @click.argument("namespace_type", type=NAMESPACE_TYPE)
 @click.argument("namespace_id", type=click.IntRange(0))
 @click.option("--pid", type=click.IntRange(1), help="The daemon pid that handed it out.")
-def ns_put(endpoint, timeout, namespace_type, namespace_id, pid) -> None:
+def ns_put(endpoint, curve_keys, timeout, namespace_type, namespace_id, pid) -> None:
     """Give back namespace NAMESPACE_ID of NAMESPACE_TYPE."""
     from cer.protocol.methods import NamespacePut  # noqa: PLC0415
 
-    _call(endpoint, timeout, NamespacePut(namespace_type, namespace_id, pid))
+    _call(endpoint, timeout, curve_keys, NamespacePut(namespace_type, namespace_id, pid))
 
 
 @ns.command("update")
 @_endpoint_option
 @_ref_options
 @click.argument("capacity", type=click.IntRange(0, MAX_CAPACITY))
-def ns_update(endpoint, timeout, checkpoint, namespace, capacity) -> None:
+def ns_update(endpoint, curve_keys, timeout, checkpoint, namespace, capacity) -> None:
     """Keep CAPACITY idle namespaces of each type for CHECKPOINT."""
     from cer.protocol.methods import NamespaceUpdate  # noqa: PLC0415
 
-    _print_json(_call(endpoint, timeout, NamespaceUpdate(_ref(checkpoint, namespace), capacity)))
+    _print_json(_call(endpoint, timeout, curve_keys, NamespaceUpdate(_ref(checkpoint, namespace), capacity)))
 
 
 @main.group()
@@ -149,31 +157,31 @@ def checkpoint() -> None:
 @checkpoint.command("get")
 @_endpoint_option
 @_ref_options
-def checkpoint_get(endpoint, timeout, checkpoint, namespace) -> None:
+def checkpoint_get(endpoint, curve_keys, timeout, checkpoint, namespace) -> None:
     """Print the directory of CHECKPOINT's CRIU images."""
     from cer.protocol.methods import CheckpointGet  # noqa: PLC0415
 
-    click.echo(_call(endpoint, timeout, CheckpointGet(_ref(checkpoint, namespace)))["path"])
+    click.echo(_call(endpoint, timeout, curve_keys, CheckpointGet(_ref(checkpoint, namespace)))["path"])
 
 
 @checkpoint.command("put")
 @_endpoint_option
 @_ref_options
-def checkpoint_put(endpoint, timeout, checkpoint, namespace) -> None:
+def checkpoint_put(endpoint, curve_keys, timeout, checkpoint, namespace) -> None:
     """Release one get of CHECKPOINT's directory."""
     from cer.protocol.methods import CheckpointPut  # noqa: PLC0415
 
-    _call(endpoint, timeout, CheckpointPut(_ref(checkpoint, namespace)))
+    _call(endpoint, timeout, curve_keys, CheckpointPut(_ref(checkpoint, namespace)))
 
 
 @main.command()
 @_endpoint_option
 @click.option("--json", "as_json", is_flag=True, help="Print the whole status as JSON.")
-def status(endpoint, timeout, as_json) -> None:
+def status(endpoint, curve_keys, timeout, as_json) -> None:
     """Show every pool: state, and per type idle, in use and building counts."""
     from cer.protocol.methods import AdminStatus  # noqa: PLC0415
 
-    reply = _call(endpoint, timeout, AdminStatus())
+    reply = _call(endpoint, timeout, curve_keys, AdminStatus())
     if as_json:
         _print_json(reply)
         return
@@ -192,3 +200,13 @@ def status(endpoint, timeout, as_json) -> None:
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+def keys(directory) -> None:
+    """Make a CURVE keys DIRECTORY: the daemon's key pair and one authorized client key pair."""
+    from cer.protocol.security import make_keys  # noqa: PLC0415
+
+    make_keys(directory)
+    click.echo(f"{directory}: server.key_secret for `cer start --curve-keys`; copy server.key and client.key_secret to clients")

@@ -33,6 +33,7 @@ class Settings:
     max_concurrent_creations: int = 4
     ask_timeout: float = 5.0
     pool: PoolSettings = PoolSettings()
+    curve_keys: str | None = None
 
 
 class DaemonError(CerError):
@@ -60,7 +61,7 @@ def run(config: Config, settings: Settings) -> None:
             supervisor = Supervisor.start(config, peers, settings.pool)
             actors.append(supervisor)
             gateway = Gateway(supervisor.proxy(), peers, settings.ask_timeout, settings.pool.cold_timeout)
-            frontend = Frontend(settings.endpoint, gateway, settings.workers, settings.debug)
+            frontend = Frontend(settings.endpoint, gateway, settings.workers, settings.debug, settings.curve_keys)
             frontend.start()
             logger.info("cer started, pid {}, {} checkpoint(s) from {}", os.getpid(), len(config.checkpoints), config.path)
             stop.wait()

@@ -9,12 +9,14 @@ import zmq
 from cer.config import client_endpoint
 from cer.errors import Unavailable
 from cer.protocol.methods import Method
+from cer.protocol.security import secure_client
 from cer.protocol.wire import decode_reply, encode_request
 
 
 class Client:
-    def __init__(self, endpoint: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(self, endpoint: str | None = None, timeout: float = 30.0, curve_keys: str | None = None) -> None:
         self.endpoint = client_endpoint(endpoint)
+        self._curve_keys = curve_keys
         self._timeout_ms = int(timeout * 1000)
         self._context = zmq.Context.instance()
         self._socket: zmq.Socket | None = None
@@ -36,6 +38,8 @@ class Client:
         if self._socket is None:
             self._socket = self._context.socket(zmq.REQ)
             self._socket.setsockopt(zmq.LINGER, 0)
+            if self._curve_keys is not None:
+                secure_client(self._socket, self._curve_keys)
             self._socket.connect(self.endpoint)
         return self._socket
 

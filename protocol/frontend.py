@@ -19,6 +19,7 @@ from loguru import logger
 from cer.actors.gateway import Gateway
 from cer.errors import CerError, InternalError, Unavailable
 from cer.protocol.methods import find_method
+from cer.protocol.security import CurveServer, EndpointRefused, check_endpoint
 from cer.protocol.wire import MAX_REQUEST_BYTES, decode_request, encode_error, encode_result
 
 # Larger messages make libzmq drop the connection before anything reads them; up to this size a
@@ -35,8 +36,12 @@ class FrontendError(CerError):
 
 
 class Frontend:
-    def __init__(self, endpoint: str, gateway: Gateway, workers: int = 8, debug: bool = False) -> None:
+    def __init__(
+        self, endpoint: str, gateway: Gateway, workers: int = 8, debug: bool = False, curve_keys: str | None = None
+    ) -> None:
         self.endpoint = endpoint
+        self._curve_keys = curve_keys
+        self._curve: CurveServer | None = None
         self._gateway = gateway
         self._workers = workers
         self._debug = debug
@@ -48,15 +53,25 @@ class Frontend:
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        """Bind the endpoint and start serving; raises FrontendError when the endpoint cannot be bound."""
+        """Bind the endpoint and start serving; raises FrontendError when the endpoint cannot be served."""
+        try:
+            check_endpoint(self.endpoint, self._curve_keys)
+        except EndpointRefused as error:
+            raise FrontendError(f"cannot serve {self.endpoint}: {error}") from None
         self._context = zmq.Context()
         router = self._context.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.MAXMSGSIZE, _MAX_MESSAGE_BYTES)
         try:
+            if self._curve_keys is not None:
+                self._curve = CurveServer(self._context, self._curve_keys)
+                self._curve.start()
+                self._curve.secure(router)
             router.bind(self.endpoint)
-        except zmq.ZMQError as error:
+        except (zmq.ZMQError, EndpointRefused) as error:
             router.close()
+            if self._curve is not None:
+                self._curve.stop()
             self._context.term()
             self._context = None
             raise FrontendError(f"cannot serve {self.endpoint}: {error}") from None
@@ -88,6 +103,8 @@ class Frontend:
         terminate.close()
         for thread in self._threads:
             thread.join(60)
+        if self._curve is not None:
+            self._curve.stop()
         stuck = [thread.name for thread in self._threads if thread.is_alive()]
         if stuck:
             # Their sockets are still open, so term() would wait for ever; the process exit closes them.

@@ -1,0 +1,93 @@
+"""Who may talk to the daemon.
+
+- ``ipc://``: libzmq cannot set the socket file's mode, so the socket lives in a directory only root can
+  enter (the daemon makes ROOT 0700); the default endpoint is there.
+- ``tcp://``: loopback addresses only, unless CURVE keys are given; with keys, every connection must
+  present a client key listed in the keys directory (the ZeroMQ "ironhouse" pattern).
+
+A keys directory holds ``server.key_secret`` (the daemon's key pair), ``server.key`` (its public half,
+for clients), and ``authorized/*.key`` (the public keys of the clients allowed in). ``cer keys DIR``
+makes one with a first client key pair, ``client.key_secret``.
+"""
+
+import ipaddress
+import os
+import socket
+from urllib.parse import urlsplit
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from cer.errors import CerError
+
+
+class EndpointRefused(CerError):
+    """An endpoint the daemon will not serve as asked."""
+
+
+def check_endpoint(endpoint: str, curve_keys: str | None) -> None:
+    """Refuse a tcp endpoint that would let other hosts in without CURVE authentication."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme == "ipc":
+        if curve_keys:
+            raise EndpointRefused("CURVE keys are for tcp:// endpoints; ipc:// is guarded by its directory's mode")
+        return
+    if scheme != "tcp":
+        raise EndpointRefused(f"{endpoint}: only ipc:// and tcp:// endpoints are served")
+    if curve_keys is None and not _is_loopback(urlsplit(f"tcp://{rest}").hostname or ""):
+        raise EndpointRefused(f"{endpoint} is not a loopback address: serving it needs --curve-keys")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # an interface name or a host name: not provably loopback
+
+
+class CurveServer:
+    """The daemon's side of CURVE: an authenticator thread and the server key on the bound socket."""
+
+    def __init__(self, context: zmq.Context, keys: str) -> None:
+        self._public, self._secret = _load(os.path.join(keys, "server.key_secret"))
+        self._authenticator = ThreadAuthenticator(context)
+        self._authorized = os.path.join(keys, "authorized")
+        if not os.path.isdir(self._authorized):
+            raise EndpointRefused(f"{keys} has no authorized/ directory of client keys")
+
+    def start(self) -> None:
+        self._authenticator.start()
+        self._authenticator.configure_curve(domain="*", location=self._authorized)
+
+    def secure(self, server: zmq.Socket) -> None:
+        server.curve_secretkey = self._secret
+        server.curve_publickey = self._public
+        server.curve_server = True
+
+    def stop(self) -> None:
+        self._authenticator.stop()
+
+
+def secure_client(client: zmq.Socket, keys: str) -> None:
+    """Give a client socket its key pair and the server's public key from ``keys``."""
+    client.curve_publickey, client.curve_secretkey = _load(os.path.join(keys, "client.key_secret"))
+    client.curve_serverkey, _ = _load(os.path.join(keys, "server.key"))
+
+
+def make_keys(directory: str) -> None:
+    """Create a keys directory: the server's key pair and one authorized client key pair."""
+    os.makedirs(os.path.join(directory, "authorized"), mode=0o700, exist_ok=True)
+    zmq.auth.create_certificates(directory, "server")
+    client_public, _ = zmq.auth.create_certificates(directory, "client")
+    os.replace(client_public, os.path.join(directory, "authorized", f"client-{socket.gethostname()}.key"))
+    # Clients need the server's public half; create_certificates wrote it as server.key already.
+
+
+def _load(path: str) -> tuple[bytes, bytes | None]:
+    try:
+        return zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as error:
+        raise EndpointRefused(f"cannot read the CURVE key {path}: {error}") from None

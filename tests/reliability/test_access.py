@@ -1,0 +1,100 @@
+"""Only root, or a client holding an authorized CURVE key, reaches the daemon."""
+
+import os
+import socket
+import stat
+import subprocess
+import sys
+
+import pytest
+from conftest import sample_config, short_tempdir, start_daemon
+
+from cer.errors import Unavailable
+from cer.protocol.client import Client
+from cer.protocol.methods import AdminStatus
+
+UNPRIVILEGED_UID = 54321  # a uid nobody uses: setpriv makes it exist for the probe
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_the_ipc_socket_sits_in_a_root_only_directory_whatever_the_umask():
+    root = short_tempdir() / "root"
+    root.mkdir(mode=0o777)
+    os.chmod(root, 0o777)  # an earlier owner left it open
+    old = os.umask(0)
+    try:
+        daemon = start_daemon(sample_config(), root=root)
+    finally:
+        os.umask(old)
+    try:
+        assert stat.S_IMODE(os.stat(root).st_mode) == 0o700
+        probe = (
+            "import socket, sys\n"
+            "s = socket.socket(socket.AF_UNIX)\n"
+            "try:\n"
+            f"    s.connect({str(root / 'daemon.sock')!r})\n"
+            "except PermissionError:\n"
+            "    sys.exit(13)\n"
+            "sys.exit(0)\n"
+        )
+        unprivileged = subprocess.run(
+            ["setpriv", f"--reuid={UNPRIVILEGED_UID}", f"--regid={UNPRIVILEGED_UID}", "--clear-groups",
+             "/usr/bin/python3", "-c", probe],
+            capture_output=True, text=True, timeout=30,
+        )
+        assert unprivileged.returncode == 13, unprivileged.stderr
+        assert daemon.status()["pools"]  # root gets in
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_a_non_loopback_tcp_endpoint_needs_curve_keys():
+    base = short_tempdir()
+    config = base / "c.json"
+    config.write_text('{"containerd_checkpoints": []}')
+    result = subprocess.run(
+        [sys.executable, "-m", "cer", "start", "--root", str(base / "root"), "--config", str(config),
+         "--endpoint", f"tcp://0.0.0.0:{free_port()}"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode != 0
+    assert "is not a loopback address: serving it needs --curve-keys" in result.stderr
+    assert not os.path.exists(base / "root" / "bundles")
+
+
+def test_loopback_tcp_serves_without_keys():
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    daemon = start_daemon(sample_config(), "--endpoint", endpoint, wait=False)
+    try:
+        with Client(endpoint, timeout=20) as client:
+            assert client.call(AdminStatus())["pid"] == daemon.process.pid
+    finally:
+        assert daemon.stop() == 0
+
+
+@pytest.mark.timeout(120)
+def test_curve_lets_in_only_authorized_clients():
+    keys, stranger = short_tempdir() / "keys", short_tempdir() / "stranger"
+    for directory in (keys, stranger):
+        subprocess.run([sys.executable, "-m", "cer", "keys", str(directory)], check=True, capture_output=True, timeout=30)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    daemon = start_daemon(sample_config(), "--endpoint", endpoint, "--curve-keys", str(keys), wait=False)
+    try:
+        with Client(endpoint, timeout=20, curve_keys=str(keys)) as client:
+            assert client.call(AdminStatus())["pid"] == daemon.process.pid
+        with Client(endpoint, timeout=1) as plain, pytest.raises(Unavailable):
+            plain.call(AdminStatus())
+        # A well-formed key pair the daemon does not list, against the right server key.
+        (stranger / "server.key").unlink()
+        (stranger / "server.key").write_bytes((keys / "server.key").read_bytes())
+        with Client(endpoint, timeout=1, curve_keys=str(stranger)) as unknown, pytest.raises(Unavailable):
+            unknown.call(AdminStatus())
+        with Client(endpoint, timeout=20, curve_keys=str(keys)) as client:
+            assert client.call(AdminStatus())["pools"]  # still serving
+    finally:
+        assert daemon.stop() == 0
