@@ -156,7 +156,7 @@ def _create(job: _Job, factory: pykka.ActorProxy) -> None:
     try:
         job.namespace = build(job.ns_type, job.recipe, job.bundle, job.fd_floor)
         job.seconds = time.monotonic() - started
-    except Exception as error:  # noqa: BLE001 - whatever went wrong is the pool's to report
+    except BaseException as error:  # noqa: BLE001 - whatever went wrong is the pool's to report; the thread ends here anyway
         job.error = error
         if job.bundle is not None:
             # The half-built namespace dies with this thread; its bundle on disk does not.
