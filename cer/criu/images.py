@@ -1,6 +1,6 @@
 """Reading CRIU image files: the magic header, size-prefixed protobuf entries and raw payloads.
 
-An image file (CRIU's images/README and lib/pycriu/images/images.py) is::
+An image file (criu.org/Images; CRIU's lib/pycriu/images/images.py reads them likewise) is::
 
     IMAGE   ::= [IMG_COMMON_MAGIC] TYPE_MAGIC { ENTRY }      (u32 little-endian magics)
     ENTRY   ::= SIZE MESSAGE [PAYLOAD]                       (SIZE: u32 little-endian)
@@ -138,7 +138,9 @@ class ImageReader(RawImage):
         if self.size == 0:
             raise self.error("empty file, not a CRIU image")
         (magic,) = _U32.unpack(self.read_exact(4, "magic"))
-        if magic in (IMG_COMMON_MAGIC, IMG_SERVICE_MAGIC):
+        if magic == IMG_SERVICE_MAGIC:
+            raise self.error("a CRIU service file (stats, irmap cache), not an image this reader knows", 0)
+        if magic == IMG_COMMON_MAGIC:
             (magic,) = _U32.unpack(self.read_exact(4, "image type magic"))
             found = _BY_MAGIC.get(magic)
             if found is None or not found.common_magic:

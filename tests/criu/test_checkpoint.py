@@ -238,12 +238,13 @@ def test_payloads_padded_as_crit_writes_them(sample_copy, crit_encode):
     """Semaphore values and message texts padded to 8 bytes, with lengths that make the padding
     matter, written by crit from JSON. (crit 3.17 cannot encode shm contents: see
     test_inline_shm_contents_of_older_criu for their padding to 4.)"""
+
     def json_desc(id):
         return {"key": 0x100 + id, "uid": 3, "gid": 4, "cuid": 0, "cgid": 0, "mode": 0o600, "id": id}
 
     sems = [(1, [1, 2, 3]), (2, [9]), (3, [5, 6, 7, 8, 32767])]
-    crit_encode({"magic": "IPCNS_SEM", "entries": [{"desc": json_desc(i), "nsems": len(v), "extra": v} for i, v in sems]},
-                sample_copy / "ipcns-sem-10.img")
+    sem_entries = [{"desc": json_desc(i), "nsems": len(v), "extra": v} for i, v in sems]
+    crit_encode({"magic": "IPCNS_SEM", "entries": sem_entries}, sample_copy / "ipcns-sem-10.img")
     texts = [(1, b"x" * 9), (2, b""), (3, b"abc"), (4, b"y" * 17)]
     extra = [item for mtype, text in texts
              for item in ({"mtype": mtype, "msize": len(text)}, base64.b64encode(text).decode())]

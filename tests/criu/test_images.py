@@ -18,6 +18,7 @@ from cer.criu import criu_pb2 as pb  # noqa: E402
 from cer.criu.images import (  # noqa: E402
     IDS,
     IMG_COMMON_MAGIC,
+    IMG_SERVICE_MAGIC,
     INVENTORY,
     IPC_VAR,
     IPCNS_SHM,
@@ -274,6 +275,7 @@ def test_huge_declared_entry_size(tmp_path, declared):
     (struct.pack("<II", 0xDEADBEEF, UTSNS.magic), 0, "unknown magic 0xdeadbeef"),
     (struct.pack("<II", IMG_COMMON_MAGIC, 0x12345678), 4, "unknown image type magic 0x12345678"),
     (struct.pack("<I", IMG_COMMON_MAGIC), 4, "image type magic"),
+    (struct.pack("<II", IMG_SERVICE_MAGIC, UTSNS.magic), 0, "service file"),
     (struct.pack("<II", IMG_COMMON_MAGIC, IDS.magic), 0, "an image of type IDS, not UTSNS"),
     (struct.pack("<I", INVENTORY.magic), 0, "an image of type INVENTORY, not UTSNS"),
     (struct.pack("<III", IMG_COMMON_MAGIC, UTSNS.magic, 3) + b"\x0a\x01a", 8, "lacks required fields: domainname"),
