@@ -267,8 +267,9 @@ def populate_ipc_namespace(contents: IpcContents) -> None:
     Call it from a dedicated thread right after ``unshare(CLONE_NEWIPC)``: sysctls that already
     hold a fresh namespace's value are not written. Sets the recorded sysctls first (so limits
     such as msgmax and shmmax are the checkpoint's while objects are made), then makes every shm
-    segment, semaphore set and message queue with its recorded id, key, mode, owner and contents,
-    and finally the recorded *_next_id sysctls. A failure raises an OSError naming the object.
+    segment, semaphore set and message queue with its recorded id, key, mode, owner and contents
+    (kernel.msgmnb and kernel.msgmax are raised meanwhile where a queue needs more), and finally
+    the recorded *_next_id sysctls. A failure raises an OSError naming the object.
     """
     fresh = fresh_ipc_sysctls()
     unknown = [name for name, _ in contents.sysctls if name not in fresh]
