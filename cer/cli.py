@@ -80,8 +80,13 @@ def main(context: click.Context, debug: bool) -> None:
 @click.option("--cold-timeout", default=10.0, show_default=True, type=click.FloatRange(0.1, 600), help="Longest wait, in seconds, for a namespace built on demand.")
 @click.option("--curve-keys", type=click.Path(file_okay=False, exists=True), help="Keys directory (see `cer keys`): tcp:// clients must present an authorized key.")
 @click.option("--lease-timeout", default=300.0, show_default=True, type=click.FloatRange(1), help="Seconds after which a namespace neither put nor bound to a process is reported overdue.")
+@click.option("--containerd-address", default="/run/containerd/containerd.sock", show_default=True, help="containerd's socket, for entries without a path.")
+@click.option("--containerd-timeout", default=10.0, show_default=True, type=click.FloatRange(0.1, 600), help="Seconds a containerd call may take before containerd counts as unavailable.")
 @click.pass_context
-def start(context, debug, root, config_path, endpoint, workers, cold_timeout, curve_keys, lease_timeout) -> None:
+def start(
+    context, debug, root, config_path, endpoint, workers, cold_timeout, curve_keys, lease_timeout, containerd_address,
+    containerd_timeout,
+) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
     from cer.config import load_config  # noqa: PLC0415
     from cer.actors.pool import PoolSettings  # noqa: PLC0415
@@ -102,6 +107,8 @@ def start(context, debug, root, config_path, endpoint, workers, cold_timeout, cu
             workers=workers,
             pool=PoolSettings(cold_timeout=cold_timeout, lease_timeout=lease_timeout),
             curve_keys=curve_keys,
+            containerd_address=containerd_address,
+            containerd_timeout=containerd_timeout,
         )
         run(config, settings)
     except CerError as error:

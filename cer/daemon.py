@@ -20,6 +20,8 @@ from cer.actors.pool import PoolPeers, PoolSettings
 from cer.actors.supervisor import Supervisor
 from cer.actors.watcher import ProcessWatcher
 from cer.config import Config
+from cer.containerd.client import DEFAULT_ADDRESS as DEFAULT_CONTAINERD_ADDRESS
+from cer.containerd.client import DEFAULT_TIMEOUT as DEFAULT_CONTAINERD_TIMEOUT
 from cer.errors import CerError
 from cer.protocol.frontend import Frontend
 
@@ -34,6 +36,8 @@ class Settings:
     ask_timeout: float = 5.0
     pool: PoolSettings = PoolSettings()
     curve_keys: str | None = None
+    containerd_address: str = DEFAULT_CONTAINERD_ADDRESS
+    containerd_timeout: float = DEFAULT_CONTAINERD_TIMEOUT
 
 
 class DaemonError(CerError):
@@ -51,10 +55,14 @@ def run(config: Config, settings: Settings) -> None:
         actors: list[pykka.ActorRef] = []
         frontend: Frontend | None = None
         try:
+            # The extractor stops last: the factory's mount namespaces sit on its containerd snapshots.
+            from_containerd = [entry.ref for entry in config.checkpoints if entry.path is None]
+            extractor = CheckpointExtractor.start(
+                root.root, settings.containerd_address, settings.containerd_timeout, from_containerd
+            )
+            actors.append(extractor)
             factory = NamespaceFactory.start(root.bundles, settings.max_concurrent_creations)
             actors.append(factory)
-            extractor = CheckpointExtractor.start()
-            actors.append(extractor)
             watcher = ProcessWatcher.start()
             actors.append(watcher)
             peers = PoolPeers(factory.proxy(), extractor.proxy(), watcher.proxy())

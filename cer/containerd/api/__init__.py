@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC stubs for the part of containerd's API cer uses (see ../regenerate)."""
