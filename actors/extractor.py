@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import pykka
 from loguru import logger
 
-from cer.config import CheckpointEntry
+from cer.config import CheckpointEntry, validate_image_directory
 from cer.containerd.archive import Cancelled, Progress, extract_once, extract_tar, remove_extraction, remove_stale
 from cer.containerd.checkpoint import CheckpointImageError, find_checkpoint
 from cer.containerd.client import (
@@ -40,7 +40,7 @@ from cer.containerd.client import (
 )
 from cer.containerd.rootfs import Rootfs, RootfsError, SnapshotNames, build_rootfs, remove_rootfs
 from cer.criu.checkpoint import read_checkpoint
-from cer.errors import NotFound, Unavailable
+from cer.errors import BadRequest, NotFound, Unavailable
 from cer.namespaces import Recipe
 from cer.references import CheckpointRef
 
@@ -347,6 +347,10 @@ class _Attempt:
 
                 def extract(target: str) -> None:
                     extract_tar(client.read(ref.namespace, archive), target, archive.size, archive.digest, self.cancel, self.progress)
+                    try:
+                        validate_image_directory(target)
+                    except BadRequest:
+                        raise CheckpointImageError(f"its CRIU archive {archive.digest} holds no CRIU inventory.img") from None
 
                 self.progress.total = archive.size
                 directory = extract_once(self.base, ref.key, archive.digest, extract)
