@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,3 +148,18 @@ def host_mounts() -> list[str]:
 
 def open_fds(pid: int | str = "self") -> set[str]:
     return set(os.listdir(f"/proc/{pid}/fd"))
+
+
+def fd_kinds(pid: int | str = "self") -> Counter:
+    """What a process holds open, by kind (``ipc``, ``mnt``, ``pipe``, a file path...), sockets left out:
+    libzmq opens and closes a socket per client connection in its own time."""
+    kinds = Counter()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        kind = target.split(":", 1)[0] if target.endswith("]") else target
+        if kind != "socket":
+            kinds[kind] += 1
+    return kinds

@@ -53,12 +53,13 @@ def open_thread_namespace(ns_type: str) -> int:
 
 
 def sethostname(name: str) -> None:
-    raw = name.encode()
+    # A name read from an image that was not UTF-8 comes back with surrogate escapes: give the bytes back.
+    raw = name.encode(errors="surrogateescape")
     check(libc.sethostname(raw, len(raw)), "sethostname")
 
 
 def setdomainname(name: str) -> None:
-    raw = name.encode()
+    raw = name.encode(errors="surrogateescape")
     check(libc.setdomainname(raw, len(raw)), "setdomainname")
 
 

@@ -6,7 +6,7 @@ import time
 from collections import Counter
 
 import pytest
-from conftest import host_mounts, open_fds, sample_config, start_daemon, wait_for
+from conftest import fd_kinds, host_mounts, sample_config, start_daemon, wait_for
 
 from cer.protocol.methods import NamespaceGet, NamespacePut
 from cer.references import CheckpointRef
@@ -25,7 +25,8 @@ def test_many_clients_never_share_a_namespace_and_nothing_leaks():
     daemon = start_daemon(config)
     try:
         daemon.wait_full("sample")
-        fds_at_rest = len(open_fds(daemon.process.pid))
+        daemon.wait_full("sample-empty-ipc", types=("ipc", "uts"))
+        fds_at_rest = fd_kinds(daemon.process.pid)
         held: dict[tuple[str, int], int] = {}  # (type, namespace id) -> client holding it now
         lock = threading.Lock()
         violations: list[str] = []
@@ -82,7 +83,7 @@ def test_many_clients_never_share_a_namespace_and_nothing_leaks():
             )
 
         wait_for(settled, 30, 0.1, "the pools to settle")
-        assert len(open_fds(daemon.process.pid)) == fds_at_rest
+        assert fd_kinds(daemon.process.pid) == fds_at_rest
         print(f"\n{CLIENTS} clients, {CLIENTS * PAIRS_PER_CLIENT} get/put pairs in {elapsed:.1f} s")
     finally:
         assert daemon.stop() == 0
