@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -184,6 +185,7 @@ class CheckpointExtractor(pykka.ThreadingActor):
                     attempts=checkpoint.attempts,
                     extracted_bytes=checkpoint.progress.done,
                     archive_bytes=checkpoint.progress.total,
+                    extract_seconds=checkpoint.progress.seconds,
                     rootfs=checkpoint.rootfs.lowerdir if checkpoint.rootfs else None,
                 )
             result[str(ref)] = item
@@ -345,7 +347,10 @@ class _Attempt:
                     return _Outcome(error=f"there is no checkpoint image {ref.name!r} in containerd namespace {ref.namespace!r}")
                 archive = checkpoint.criu_archive
 
+                started: list[float] = []
+
                 def extract(target: str) -> None:
+                    started.append(time.monotonic())
                     extract_tar(client.read(ref.namespace, archive), target, archive.size, archive.digest, self.cancel, self.progress)
                     try:
                         validate_image_directory(target)
@@ -355,6 +360,9 @@ class _Attempt:
                 self.progress.total = archive.size
                 directory = extract_once(self.base, ref.key, archive.digest, extract)
                 self.progress.done = archive.size
+                if started:
+                    self.progress.seconds = time.monotonic() - started[0]
+                    logger.info("checkpoint {}: extracted {} MiB in {:.2f} s", ref, archive.size >> 20, self.progress.seconds)
                 contents = read_checkpoint(directory)
                 labels = {"cer.checkpoint": str(ref)}
                 rootfs = build_rootfs(client, ref.namespace, checkpoint, SnapshotNames.for_key(ref.key), labels, self.cancel)

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import io
 import os
+import queue
 import secrets
 import shutil
 import tarfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from loguru import logger
@@ -31,6 +31,9 @@ from loguru import logger
 READY_MARKER = ".cer-ready"
 """Written into an extracted checkpoint directory last; holds the archive's digest."""
 
+BLOCK = tarfile.BLOCKSIZE
+# PAX and GNU long-name headers hold a few names and numbers; anything bigger is not one.
+_MAX_EXTENDED_HEADER = 1 << 20
 _PARTIAL = ".partial-"
 _OLD = ".old-"
 _COPY_CHUNK = 1 << 20
@@ -61,6 +64,8 @@ class Progress:
 
     done: int = 0
     total: int = 0
+    seconds: float | None = None
+    """How long the last whole extraction took (streaming, writing, syncing), once there was one."""
 
 
 def extract_tar(
@@ -76,44 +81,38 @@ def extract_tar(
     ``size`` is the archive's size as its descriptor gives it: the stream may not be longer, and no
     member may declare more than what is left. ``digest`` ("sha256:HEX"), when given, is checked
     once the whole stream is read. Returns the names of the regular files written, in archive order.
+
+    The stream is read (and hashed) by a thread of its own while this one parses and writes, so
+    receiving, hashing and writing overlap. Headers are parsed by tarfile.TarInfo.frombuf; the
+    extended headers a CRIU archive may carry (PAX, GNU long names) are handled here.
     """
-    stream = _CheckedStream(chunks, size, digest, cancel, progress)
-    written: list[str] = []
     root_fd = os.open(target, _DIR_FLAGS)
     directories = _Directories(root_fd)
-    try:
-        with tarfile.open(fileobj=io.BufferedReader(stream, _COPY_CHUNK), mode="r|", bufsize=_COPY_CHUNK) as archive:
+    written: list[str] = []
+    with _ChunkReader(chunks, size, digest, cancel, progress) as stream:
+        try:
             while True:
-                try:
-                    member = archive.next()
-                except tarfile.TarError as error:
-                    raise ArchiveError(f"not a valid tar archive: {error}") from None
+                member = _next_member(stream, size)
                 if member is None:
                     break
                 parts = _safe_parts(member.name)
                 if member.isdir():
                     if parts:
                         directories.open(parts, member.mode)
+                    stream.skip(member.size)
                     continue
-                if member.type not in _REGULAR_TYPES or member.issparse():
+                if member.type not in _REGULAR_TYPES:
                     kind = _TYPE_NAMES.get(member.type, f"of tar type {member.type!r}")
                     raise ArchiveError(f"member {member.name!r} is {kind}: only regular files and directories are allowed")
                 if not parts:
                     raise ArchiveError(f"member {member.name!r} names no file")
-                left = size - member.offset_data
-                if member.size > left:
-                    raise ArchiveError(
-                        f"member {member.name!r} declares {member.size} bytes, more than the {left} left of the archive"
-                    )
                 parent = directories.open(parts[:-1])
-                _write_member(archive, member, parent, parts[-1], stream)
+                _write_member(stream, member, parent, parts[-1])
                 written.append("/".join(parts))
-            stream.drain()
-    except tarfile.TarError as error:
-        raise ArchiveError(f"not a valid tar archive: {error}") from None
-    finally:
-        directories.close()
-        os.close(root_fd)
+            stream.finish()
+        finally:
+            directories.close()
+            os.close(root_fd)
     return written
 
 
@@ -234,7 +233,83 @@ class _Directories:
         self._open.clear()
 
 
-def _write_member(archive: tarfile.TarFile, member: tarfile.TarInfo, parent: int, name: str, stream: _CheckedStream) -> None:
+def _next_member(stream: _ChunkReader, size: int) -> tarfile.TarInfo | None:
+    """The next member's header, extended headers applied; None at the archive's end."""
+    pax: dict[str, str] = {}
+    long_name: str | None = None
+    while True:
+        block = stream.read_exact(BLOCK, allow_eof=True)
+        if block is None or block.count(0) == BLOCK:
+            return None  # end of archive (two zero blocks, or a stream that simply ends)
+        try:
+            info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as error:
+            raise ArchiveError(f"not a valid tar archive at byte {stream.position - BLOCK}: {error}") from None
+        data_size = info.size
+        if info.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
+            if data_size > _MAX_EXTENDED_HEADER:
+                raise ArchiveError(f"an extended header of {data_size} bytes is larger than {_MAX_EXTENDED_HEADER}")
+            data = stream.read_exact(data_size)
+            stream.skip(_padding(data_size))
+            if info.type == tarfile.GNUTYPE_LONGNAME:
+                long_name = bytes(data).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            elif info.type == tarfile.GNUTYPE_LONGLINK:
+                pass  # a link target: links are refused anyway, on the member it belongs to
+            else:
+                records = _pax_records(bytes(data))
+                if info.type == tarfile.XGLTYPE:
+                    if {"path", "size"} & records.keys():
+                        raise ArchiveError("a global PAX header sets path or size for every member")
+                else:
+                    pax.update(records)
+            continue
+        if any(key.startswith("GNU.sparse") for key in pax):
+            raise ArchiveError(f"member {info.name!r} is a sparse file: only regular files and directories are allowed")
+        if long_name is not None:
+            info.name = long_name.rstrip("/") if info.isdir() else long_name
+        if "path" in pax:
+            info.name = pax["path"].rstrip("/") if info.isdir() else pax["path"]
+        if "size" in pax:
+            try:
+                info.size = int(pax["size"])
+            except ValueError:
+                raise ArchiveError(f"member {info.name!r} has an invalid PAX size {pax['size']!r}") from None
+        if info.size < 0:
+            raise ArchiveError(f"member {info.name!r} has a negative size")
+        left = size - stream.position
+        if info.size > left:
+            raise ArchiveError(f"member {info.name!r} declares {info.size} bytes, more than the {left} left of the archive")
+        return info
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """PAX extended header records: "LENGTH KEY=VALUE\\n", LENGTH counting the whole record."""
+    records = {}
+    position = 0
+    while position < len(data):
+        if data[position] == 0:
+            break  # NUL padding
+        space = data.find(b" ", position, position + 20)
+        try:
+            length = int(data[position:space]) if space > position else 0
+        except ValueError:
+            length = 0
+        end = position + length
+        if length <= 0 or end > len(data) or data[end - 1:end] != b"\n":
+            raise ArchiveError("a PAX header holds a malformed record")
+        key, equals, value = data[space + 1:end - 1].partition(b"=")
+        if not equals:
+            raise ArchiveError("a PAX header holds a record without '='")
+        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        position = end
+    return records
+
+
+def _padding(size: int) -> int:
+    return -size % BLOCK
+
+
+def _write_member(stream: _ChunkReader, member: tarfile.TarInfo, parent: int, name: str) -> None:
     try:
         fd = os.open(name, _FILE_FLAGS, (member.mode & 0o777) | 0o600, dir_fd=parent)
     except FileExistsError:
@@ -242,72 +317,150 @@ def _write_member(archive: tarfile.TarFile, member: tarfile.TarInfo, parent: int
     except OSError as error:
         raise ArchiveError(f"cannot create {member.name!r}: {error.strerror}") from None
     try:
-        source = archive.extractfile(member)
         left = member.size
         while left:
-            data = source.read(min(left, _COPY_CHUNK))
-            if not data:
+            view = stream.read_some(left)
+            if view is None:
                 raise ArchiveError(f"the archive ends inside member {member.name!r}")
-            view = memoryview(data)
+            left -= len(view)
             while view:
                 view = view[os.write(fd, view):]
-            left -= len(data)
-            stream.check_cancel()
     finally:
         os.close(fd)
+    stream.skip(_padding(member.size))
 
 
-class _CheckedStream(io.RawIOBase):
-    """The archive's bytes from an iterator of chunks: counted, bounded by ``size``, hashed."""
+class _ChunkReader:
+    """The archive's bytes, received (and hashed, and counted against ``size``) by a thread of its own.
+
+    The consumer takes memoryviews of the received chunks, so member data goes from the gRPC message to
+    the file without another copy. Use as a context manager: leaving it stops the receiving thread.
+    """
+
+    _QUEUE = 16
 
     def __init__(self, chunks, size, digest, cancel, progress) -> None:
-        super().__init__()
-        self._chunks: Iterator[bytes] = iter(chunks)
-        self._pending = memoryview(b"")
-        self._size = size
-        self._digest = digest
-        self._hash = hashlib.sha256() if digest else None
         if digest and not digest.startswith("sha256:"):
             raise ArchiveError(f"cannot check digest {digest!r}: only sha256 is supported")
+        self._chunks = chunks
+        self._size = size
+        self._digest = digest
         self._cancel = cancel
         self._progress = progress or Progress()
         self._progress.total = size
-        self.consumed = 0
+        self._queue: queue.Queue = queue.Queue(self._QUEUE)
+        self._stop = threading.Event()
+        self._pending = memoryview(b"")
+        self._ended = False
+        self._received_digest: str | None = None
+        self.position = 0
+        self._thread = threading.Thread(target=self._receive, name="cer-archive-reader", daemon=True)
 
-    def readable(self) -> bool:
+    def __enter__(self) -> _ChunkReader:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.05)  # unblock a receiving thread waiting to put
+            except queue.Empty:
+                pass
+        self._thread.join()
+
+    def _receive(self) -> None:
+        hasher = hashlib.sha256() if self._digest else None
+        received = 0
+        iterator = iter(self._chunks)
+        try:
+            for chunk in iterator:
+                if self._stop.is_set():
+                    return
+                received += len(chunk)
+                if received > self._size:
+                    raise ArchiveError(f"the archive is longer than the {self._size} bytes its descriptor gives")
+                if hasher is not None:
+                    hasher.update(chunk)
+                self._put(chunk)
+            if hasher is not None:
+                self._received_digest = f"sha256:{hasher.hexdigest()}"
+            self._put(None)
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer, which raises it
+            self._put(error)
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()  # a gRPC read stream is cancelled when its generator is closed
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+    def _fill(self) -> bool:
+        """Make sure some bytes are pending; False at the end of the stream."""
+        while not self._pending:
+            if self._ended:
+                return False
+            self.check_cancel()
+            try:
+                item = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if item is None:
+                self._ended = True
+                return False
+            if isinstance(item, BaseException):
+                raise item
+            self._pending = memoryview(item)
         return True
 
-    def readinto(self, buffer) -> int:
-        while not self._pending:
-            self.check_cancel()
-            chunk = next(self._chunks, None)
-            if chunk is None:
-                return 0
-            if self._hash is not None:
-                self._hash.update(chunk)
-            self._pending = memoryview(chunk)
-            self.consumed += len(chunk)
-            self._progress.done = self.consumed
-            if self.consumed > self._size:
-                raise ArchiveError(f"the archive is longer than the {self._size} bytes its descriptor gives")
-        count = min(len(buffer), len(self._pending))
-        buffer[:count] = self._pending[:count]
-        self._pending = self._pending[count:]
-        return count
+    def read_some(self, limit: int) -> memoryview | None:
+        """Up to ``limit`` bytes (at least one), as a view of a received chunk; None at the end."""
+        if not self._fill():
+            return None
+        view = self._pending[:limit]
+        self._pending = self._pending[len(view):]
+        self.position += len(view)
+        self._progress.done = self.position
+        return view
+
+    def read_exact(self, count: int, allow_eof: bool = False) -> bytes | None:
+        parts = []
+        left = count
+        while left:
+            view = self.read_some(left)
+            if view is None:
+                if allow_eof and left == count:
+                    return None
+                raise ArchiveError(f"the archive ends {left} bytes short of a {count}-byte block at byte {self.position}")
+            parts.append(view)
+            left -= len(view)
+        return b"".join(parts)
+
+    def skip(self, count: int) -> None:
+        while count:
+            view = self.read_some(count)
+            if view is None:
+                raise ArchiveError(f"the archive ends {count} bytes early")
+            count -= len(view)
 
     def check_cancel(self) -> None:
         if self._cancel is not None and self._cancel.is_set():
             raise Cancelled("the extraction was cancelled")
 
-    def drain(self) -> None:
+    def finish(self) -> None:
         """Read what follows the archive's end marker (padding), then check size and digest."""
-        self._pending = memoryview(b"")
-        while self.readinto(bytearray(_COPY_CHUNK)):
-            self._pending = memoryview(b"")
-        if self.consumed != self._size:
-            raise ArchiveError(f"the archive is {self.consumed} bytes, its descriptor says {self._size}")
-        if self._hash is not None and f"sha256:{self._hash.hexdigest()}" != self._digest:
-            raise ArchiveError(f"the archive's digest is sha256:{self._hash.hexdigest()}, not {self._digest}")
+        while self.read_some(_COPY_CHUNK) is not None:
+            pass
+        if self.position != self._size:
+            raise ArchiveError(f"the archive is {self.position} bytes, its descriptor says {self._size}")
+        if self._digest and self._received_digest != self._digest:
+            raise ArchiveError(f"the archive's digest is {self._received_digest}, not {self._digest}")
 
 
 def _write_marker(directory: str, digest: str) -> None:

@@ -130,9 +130,9 @@ def test_a_huge_declared_size_is_refused_before_writing(place):
 
 def test_a_stream_longer_than_its_descriptor_is_refused(place):
     target, _ = place
-    data = tar_bytes(regular("pages-1.img", os.urandom(1 << 20)))
-    with pytest.raises(ArchiveError, match="longer than the 10240 bytes"):
-        extract_tar(chunked(data), str(target), 10240)
+    data = tar_bytes(regular("inventory.img", b"inv"))
+    with pytest.raises(ArchiveError, match=f"longer than the {len(data)} bytes"):
+        extract_tar(chunked(data + b"\0" * 8192), str(target), len(data))
 
 
 def test_a_truncated_archive_is_refused(place):
@@ -140,6 +140,30 @@ def test_a_truncated_archive_is_refused(place):
     data = tar_bytes(regular("pages-1.img", os.urandom(1 << 20)))
     with pytest.raises(ArchiveError):
         extract_tar(chunked(data[: 600 * 1024]), str(target), len(data))
+
+
+def test_pax_and_gnu_long_names_cannot_smuggle_paths(place):
+    target, _ = place
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
+        data = tar_bytes(regular("../" * 40 + "x" * 120, b"evil"), fmt=fmt)  # the name needs a PAX/GNU header
+        with pytest.raises(ArchiveError, match="has '..' in its name"):
+            extract_tar(chunked(data), str(target), len(data))
+    info, data = regular("sparse", b"abc")
+    info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0"}
+    archive = tar_bytes((info, data))
+    with pytest.raises(ArchiveError, match="is a sparse file"):
+        extract_tar(chunked(archive), str(target), len(archive))
+
+
+def test_a_malformed_pax_header_is_refused(place):
+    target, _ = place
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type = tarfile.XHDTYPE
+    body = b"999 path=x\n"
+    header.size = len(body)
+    data = header.tobuf(format=tarfile.USTAR_FORMAT) + body.ljust(512, b"\0") + b"\0" * 1024
+    with pytest.raises(ArchiveError, match="malformed record"):
+        extract_tar(chunked(data), str(target), len(data))
 
 
 def test_a_wrong_digest_is_refused(place):
