@@ -124,7 +124,9 @@ class CheckpointExtractor(pykka.ThreadingActor):
     def load_recipe(self, entry: CheckpointEntry, pool: pykka.ActorProxy) -> None:
         """Resolve ``entry`` and tell ``pool.recipe_loaded`` (or ``checkpoint_unavailable`` meanwhile)."""
         if entry.path is not None:
-            self._checkpoints[entry.ref] = _Checkpoint(entry, entry.path, state="ready")
+            known = self._checkpoints.get(entry.ref)
+            # A pool started again keeps the clients' count of gets of the directory.
+            self._checkpoints[entry.ref] = _Checkpoint(entry, entry.path, users=known.users if known else 0, state="ready")
             self._loaders = {thread for thread in self._loaders if thread.is_alive()}
             loader = threading.Thread(target=_load, args=(entry, pool), name=f"cer-load-{entry.ref.key[:8]}", daemon=True)
             self._loaders.add(loader)
