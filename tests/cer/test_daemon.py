@@ -203,3 +203,29 @@ def test_a_second_daemon_on_the_same_root_is_refused(daemon):
     assert second.process.wait(20) != 0
     assert "another cer daemon is running" in second.output()
     assert daemon.status()["pools"]  # the first one goes on serving
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("empty_ipc", [False, True], ids=["ipc-objects", "empty-ipc"])
+def test_pooled_namespaces_hold_what_criu_restores_from_a_live_dump(empty_ipc):
+    """Dump a live workload with CRIU 4 now, serve it, and compare with CRIU's own restore of it."""
+    import criu_support
+
+    images = short_tempdir() / "images"
+    images.mkdir()
+    criu_support.dump_live_workload(images, empty_ipc=empty_ipc)
+    restored = criu_support.restore_and_inspect(images)
+    daemon = start_daemon({"containerd_checkpoints": [{"name": "live", "capacity": 1, "path": str(images)}]})
+    try:
+        daemon.wait_full("live", types=("ipc", "uts"))
+        ref = CheckpointRef("live")
+        ipc, uts = daemon.call(NamespaceGet("ipc", ref)), daemon.call(NamespaceGet("uts", ref))
+        pooled = criu_support.inspect_namespaces(ipc["path"], uts["path"])
+        assert ipc["info"]["ipc_default"] is empty_ipc
+    finally:
+        assert daemon.stop() == 0
+    for field in ("hostname", "domainname", "shm", "sem", "msg"):
+        assert pooled[field] == restored[field], field
+    assert {k: pooled["sysctls"][k] for k in restored["sysctls"]} == restored["sysctls"]
+    if not empty_ipc:
+        assert len(pooled["shm"]) == 2 and pooled["sem"] and pooled["msg"]
