@@ -30,8 +30,8 @@ class Gateway:
         self.pid = os.getpid()
         self._started = time.monotonic()
 
-    def get_namespace(self, ns_type: str, ref: CheckpointRef) -> Lease:
-        pending = self._ask_pool(ref, lambda pool: pool.get(ns_type))
+    def get_namespace(self, ns_type: str, ref: CheckpointRef, holder_pid: int | None = None) -> Lease:
+        pending = self._ask_pool(ref, lambda pool: pool.get(ns_type, holder_pid))
         # The pool answers a cold get within its cold timeout; the margin covers a busy machine.
         return self._wait(pending, f"the {ns_type} pool of {ref}", self._cold_timeout + self._ask_timeout)
 

@@ -7,6 +7,7 @@ was handed out is never handed out again: its put, or the exit of the process it
 it and the pool builds a fresh one.
 """
 
+import os
 import threading
 import time
 from collections import deque
@@ -56,10 +57,32 @@ class _Handout:
     holder_pid: int | None = None
 
 
+@dataclass(frozen=True)
+class _Holder:
+    """The process a namespace is to be bound to, with a pidfd on it that the watcher will own."""
+
+    pid: int
+    pidfd: int
+
+    @classmethod
+    def of(cls, pid: int) -> "_Holder":
+        try:
+            return cls(pid, pidfd_open(pid))
+        except ProcessLookupError:
+            raise NotFound(f"process {pid} is not running") from None
+
+
 @dataclass(eq=False)
 class _Waiter:
     future: pykka.Future
     timer: threading.Timer
+    holder: _Holder | None
+
+    def fail(self, error: Exception) -> None:
+        self.timer.cancel()
+        if self.holder is not None:
+            os.close(self.holder.pidfd)
+        self.future.set_exception(exc_info=(type(error), error, None))
 
 
 @dataclass
@@ -121,23 +144,23 @@ class PoolActor(pykka.ThreadingActor):
 
     # -- requests -----------------------------------------------------------------------------------
 
-    def get(self, ns_type: str) -> pykka.Future:
+    def get(self, ns_type: str, holder_pid: int | None = None) -> pykka.Future:
         """Hand out a namespace of ``ns_type``: a future of a Lease, already set when one was idle.
 
-        The future is always set within the cold timeout, with a lease or an error.
+        The future is always set within the cold timeout, with a lease or an error. With
+        ``holder_pid`` the namespace is bound to that process as it is handed out (see ``bind``).
         """
         self._check_serving(ns_type)
+        holder = _Holder.of(holder_pid) if holder_pid is not None else None
         pool = self._types[ns_type]
         future = pykka.ThreadingFuture()
         if pool.idle:
-            namespace = pool.idle.popleft()
-            pool.in_use[namespace.namespace_id] = _Handout(namespace, time.monotonic())
             pool.warm_gets += 1
-            future.set(self._lease(namespace, cold=False))
+            future.set(self._hand_out(ns_type, pool.idle.popleft(), False, holder))
         else:
             timer = threading.Timer(self._cold_timeout, self._expire, args=(ns_type, future))
             timer.daemon = True
-            pool.waiters.append(_Waiter(future, timer))
+            pool.waiters.append(_Waiter(future, timer, holder))
             timer.start()
         self._refill()
         return future
@@ -152,13 +175,11 @@ class PoolActor(pykka.ThreadingActor):
         Binding again moves it to another process (a restore wrapper binds to itself, then to the
         restored container's init).
         """
-        handout = self._handout(ns_type, namespace_id)
-        try:
-            pidfd = pidfd_open(holder_pid)
-        except ProcessLookupError:
-            raise NotFound(f"process {holder_pid} is not running") from None
-        handout.holder_pid = holder_pid
-        self._watcher.watch(pidfd, holder_pid, self._self, (ns_type, namespace_id))
+        self._bind(ns_type, self._handout(ns_type, namespace_id), _Holder.of(holder_pid))
+
+    def _bind(self, ns_type: str, handout: _Handout, holder: _Holder) -> None:
+        handout.holder_pid = holder.pid
+        self._watcher.watch(holder.pidfd, holder.pid, self._self, (ns_type, handout.namespace.namespace_id))
 
     def holder_exited(self, key: tuple[str, int], pid: int) -> None:
         """The process a namespace was bound to has exited (from the process watcher)."""
@@ -240,9 +261,8 @@ class PoolActor(pykka.ThreadingActor):
         if pool.waiters:
             waiter = pool.waiters.popleft()
             waiter.timer.cancel()
-            pool.in_use[namespace.namespace_id] = _Handout(namespace, time.monotonic())
             pool.cold_gets += 1
-            waiter.future.set(self._lease(namespace, cold=True))
+            waiter.future.set(self._hand_out(ns_type, namespace, True, waiter.holder))
         elif len(pool.idle) < self._capacity:
             pool.idle.append(namespace)
         else:
@@ -257,9 +277,7 @@ class PoolActor(pykka.ThreadingActor):
         self._state, self._last_error = "failing", message
         # Whoever waits for this type would wait for the same failure: answer them now.
         while pool.waiters:
-            waiter = pool.waiters.popleft()
-            waiter.timer.cancel()
-            waiter.future.set_exception(exc_info=(Exhausted, Exhausted(message), None))
+            pool.waiters.popleft().fail(Exhausted(message))
         self._backoff = min(max(self._backoff * 2, 0.5), _MAX_BACKOFF)
         if self._retry_timer is None:
             self._retry_timer = threading.Timer(self._backoff, self._retry)
@@ -288,8 +306,7 @@ class PoolActor(pykka.ThreadingActor):
         for waiter in pool.waiters:
             if waiter.future is future:
                 pool.waiters.remove(waiter)
-                message = f"no {ns_type} namespace of {self.entry.ref} was ready within {self._cold_timeout:g} s"
-                future.set_exception(exc_info=(Exhausted, Exhausted(message), None))
+                waiter.fail(Exhausted(f"no {ns_type} namespace of {self.entry.ref} was ready within {self._cold_timeout:g} s"))
                 return
 
     # -- internals ----------------------------------------------------------------------------------
@@ -302,8 +319,11 @@ class PoolActor(pykka.ThreadingActor):
         if not self._recipe.supports(ns_type):
             raise Unavailable(f"checkpoint {self.entry.ref} has no rootfs configured, so no mnt namespaces")
 
-    def _lease(self, namespace: Namespace, cold: bool) -> Lease:
-        return Lease(namespace, cold, self._recipe.ipc_default if self._recipe else None)
+    def _hand_out(self, ns_type: str, namespace: Namespace, cold: bool, holder: _Holder | None) -> Lease:
+        handout = self._types[ns_type].in_use[namespace.namespace_id] = _Handout(namespace, time.monotonic())
+        if holder is not None:
+            self._bind(ns_type, handout, holder)
+        return Lease(namespace, cold, self._recipe.ipc_default)
 
     def _refill(self) -> None:
         if self._recipe is None or self._retry_timer is not None:
@@ -331,8 +351,7 @@ class PoolActor(pykka.ThreadingActor):
             self._retry_timer.cancel()
         for ns_type, pool in self._types.items():
             for waiter in pool.waiters:
-                waiter.timer.cancel()
-                waiter.future.set_exception(exc_info=(Unavailable, Unavailable("the daemon is stopping"), None))
+                waiter.fail(Unavailable("the daemon is stopping"))
             for handout in pool.in_use.values():
                 logger.warning(
                     "pool {}: {} namespace {} was still handed out at shutdown", self.entry.ref, ns_type, handout.namespace.namespace_id

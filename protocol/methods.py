@@ -92,7 +92,7 @@ def find_method(service: str, name: str) -> type[Method]:
 class NamespaceGet(Method):
     """Take a ready namespace of ``namespace_type`` for the checkpoint ``ref``.
 
-    params: ``{"namespace_type": "ipc"|"uts"|"mnt", "ref": REF, "extra_refs": [REF, ...]}``
+    params: ``{"namespace_type": "ipc"|"uts"|"mnt", "ref": REF, "extra_refs": [REF, ...], "holder_pid": PID}``
     result: ``{"namespace_id": ID, "pid": PID, "path": "/proc/PID/fd/ID", "info": {...}}``
 
     The caller joins ``path`` (setns, ``nsenter``, or a runtime's namespace path) and gives the namespace
@@ -101,30 +101,38 @@ class NamespaceGet(Method):
     ``ipc`` the one checkpoint whose IPC namespace holds objects or non-default settings is served, and
     two such checkpoints are refused, since one namespace cannot hold both. ``info`` has ``cold`` (it was
     built for this get because none was idle), ``ref`` (the checkpoint served), ``ipc_default``, and for
-    ``mnt`` the ``bundle`` directory and its mounted ``rootfs``.
+    ``mnt`` the ``bundle`` directory and its mounted ``rootfs``. With ``holder_pid`` the namespace is bound to
+    that process as it is handed out (see ``namespace.bind``), so no moment exists in which nobody holds it.
     """
 
     namespace_type: str
     ref: CheckpointRef
     extra_refs: tuple[CheckpointRef, ...] = ()
+    holder_pid: int | None = None
 
     @classmethod
     def parse(cls, raw: dict) -> "NamespaceGet":
-        params = _Params(raw, {"namespace_type", "ref", "extra_refs"})
-        return cls(params.namespace_type(), params.ref(), params.refs("extra_refs"))
+        params = _Params(raw, {"namespace_type", "ref", "extra_refs", "holder_pid"})
+        return cls(
+            params.namespace_type(),
+            params.ref(),
+            params.refs("extra_refs"),
+            params.integer("holder_pid", 1, _MAX_ID, required=False),
+        )
 
     def params(self) -> dict:
-        return {
+        params = {
             "namespace_type": self.namespace_type,
             "ref": self.ref.to_wire(),
             "extra_refs": [ref.to_wire() for ref in self.extra_refs],
         }
+        return params if self.holder_pid is None else {**params, "holder_pid": self.holder_pid}
 
     def handle(self, gateway: "Gateway") -> dict:
         ref = self.ref
         if self.namespace_type == "ipc" and self.extra_refs:
             ref = self._ref_owning_ipc(gateway)
-        lease = gateway.get_namespace(self.namespace_type, ref)
+        lease = gateway.get_namespace(self.namespace_type, ref, self.holder_pid)
         namespace = lease.namespace
         info = {"cold": lease.cold, "ref": ref.to_wire(), "ipc_default": lease.ipc_default}
         if namespace.bundle is not None:

@@ -19,7 +19,7 @@ class DummyGateway:
         self.slow_started = threading.Event()
         self.calls: list[tuple] = []
 
-    def get_namespace(self, ns_type, ref) -> Lease:
+    def get_namespace(self, ns_type, ref, holder_pid=None) -> Lease:
         self.calls.append(("get", ns_type, ref))
         if ref.name == "slow":
             self.slow_started.set()

@@ -218,3 +218,22 @@ def test_a_namespace_neither_put_nor_bound_is_reported_overdue_and_kept(bundles)
     pool.put("uts", lease.namespace.namespace_id).get(timeout=5)
     assert pool.status().get(timeout=5)["types"]["uts"]["overdue"] == 0
     started.stop()
+
+
+def test_a_get_with_a_holder_is_bound_from_the_start_warm_or_cold(bundles):
+    started, pool = start_pool(bundles, capacity=1)
+    wait_full(pool)
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        warm = pool.get("uts", holder.pid).get(timeout=5).get(timeout=10)
+        cold = pool.get("uts", holder.pid).get(timeout=5).get(timeout=10)
+        assert (warm.cold, cold.cold) == (False, True)
+        assert pool.status().get(timeout=5)["types"]["uts"]["bound"] == 2
+        holder.kill()
+        holder.wait(5)
+        wait_for(lambda: pool.status().get(timeout=5)["types"]["uts"]["in_use"] == 0, 10, what="both to come back")
+        with pytest.raises(NotFound, match="is not running"):
+            pool.get("uts", holder.pid).get(timeout=5)
+    finally:
+        holder.kill()
+        started.stop()
