@@ -8,11 +8,11 @@ lower layer of the pool's mount namespaces); relative paths are taken from the c
 Entries without ``path`` come from containerd.
 """
 
+import logging
 import os
 from dataclasses import dataclass
 
 import orjson
-from loguru import logger
 
 from cer.errors import BadRequest, CerError, ConfigError
 from cer.references import CheckpointRef
@@ -20,6 +20,8 @@ from cer.references import CheckpointRef
 DEFAULT_ROOT = "/var/lib/cermanager"
 CONFIG_NAME = "namespace_service.json"
 MAX_CAPACITY = 1000
+# Standard logging (routed into loguru by the daemon) keeps clients, which import this module, light.
+logger = logging.getLogger(__name__)
 
 
 def default_endpoint(root: str = DEFAULT_ROOT) -> str:
@@ -77,7 +79,7 @@ def load_config(path: str) -> Config:
     if not isinstance(document, dict):
         raise ConfigError(f"{path}: the configuration must be a JSON object")
     for field in sorted(set(document) - _TOP_FIELDS):
-        logger.warning("{}: ignoring unknown field {!r}", path, field)
+        logger.warning("%s: ignoring unknown field %r", path, field)
 
     base = os.path.dirname(os.path.abspath(path))
     try:

@@ -17,7 +17,6 @@ from urllib.parse import urlsplit
 
 import zmq
 import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 
 from cer.errors import CerError
 
@@ -52,6 +51,9 @@ class CurveServer:
     """The daemon's side of CURVE: an authenticator thread and the server key on the bound socket."""
 
     def __init__(self, context: zmq.Context, keys: str) -> None:
+        # Imported here: it pulls in asyncio, which clients of this module (every `cer` verb) do not need.
+        from zmq.auth.thread import ThreadAuthenticator  # noqa: PLC0415
+
         self._public, self._secret = _load(os.path.join(keys, "server.key_secret"))
         self._authenticator = ThreadAuthenticator(context)
         self._authorized = os.path.join(keys, "authorized")
