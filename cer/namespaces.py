@@ -2,17 +2,26 @@
 
 ``build`` and ``tear_down`` run in a dedicated thread that does nothing else and then ends: the
 namespace belongs to that thread from ``unshare`` on, and the fd they return is what keeps it alive.
+
+A pooled mount namespace holds, under ``bundle/rootfs``: an overlay of the pool's read-only rootfs and
+the bundle's own ``upper``/``work``, and on it the container's mounts as the checkpoint's mountpoints
+image lists them, tmpfs contents restored (:mod:`cer.mounts` says which mounts, and which it leaves to
+the restore). A checkpoint without a mountpoints image gets the overlay alone.
 """
 
+import errno
 import fcntl
 import os
-import shutil
+import stat
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from cer.criu.checkpoint import IpcContents, UtsContents
+from cer.criu.checkpoint import CheckpointContents, IpcContents, UtsContents
 from cer.linux import namespaces as ns
 from cer.linux.namespaces import NAMESPACE_TYPES
 from cer.linux.sysv import populate_ipc_namespace
+from cer.mounts import MountPlan, mount_tree, plan_mounts, unmount_tree
 
 __all__ = ["NAMESPACE_TYPES", "Namespace", "Recipe", "build", "remove_bundle", "tear_down_mounts"]
 
@@ -24,6 +33,19 @@ class Recipe:
     ipc: IpcContents | None = None
     uts: UtsContents | None = None
     rootfs: str | None = None
+    mounts: MountPlan | None = None  # None: the overlay alone
+
+    @classmethod
+    def from_checkpoint(cls, contents: CheckpointContents, rootfs: str | None,
+                        external_mounts: Mapping[str, str] | None = None) -> "Recipe":
+        """The recipe for a checkpoint read by ``read_checkpoint``, with ``rootfs`` as the lower layer of its
+        mount namespaces (None: it has none). ``external_mounts`` maps the keys of the checkpoint's external
+        bind mounts to host paths; a mount that cannot be reproduced fails the mount namespaces' creation
+        with a message that names it (see :func:`cer.mounts.plan_mounts`), never the IPC and UTS ones."""
+        plan = None
+        if rootfs is not None and contents.mounts is not None:
+            plan = plan_mounts(contents.mounts, external_mounts)
+        return cls(ipc=contents.ipc, uts=contents.uts, rootfs=rootfs, mounts=plan)
 
     @property
     def ipc_default(self) -> bool:
@@ -53,12 +75,14 @@ class Namespace:
         return os.path.join(self.bundle, "rootfs") if self.bundle else None
 
 
-def build(ns_type: str, recipe: Recipe, bundle: str | None, fd_floor: int) -> Namespace:
+def build(ns_type: str, recipe: Recipe, bundle: str | None, fd_floor: int,
+          timings: dict[str, float] | None = None) -> Namespace:
     """Unshare a namespace of ``ns_type`` in the calling thread, fill it from ``recipe`` and open it.
 
     The fd is moved to the lowest free number at or above ``fd_floor`` so that namespace ids are
     not reused right after a put: a late or repeated put then finds nothing instead of a namespace
-    that was handed to somebody else.
+    that was handed to somebody else. ``timings`` (mnt only) gets the seconds spent in ``overlay``,
+    ``mounts`` and ``tmpfs`` added.
     """
     ns.unshare(ns.CLONE_FLAGS[ns_type])
     if ns_type == "uts" and recipe.uts is not None:
@@ -68,7 +92,7 @@ def build(ns_type: str, recipe: Recipe, bundle: str | None, fd_floor: int) -> Na
         populate_ipc_namespace(recipe.ipc)
     elif ns_type == "mnt":
         assert bundle is not None and recipe.rootfs is not None
-        _build_mounts(recipe, bundle)
+        _build_mounts(recipe, bundle, timings)
     opened = ns.open_thread_namespace(ns_type)
     try:
         fd = fcntl.fcntl(opened, fcntl.F_DUPFD_CLOEXEC, fd_floor)
@@ -77,25 +101,88 @@ def build(ns_type: str, recipe: Recipe, bundle: str | None, fd_floor: int) -> Na
     return Namespace(ns_type, fd, os.getpid(), bundle)
 
 
-def _build_mounts(recipe: Recipe, bundle: str) -> None:
+def _build_mounts(recipe: Recipe, bundle: str, timings: dict[str, float] | None = None) -> None:
+    """The overlay, then the checkpoint's mounts on it."""
+    started = time.perf_counter()
     upper, work, rootfs = (os.path.join(bundle, part) for part in ("upper", "work", "rootfs"))
     for directory in (upper, work, rootfs):
         os.makedirs(directory, mode=0o700)
+    # The overlay's root shows the upper layer's mode and owner: the container's "/" must keep the lower's
+    # (the bundle directory itself stays 0700).
+    try:
+        lower = os.stat(recipe.rootfs)
+    except OSError:
+        lower = None  # the overlay mount says what is wrong with it
+    if lower is not None:
+        os.chmod(upper, stat.S_IMODE(lower.st_mode))
+        if (lower.st_uid, lower.st_gid) != (0, 0):
+            os.chown(upper, lower.st_uid, lower.st_gid)
     # Private first: nothing mounted below may show up in the host's mount namespace.
     ns.make_mounts_private()
     ns.mount("overlay", rootfs, "overlay", 0, f"lowerdir={recipe.rootfs},upperdir={upper},workdir={work}")
+    if timings is not None:
+        timings["overlay"] = timings.get("overlay", 0.0) + time.perf_counter() - started
+    if recipe.mounts is None:
+        return
+    try:
+        mount_tree(recipe.mounts, rootfs, timings=timings)
+    except BaseException:
+        # The namespace dies with this thread; detached, the tree cannot be reached by removing the bundle.
+        unmount_tree(rootfs)
+        raise
 
 
 def tear_down_mounts(namespace: Namespace) -> None:
-    """Unmount the bundle's rootfs inside the namespace; for a dedicated thread, which it leaves in there.
+    """Detach the bundle's rootfs and everything mounted in it inside the namespace; for a dedicated thread,
+    which it leaves in there.
 
     setns into a mount namespace refuses a thread that shares its filesystem attributes with the rest of
     the process, hence the CLONE_FS unshare first.
     """
     ns.unshare(ns.CLONE_FS)
     ns.setns(namespace.namespace_id, ns.CLONE_NEWNS)
-    ns.umount(namespace.rootfs, ns.MNT_DETACH)
+    unmount_tree(namespace.rootfs)
 
 
 def remove_bundle(bundle: str) -> None:
-    shutil.rmtree(bundle, ignore_errors=True)
+    """Remove a bundle directory, never crossing into another filesystem: whatever is still mounted in it
+    where this runs (a bind of a host directory, a tmpfs) stays untouched, and so does its directory."""
+    try:
+        top = os.lstat(bundle)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(top.st_mode):
+        return
+    _remove_below(bundle, top.st_dev)
+    _quietly(os.rmdir, bundle)
+
+
+def _remove_below(directory: str, device: int) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        if os.fstat(fd).st_dev != device:
+            return
+        for entry in os.scandir(fd):
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                if info.st_dev == device:
+                    _remove_below(os.path.join(directory, entry.name), device)
+                    _quietly(os.rmdir, entry.name, dir_fd=fd)
+            else:
+                _quietly(os.unlink, entry.name, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def _quietly(remove, *args, **kwargs) -> None:
+    try:
+        remove(*args, **kwargs)
+    except OSError as error:
+        if error.errno not in (errno.ENOENT, errno.EBUSY, errno.ENOTEMPTY, errno.EACCES, errno.EPERM, errno.EROFS):
+            raise

@@ -1,8 +1,8 @@
-"""What cer rebuilds from a checkpoint directory: the root task's IPC and UTS namespaces.
+"""What cer rebuilds from a checkpoint directory: the root task's IPC, UTS and mount namespaces.
 
 :func:`read_checkpoint` reads them into frozen dataclasses that are safe to hand between actors
 and threads; :func:`cer.linux.sysv.populate_ipc_namespace` turns an :class:`IpcContents` back
-into a live IPC namespace.
+into a live IPC namespace, :mod:`cer.mounts` a :class:`~cer.criu.mountpoints.MountTree` into mounts.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cer.criu import criu_pb2 as pb
+from cer.criu.mountpoints import MountTree, read_mount_tree
 from cer.criu.images import (
     IDS,
     INVENTORY,
@@ -147,14 +148,16 @@ class IpcContents:
 @dataclass(frozen=True)
 class CheckpointContents:
     """The namespaces of a checkpoint's root task that cer rebuilds. None: the checkpoint holds
-    no such namespace (the root task shared the dumping host's)."""
+    no such namespace (the root task shared the dumping host's; a ``criu dump`` of a process tree
+    that shares the host's mount namespace writes no mountpoints image)."""
 
     ipc: IpcContents | None
     uts: UtsContents | None
+    mounts: MountTree | None = None
 
 
 def read_checkpoint(directory: str | os.PathLike[str]) -> CheckpointContents:
-    """Read the root task's IPC and UTS namespaces from a CRIU image directory.
+    """Read the root task's IPC, UTS and mount namespaces from a CRIU image directory.
 
     Raises :class:`~cer.errors.ImageError` when the directory is no CRIU image set, an image is
     truncated or corrupt, or which namespace belongs to the root task cannot be told.
@@ -169,9 +172,11 @@ def read_checkpoint(directory: str | os.PathLike[str]) -> CheckpointContents:
 
     ipc_id = _root_namespace_image(directory, "ipc", r"ipcns-var-(\d+)\.img", root, host)
     uts_id = _root_namespace_image(directory, "uts", r"utsns-(\d+)\.img", root, host)
+    mnt_id = _root_namespace_image(directory, "mnt", r"mountpoints-(\d+)\.img", root, host)
     return CheckpointContents(
         ipc=None if ipc_id is None else _read_ipc(directory, ipc_id),
         uts=None if uts_id is None else _read_uts(directory / f"utsns-{uts_id}.img"),
+        mounts=None if mnt_id is None else read_mount_tree(directory, mnt_id),
     )
 
 

@@ -20,6 +20,7 @@ import os
 import stat
 import struct
 from collections.abc import Iterator
+from typing import BinaryIO
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError, Message
@@ -86,6 +87,12 @@ class RawImage:
 
     def close(self) -> None:
         self._file.close()
+
+    @property
+    def file(self) -> BinaryIO:
+        """The open file, for payloads in a framing of their own (a tmpfs tar): whoever reads it
+        bounds what it reads."""
+        return self._file
 
     def __enter__(self):
         return self
