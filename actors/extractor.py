@@ -377,7 +377,7 @@ class _Attempt:
         except Exception as error:  # noqa: BLE001 - a broken checkpoint is its pool's error, not the daemon's
             logger.opt(exception=error).debug("resolving checkpoint {} failed", ref)
             return _Outcome(error=f"extracting checkpoint image {ref.name!r} failed: {error}")
-        recipe = Recipe(ipc=contents.ipc, uts=contents.uts, rootfs=rootfs.lowerdir if rootfs else None)
+        recipe = Recipe.from_checkpoint(contents, rootfs.lowerdir if rootfs else None)
         return _Outcome(directory=directory, recipe=recipe, rootfs=rootfs)
 
 
@@ -399,7 +399,7 @@ def _tell(pool: pykka.ActorProxy, method: str, *args: object) -> None:
 def _load(entry: CheckpointEntry, pool: pykka.ActorProxy) -> None:
     try:
         contents = read_checkpoint(entry.path)
-        recipe, error = Recipe(ipc=contents.ipc, uts=contents.uts, rootfs=entry.rootfs), None
+        recipe, error = Recipe.from_checkpoint(contents, entry.rootfs), None
     except Exception as failure:  # noqa: BLE001 - a broken checkpoint is its pool's error, not the daemon's
         logger.opt(exception=failure).debug("reading checkpoint {} failed", entry.ref)
         recipe, error = None, f"reading the checkpoint images failed: {failure}"
