@@ -10,15 +10,22 @@ import pykka
 
 from cer import __version__
 from cer.actors.pool import Lease, PoolPeers
+from cer.config import load_config
 from cer.errors import NotFound, Unavailable
 from cer.references import CheckpointRef
 
 
 class Gateway:
     def __init__(
-        self, supervisor: pykka.ActorProxy, peers: PoolPeers, ask_timeout: float = 5.0, cold_timeout: float = 10.0
+        self,
+        supervisor: pykka.ActorProxy,
+        peers: PoolPeers,
+        ask_timeout: float = 5.0,
+        cold_timeout: float = 10.0,
+        config_path: str | None = None,
     ) -> None:
         self._supervisor = supervisor
+        self._config_path = config_path
         self._factory = peers.factory
         self._extractor = peers.extractor
         self._watcher = peers.watcher
@@ -54,6 +61,13 @@ class Gateway:
 
     def update(self, ref: CheckpointRef, capacity: int) -> bool:
         return self._wait(self._supervisor.update(ref, capacity), "the supervisor")
+
+    def reload(self) -> dict[str, list[str]]:
+        """Read the configuration file again and apply it; a bad file changes nothing (ConfigError)."""
+        if self._config_path is None:
+            raise Unavailable("this daemon has no configuration file to reload")
+        config = load_config(self._config_path)
+        return self._wait(self._supervisor.reload(config), "the supervisor", 6 * self._ask_timeout)
 
     def get_checkpoint(self, ref: CheckpointRef) -> str:
         return self._wait(self._extractor.get(ref), "the checkpoint extractor")

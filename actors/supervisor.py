@@ -9,9 +9,9 @@ from dataclasses import replace
 import pykka
 from loguru import logger
 
+from cer.actors.pool import PoolActor, PoolPeers, PoolSettings
 from cer.config import CheckpointEntry, Config
 from cer.errors import NotFound
-from cer.actors.pool import PoolActor, PoolPeers, PoolSettings
 from cer.references import CheckpointRef
 
 
@@ -49,6 +49,38 @@ class Supervisor(pykka.ThreadingActor):
         self._start_pool(entry)
         return actor is None
 
+    def reload(self, config: Config) -> dict[str, list[str]]:
+        """Apply a new configuration: start, stop, resize or restart only the pools whose entries changed.
+
+        Pools created at run time by ``namespace.update`` are left alone unless the new configuration
+        names them; a configured entry that did not change keeps its pool as it is (capacity included).
+        """
+        before = {entry.ref: entry for entry in self._config.checkpoints}
+        after = {entry.ref: entry for entry in config.checkpoints}
+        summary: dict[str, list[str]] = {"added": [], "removed": [], "resized": [], "restarted": []}
+        for ref in before.keys() - after.keys():
+            self._stop_pool(ref)
+            summary["removed"].append(str(ref))
+        for ref, entry in after.items():
+            current = self._entries.get(ref)
+            if before.get(ref) == entry:
+                continue
+            if current is None:
+                self._start_pool(entry)
+                summary["added"].append(str(ref))
+            elif replace(current, capacity=entry.capacity) == entry and self._pools[ref].is_alive():
+                if current.capacity != entry.capacity:
+                    self._entries[ref] = entry
+                    self._pools[ref].proxy().set_capacity(entry.capacity).get(timeout=10)
+                    summary["resized"].append(str(ref))
+            else:
+                self._stop_pool(ref)
+                self._start_pool(entry)
+                summary["restarted"].append(str(ref))
+        self._config = config
+        logger.info("configuration reloaded from {}: {}", config.path, {k: v for k, v in summary.items() if v} or "no change")
+        return summary
+
     def status(self) -> list[dict]:
         asked = [(ref, actor.proxy().status()) for ref, actor in self._pools.items() if actor.is_alive()]
         result = []
@@ -67,6 +99,11 @@ class Supervisor(pykka.ThreadingActor):
         actor = PoolActor.start(entry, self._peers, self._settings)
         self._pools[entry.ref] = actor
         return actor
+
+    def _stop_pool(self, ref: CheckpointRef) -> None:
+        self._pools.pop(ref).stop(block=True, timeout=30)
+        del self._entries[ref]
+        self._peers.extractor.release(ref)
 
     def on_stop(self) -> None:
         # Pools hand their namespaces to the factory to destroy, so they stop before it does.

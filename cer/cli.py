@@ -210,6 +210,15 @@ def status(endpoint, curve_keys, timeout, as_json) -> None:
 
 
 @main.command()
+@_endpoint_option
+def reload(endpoint, curve_keys, timeout) -> None:
+    """Make the daemon read its configuration file again (as SIGHUP does); prints what changed."""
+    from cer.protocol.methods import AdminReload  # noqa: PLC0415
+
+    _print_json(_call(endpoint, timeout, curve_keys, AdminReload()))
+
+
+@main.command()
 @click.argument("directory", type=click.Path(file_okay=False))
 def keys(directory) -> None:
     """Make a CURVE keys DIRECTORY: the daemon's key pair and one authorized client key pair."""

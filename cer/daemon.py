@@ -5,8 +5,8 @@ import fcntl
 import os
 import resource
 import shutil
+import queue
 import signal
-import threading
 from dataclasses import dataclass
 
 import pykka
@@ -45,10 +45,10 @@ class DaemonError(CerError):
 
 
 def run(config: Config, settings: Settings) -> None:
-    """Serve until SIGTERM or SIGINT; returns once everything is torn down."""
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    """Serve until SIGTERM or SIGINT (SIGHUP reloads the configuration); returns once all is torn down."""
+    signals: queue.SimpleQueue = queue.SimpleQueue()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda signum, _frame: signals.put(signum))  # SimpleQueue.put is reentrant
     signal.signal(signal.SIGUSR1, pykka.debug.log_thread_tracebacks)
     with _RootDirectory(settings.root) as root:
         _raise_fd_limit()
@@ -68,12 +68,16 @@ def run(config: Config, settings: Settings) -> None:
             peers = PoolPeers(factory.proxy(), extractor.proxy(), watcher.proxy())
             supervisor = Supervisor.start(config, peers, settings.pool)
             actors.append(supervisor)
-            gateway = Gateway(supervisor.proxy(), peers, settings.ask_timeout, settings.pool.cold_timeout)
+            gateway = Gateway(supervisor.proxy(), peers, settings.ask_timeout, settings.pool.cold_timeout, config.path)
             frontend = Frontend(settings.endpoint, gateway, settings.workers, settings.debug, settings.curve_keys)
             frontend.start()
             logger.info("cer started, pid {}, {} checkpoint(s) from {}", os.getpid(), len(config.checkpoints), config.path)
-            stop.wait()
-            logger.info("stopping")
+            while (signum := signals.get()) == signal.SIGHUP:
+                try:
+                    gateway.reload()
+                except CerError as error:
+                    logger.error("configuration not reloaded: {}", error)
+            logger.info("stopping on {}", signal.Signals(signum).name)
         finally:
             # Reverse order: no new requests, then pools hand their namespaces to the factory, which destroys them.
             if frontend is not None:

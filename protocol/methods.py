@@ -296,3 +296,27 @@ class AdminStatus(Method):
 
     def handle(self, gateway: "Gateway") -> dict:
         return gateway.status()
+
+
+@_method("admin", "reload")
+@dataclass(frozen=True)
+class AdminReload(Method):
+    """Read the configuration file again and apply it, as SIGHUP does: pools of new entries start,
+    pools of removed entries stop (their namespaces are destroyed), changed capacities resize, entries
+    whose path or rootfs changed get a new pool; pools whose entries did not change are left alone.
+
+    params: ``{}``
+    result: ``{"added": [REF, ...], "removed": [...], "resized": [...], "restarted": [...]}`` (as
+    ``namespace/name`` strings). A configuration that does not load is ``bad_request`` and changes nothing.
+    """
+
+    @classmethod
+    def parse(cls, raw: dict) -> "AdminReload":
+        _Params(raw, set())
+        return cls()
+
+    def params(self) -> dict:
+        return {}
+
+    def handle(self, gateway: "Gateway") -> dict:
+        return gateway.reload()

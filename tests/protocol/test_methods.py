@@ -8,6 +8,7 @@ import pytest
 from cer.errors import BadRequest, UnknownMethod
 from cer.protocol.methods import (
     METHODS,
+    AdminReload,
     AdminStatus,
     NamespaceBind,
     CheckpointGet,
@@ -30,6 +31,8 @@ EXAMPLES = [
     CheckpointGet(CheckpointRef("a")),
     CheckpointPut(CheckpointRef("a", "n")),
     AdminStatus(),
+    AdminReload(),
+    NamespaceGet("uts", CheckpointRef("a"), holder_pid=7),
 ]
 
 
