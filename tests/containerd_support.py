@@ -14,9 +14,12 @@ CRIU 4 at /usr/local/sbin/criu as the ``criu`` runc finds in PATH (the container
   containers, shims, mounts and the directory.
 - ``oci_image_archive``: an OCI layout tar holding a one-layer image made with tarfile, for ``ctr
   images import`` (no registry is reachable here).
-- ``make_checkpoint``: import such an image holding a static workload, run it (``ctr run -d``), change
-  files in its rw layer, and ``ctr c checkpoint --rw --image --task`` it; returns what the test needs to
-  know about it (the CRIU archive's digest, the base image's chain id, the files changed).
+- ``make_checkpoint``: import such an image holding a static workload, run it (``ctr run -d``, not
+  privileged), change files in its rw layer, and ``ctr c checkpoint --rw --image --task`` it; returns
+  what the test needs to know about it (the CRIU archive's digest, the base image's chain id, the files
+  changed, the container's IPC and UTS namespaces as they were).
+- ``CONTAINER_IPC_WORKLOAD``: a workload that fills a container's IPC namespace and names its host
+  without writing /proc/sys (read-only in a container).
 - ``build_static``: compile a small C program statically (the memory workload of the benchmark).
 
 Every child process is bounded by a timeout.
@@ -168,10 +171,17 @@ class PrivateContainerd:
     def import_image(self, archive: Path, namespace: str = "default") -> None:
         self.ctr("images", "import", str(archive), namespace=namespace, timeout=300)
 
-    def run(self, image: str, container: str, *args: str, namespace: str = "default", timeout: float = 30) -> int:
-        """``ctr run -d --privileged`` with stdout to a file; waits for the workload's "ready" line; its pid."""
+    def run(self, image: str, container: str, *args: str, namespace: str = "default", timeout: float = 30,
+            capabilities: tuple[str, ...] = ("CAP_SYS_ADMIN",)) -> int:
+        """``ctr run -d`` (a container as runc's default spec makes it, plus ``capabilities``) with stdout to a
+        file; waits for the workload's "ready" line; returns its pid.
+
+        Not --privileged: a privileged container's /dev holds the host's devices, which no checkpoint that
+        cer serves should (cer refuses block devices in a checkpoint's tmpfs archives).
+        """
         output = self.dir / f"{container}.out"
-        self.ctr("run", "--detach", "--privileged", f"--log-uri=file://{output}", image, container, *args,
+        caps = [f"--cap-add={cap}" for cap in capabilities]
+        self.ctr("run", "--detach", *caps, f"--log-uri=file://{output}", image, container, *args,
                  namespace=namespace, timeout=timeout)
         deadline = time.monotonic() + timeout
         while b"ready" not in (output.read_bytes() if output.exists() else b""):
@@ -345,9 +355,74 @@ class Checkpoint:
     criu_size: int
     rw_digest: str | None
     hostname: str
+    live: dict = field(default_factory=dict)
+    """The checkpointed container's IPC and UTS namespaces just before the checkpoint (``stable_description``)."""
     image_files: dict[str, bytes] = field(default_factory=dict)
     changed_files: dict[str, bytes] = field(default_factory=dict)
     deleted_files: tuple[str, ...] = ()
+
+
+CONTAINER_IPC_WORKLOAD = r"""
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ipc.h>
+#include <sys/msg.h>
+#include <sys/sem.h>
+#include <sys/shm.h>
+#include <unistd.h>
+/* For a container (its own IPC and UTS namespaces already, CAP_SYS_ADMIN for the names, /proc/sys
+ * read-only): names the host HOSTNAME and the domain cer.example, fills the IPC namespace with a shm
+ * segment, a semaphore set and a message queue, prints "ready", points stdio at /dev/null, sleeps. */
+static void die(const char *what) { perror(what); exit(1); }
+struct message { long mtype; char text[64]; };
+int main(int argc, char **argv)
+{
+    const char *host = argc > 1 ? argv[1] : "cer-ctd-test";
+    if (sethostname(host, strlen(host)) || setdomainname("cer.example", 11))
+        die("names");
+    int shm = shmget(0x43455301, 65536, IPC_CREAT | 0640);
+    unsigned char *bytes = shm < 0 ? NULL : shmat(shm, NULL, 0);
+    if (bytes == NULL || bytes == (void *)-1)
+        die("shm");
+    for (int i = 0; i < 65536; i++)
+        bytes[i] = (unsigned char)(i * 7 + 3);
+    shmdt(bytes);
+    int sem = semget(0x43455302, 3, IPC_CREAT | 0660);
+    unsigned short values[3] = {1, 7, 42};
+    if (sem < 0 || semctl(sem, 0, SETALL, values))
+        die("sem");
+    int msg = msgget(0x43455303, IPC_CREAT | 0620);
+    struct message first = {1, "hello"}, second = {2, "from the container"};
+    if (msg < 0 || msgsnd(msg, &first, 6, 0) || msgsnd(msg, &second, 19, 0))
+        die("msg");
+    printf("ready\n");
+    fflush(stdout);
+    int null = open("/dev/null", O_RDWR);
+    dup2(null, 0); dup2(null, 1); dup2(null, 2);
+    for (;;)
+        pause();
+}
+"""
+
+
+def container_ipc_workload(build_dir: Path) -> Path:
+    """``CONTAINER_IPC_WORKLOAD``, built statically into ``build_dir``."""
+    return build_static(CONTAINER_IPC_WORKLOAD, "container-ipc-workload", build_dir)
+
+
+def stable_description(seen: dict) -> dict:
+    """An ``inspect_namespaces`` description reduced to what survives a checkpoint, in the shape
+    ``criu_support.differences`` compares against (no times, pids or attach counts)."""
+    keep = {"shm": ("id", "key", "mode", "uid", "gid", "size", "sha256"),
+            "sem": ("id", "key", "mode", "uid", "gid", "values"),
+            "msg": ("id", "key", "mode", "uid", "gid", "messages")}
+    result = {"hostname": seen["hostname"], "domainname": seen["domainname"], "sysctls": dict(seen["sysctls"])}
+    for kind, fields in keep.items():
+        result[kind] = [{name: obj.get(name) for name in fields} for obj in seen[kind]]
+    return result
 
 
 IMAGE_FILES = {"etc/cer-image-file": b"from the image\n", "etc/cer-to-delete": b"deleted in the container\n",
@@ -364,10 +439,12 @@ def make_checkpoint(
     workload: Path | None = None,
     args: tuple[str, ...] | None = None,
     keep_container: bool = False,
+    capabilities: tuple[str, ...] = ("CAP_SYS_ADMIN",),
 ) -> Checkpoint:
-    """Build and import an image holding ``workload`` (default: the sample IPC workload), run it, change
-    files in its rw layer through /proc/PID/root, and checkpoint it as ``name``; the container is removed
-    afterwards unless ``keep_container``."""
+    """Build and import an image holding ``workload`` (default: the sample IPC workload, which needs its
+    ``--empty-ipc`` argument in a container: /proc/sys is read-only there), run it, change files in its rw
+    layer through /proc/PID/root, describe its IPC and UTS namespaces, and checkpoint it as ``name``; the
+    container is removed afterwards unless ``keep_container``."""
     workload = workload or criu_support.build_workload()
     image_name = f"docker.io/cer-test/{name.lower()}:1"
     files = {WORKLOAD_PATH: (workload.read_bytes(), 0o755), **{k: (v, 0o644) for k, v in IMAGE_FILES.items()}}
@@ -376,7 +453,8 @@ def make_checkpoint(
     container = f"cer-{secrets.token_hex(4)}"
     args = (f"/{WORKLOAD_PATH}", hostname) if args is None else args
     try:
-        pid = containerd.run(image_name, container, *args, namespace=namespace)
+        pid = containerd.run(image_name, container, *args, namespace=namespace, capabilities=capabilities)
+        live = stable_description(criu_support.inspect_namespaces(f"/proc/{pid}/ns/ipc", f"/proc/{pid}/ns/uts"))
         root = Path(f"/proc/{pid}/root")
         for changed, data in CHANGED_FILES.items():
             (root / changed).write_bytes(data)
@@ -393,7 +471,7 @@ def make_checkpoint(
     rw = by_type.get(RW_MEDIA_TYPE)
     return Checkpoint(
         name=name, namespace=namespace, image=image, index_digest=index_digest, criu_digest=criu["digest"],
-        criu_size=criu["size"], rw_digest=rw["digest"] if rw else None, hostname=hostname,
+        criu_size=criu["size"], rw_digest=rw["digest"] if rw else None, hostname=hostname, live=live,
         image_files=dict(IMAGE_FILES), changed_files=dict(CHANGED_FILES), deleted_files=DELETED_FILES,
     )
 

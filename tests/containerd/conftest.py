@@ -25,8 +25,10 @@ def containerd():
 
 @pytest.fixture(scope="package")
 def checkpoint(containerd):
-    """A checkpoint of the sample IPC workload (host name cer-ctd-test) with files changed in its rw layer."""
-    return containerd_support.make_checkpoint(containerd, CHECKPOINT)
+    """A checkpoint of a container whose IPC namespace holds SysV objects (host name cer-ctd-test), with
+    files changed in its rw layer."""
+    workload = containerd_support.container_ipc_workload(containerd.dir / "build")
+    return containerd_support.make_checkpoint(containerd, CHECKPOINT, workload=workload)
 
 
 @pytest.fixture
