@@ -22,6 +22,7 @@ from cer.linux.processes import pidfd_open
 from cer.namespaces import NAMESPACE_TYPES, Namespace, Recipe
 
 _MAX_BACKOFF = 60.0
+_ADAPT_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,32 @@ class _Waiter:
         self.future.set_exception(exc_info=(type(error), error, None))
 
 
+class _Demand:
+    """Gets per second over the last minute. An adaptive pool keeps as many idle as its busiest second
+    asked for, so the next burst like it finds them warm, and lets them go once that burst is a minute old."""
+
+    WINDOW = 60
+
+    def __init__(self) -> None:
+        self._seconds: deque[list[int]] = deque()  # [second, gets in it], oldest first
+
+    def record(self, now: float) -> None:
+        second = int(now)
+        if self._seconds and self._seconds[-1][0] == second:
+            self._seconds[-1][1] += 1
+        else:
+            self._seconds.append([second, 1])
+
+    def busiest(self, now: float) -> int:
+        while self._seconds and self._seconds[0][0] <= now - self.WINDOW:
+            self._seconds.popleft()
+        return max((count for _, count in self._seconds), default=0)
+
+
 @dataclass
 class _TypePool:
+    target: int = 0
+    demand: _Demand = field(default_factory=_Demand)
     idle: deque = field(default_factory=deque)
     in_use: dict = field(default_factory=dict)
     building: int = 0
@@ -113,6 +138,8 @@ class PoolActor(pykka.ThreadingActor):
         self._cold_timeout = settings.cold_timeout
         self._lease_timeout = settings.lease_timeout
         self._capacity = entry.capacity
+        self._max_capacity = entry.max_capacity
+        self._adapt_timer: threading.Timer | None = None
         self._types = {ns_type: _TypePool() for ns_type in NAMESPACE_TYPES}
         self._recipe: Recipe | None = None
         self._state = "loading"
@@ -135,6 +162,7 @@ class PoolActor(pykka.ThreadingActor):
         self._state = "ready"
         self._last_error = None
         logger.info("pool {}: checkpoint loaded, filling to {}", self.entry.ref, self._capacity)
+        self._set_targets()
         self._refill()
 
     def checkpoint_unavailable(self, reason: str) -> None:
@@ -153,6 +181,9 @@ class PoolActor(pykka.ThreadingActor):
         self._check_serving(ns_type)
         holder = _Holder.of(holder_pid) if holder_pid is not None else None
         pool = self._types[ns_type]
+        if self._max_capacity is not None:
+            pool.demand.record(time.monotonic())
+            self._set_targets()
         future = pykka.ThreadingFuture()
         if pool.idle:
             pool.warm_gets += 1
@@ -203,12 +234,35 @@ class PoolActor(pykka.ThreadingActor):
         self._refill()
 
     def set_capacity(self, capacity: int) -> None:
-        """Grow or shrink every type's idle target; shrinking destroys idle namespaces at once."""
+        """Set how many idle namespaces each type keeps (the floor, for an adaptive pool); shrinking
+        destroys idle namespaces at once."""
         self._capacity = capacity
+        self._set_targets()
+
+    def adapt(self) -> None:
+        """Let an adaptive pool's targets follow demand down when nobody asks (from its timer)."""
+        self._adapt_timer = None
+        self._set_targets()
+
+    def _set_targets(self) -> None:
+        now = time.monotonic()
         for pool in self._types.values():
-            while len(pool.idle) > capacity:
+            pool.target = self._capacity
+            if self._max_capacity is not None:
+                pool.target = min(max(pool.demand.busiest(now), self._capacity), self._max_capacity)
+            while len(pool.idle) > pool.target:
                 self._factory.destroy(pool.idle.pop())
+        if self._max_capacity is not None and self._adapt_timer is None and self.actor_ref.is_alive():
+            self._adapt_timer = threading.Timer(_ADAPT_SECONDS, self._tick)
+            self._adapt_timer.daemon = True
+            self._adapt_timer.start()
         self._refill()
+
+    def _tick(self) -> None:
+        try:
+            self._self.adapt()
+        except pykka.ActorDeadError:
+            pass
 
     def ipc_default(self) -> bool | None:
         """Whether this checkpoint's IPC namespace is default (None until the checkpoint is loaded)."""
@@ -222,10 +276,12 @@ class PoolActor(pykka.ThreadingActor):
             "state": self._state,
             "last_error": self._last_error,
             "capacity": self._capacity,
+            "max_capacity": self._max_capacity,
             "ipc_default": self.ipc_default(),
             "types": {
                 ns_type: {
                     "supported": self._recipe is None or self._recipe.supports(ns_type),
+                    "target": pool.target,
                     "idle": len(pool.idle),
                     "in_use": len(pool.in_use),
                     "bound": sum(handout.holder_pid is not None for handout in pool.in_use.values()),
@@ -263,7 +319,7 @@ class PoolActor(pykka.ThreadingActor):
             waiter.timer.cancel()
             pool.cold_gets += 1
             waiter.future.set(self._hand_out(ns_type, namespace, True, waiter.holder))
-        elif len(pool.idle) < self._capacity:
+        elif len(pool.idle) < pool.target:
             pool.idle.append(namespace)
         else:
             self._factory.destroy(namespace)
@@ -331,7 +387,7 @@ class PoolActor(pykka.ThreadingActor):
         for ns_type, pool in self._types.items():
             if not self._recipe.supports(ns_type):
                 continue
-            missing = self._capacity + len(pool.waiters) - len(pool.idle) - pool.building
+            missing = pool.target + len(pool.waiters) - len(pool.idle) - pool.building
             for _ in range(missing):
                 pool.building += 1
                 self._factory.create(ns_type, self._recipe, self._self)
@@ -347,8 +403,9 @@ class PoolActor(pykka.ThreadingActor):
         self._release_all()
 
     def _release_all(self) -> None:
-        if self._retry_timer is not None:
-            self._retry_timer.cancel()
+        for timer in (self._retry_timer, self._adapt_timer):
+            if timer is not None:
+                timer.cancel()
         for ns_type, pool in self._types.items():
             for waiter in pool.waiters:
                 waiter.fail(Unavailable("the daemon is stopping"))

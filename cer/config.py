@@ -32,7 +32,7 @@ def client_endpoint(endpoint: str | None = None) -> str:
     """What clients connect to: the given endpoint, else $CER_ENDPOINT, else the daemon's default."""
     return endpoint or os.environ.get("CER_ENDPOINT") or default_endpoint()
 
-_ENTRY_FIELDS = {"name", "namespace", "capacity", "path", "rootfs"}
+_ENTRY_FIELDS = {"name", "namespace", "capacity", "max_capacity", "path", "rootfs"}
 _TOP_FIELDS = {"containerd_checkpoints", "default_capacity"}
 # CRIU writes INVENTORY_MAGIC (0x58313116, little-endian) first or after its service magic.
 _INVENTORY_MAGIC = (0x58313116).to_bytes(4, "little")
@@ -46,6 +46,9 @@ class CheckpointEntry:
     capacity: int
     path: str | None = None
     rootfs: str | None = None
+    max_capacity: int | None = None
+    """With a ceiling, the pool is adaptive: between ``capacity`` and this, it keeps as many idle
+    namespaces as the busiest second of the last minute asked for."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,11 @@ def _parse_entry(item: object, default_capacity: int, base: str) -> CheckpointEn
         raise BadRequest(f"unknown fields: {', '.join(sorted(unknown))}")
     ref = CheckpointRef(item["name"], item.get("namespace", "default"))
     capacity = validate_capacity(item.get("capacity", default_capacity), "capacity")
+    max_capacity = item.get("max_capacity")
+    if max_capacity is not None:
+        validate_capacity(max_capacity, "max_capacity")
+        if max_capacity < capacity:
+            raise BadRequest(f"max_capacity {max_capacity} is below capacity {capacity}")
     path = _directory(item, "path", base)
     if path is not None:
         validate_image_directory(path)
@@ -125,7 +133,7 @@ def _parse_entry(item: object, default_capacity: int, base: str) -> CheckpointEn
         # The overlay mount options are a comma- and colon-separated list: such paths cannot be told apart.
         if any(c in rootfs for c in ",:"):
             raise BadRequest(f"rootfs {rootfs} holds ',' or ':', which overlayfs options cannot carry")
-    return CheckpointEntry(ref=ref, capacity=capacity, path=path, rootfs=rootfs)
+    return CheckpointEntry(ref=ref, capacity=capacity, path=path, rootfs=rootfs, max_capacity=max_capacity)
 
 
 def _directory(item: dict, field: str, base: str) -> str | None:

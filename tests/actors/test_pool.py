@@ -9,6 +9,7 @@ from conftest import SAMPLE, host_mounts, open_fds, wait_for
 
 from cer.actors.extractor import CheckpointExtractor
 from cer.actors.factory import NamespaceFactory
+from cer.actors import pool as pool_module
 from cer.actors.pool import PoolActor, PoolPeers, PoolSettings
 from cer.actors.watcher import ProcessWatcher
 from cer.config import CheckpointEntry
@@ -29,10 +30,12 @@ class Started:
     """A pool with its own factory, extractor and process watcher, stopped in the daemon's order."""
 
     def __init__(self, bundles, capacity=2, rootfs=SAMPLE / "rootfs", cold_timeout=5.0, path=SAMPLE / "checkpoint",
-                 lease_timeout=300.0, creation_slots=4):
+                 lease_timeout=300.0, creation_slots=4, max_capacity=None):
         self.refs = [NamespaceFactory.start(str(bundles), creation_slots), CheckpointExtractor.start(), ProcessWatcher.start()]
         peers = PoolPeers(*(ref.proxy() for ref in self.refs))
-        entry = CheckpointEntry(CheckpointRef("sample"), capacity, str(path), str(rootfs) if rootfs else None)
+        entry = CheckpointEntry(
+            CheckpointRef("sample"), capacity, str(path), str(rootfs) if rootfs else None, max_capacity
+        )
         self.refs.append(PoolActor.start(entry, peers, PoolSettings(cold_timeout, lease_timeout)))
         self.pool = self.refs[-1].proxy()
 
@@ -237,3 +240,32 @@ def test_a_get_with_a_holder_is_bound_from_the_start_warm_or_cold(bundles):
     finally:
         holder.kill()
         started.stop()
+
+
+def test_an_adaptive_pool_follows_a_burst_up_and_back_down(bundles, monkeypatch):
+    monkeypatch.setattr(pool_module._Demand, "WINDOW", 2)  # a burst is forgotten after 2 s, not a minute
+    monkeypatch.setattr(pool_module, "_ADAPT_SECONDS", 0.2)
+    started, pool = start_pool(bundles, capacity=1, rootfs=None, max_capacity=5)
+    wait_full(pool, ("uts",))
+    leases = [pool.get("uts").get(timeout=5).get(timeout=10) for _ in range(8)]  # a burst of 8 in one second
+    status = pool.status().get(timeout=5)["types"]["uts"]
+    assert status["target"] == 5  # the busiest second, held to the ceiling
+    assert status["cold_gets"] >= 1
+    for lease in leases:
+        pool.put("uts", lease.namespace.namespace_id).get(timeout=5)
+    wait_for(lambda: pool.status().get(timeout=5)["types"]["uts"]["idle"] == 5, 10, what="the pool to grow to 5")
+    # The burst ages out: back to the floor, and the idle ones above it are destroyed.
+    wait_for(lambda: (t := pool.status().get(timeout=5)["types"]["uts"])["target"] == 1 and t["idle"] == 1, 10,
+             what="the pool to shrink back")
+    assert pool.status().get(timeout=5)["types"]["ipc"]["target"] == 1  # no demand for ipc: never grew
+    started.stop()
+
+
+def test_a_fixed_pool_ignores_demand(bundles):
+    started, pool = start_pool(bundles, capacity=2, rootfs=None)
+    wait_full(pool, ("uts",))
+    for _ in range(6):
+        pool.get("uts").get(timeout=5).get(timeout=10)
+    status = pool.status().get(timeout=5)
+    assert status["types"]["uts"]["target"] == 2 and status["max_capacity"] is None
+    started.stop()

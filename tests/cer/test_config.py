@@ -57,6 +57,7 @@ BAD = {
     "top not an object": ([], "must be a JSON object"),
     "path missing": ({"containerd_checkpoints": [{"name": "A", "path": "/nonexistent/dir"}]}, "path /nonexistent/dir is not a directory"),
     "path not images": ({"containerd_checkpoints": [{"name": "A", "path": "/etc"}]}, "path /etc is not a CRIU image directory"),
+    "max below capacity": ({"containerd_checkpoints": [{"name": "A", "capacity": 5, "max_capacity": 2}]}, "max_capacity 2 is below capacity 5"),
     "rootfs a file": ({"containerd_checkpoints": [{"name": "A", "rootfs": "/etc/hostname"}]}, "is not a directory"),
 }
 
