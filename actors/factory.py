@@ -12,6 +12,7 @@ import resource
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pykka
@@ -44,9 +45,13 @@ class _Job:
 class NamespaceFactory(pykka.ThreadingActor):
     """Creates namespaces for pool actors, which get them through ``namespace_created``."""
 
-    def __init__(self, bundles_dir: str, max_concurrent: int = 4) -> None:
+    def __init__(
+        self, bundles_dir: str, max_concurrent: int = 4, on_created: Callable[[str, float], None] | None = None
+    ) -> None:
+        """``on_created(ns_type, seconds)`` is told how long each successful creation took (for metrics)."""
         super().__init__()
         self._bundles_dir = bundles_dir
+        self._on_created = on_created
         self._max_concurrent = max_concurrent
         self._queue: deque[_Job] = deque()
         self._running: set[_Job] = set()
@@ -117,6 +122,7 @@ class NamespaceFactory(pykka.ThreadingActor):
             self._counts["failed"] += 1
         else:
             self._counts["created"] += 1
+            self._observe_creation(job)
             key = (namespace.ns_type, namespace.namespace_id)
             self._live[key] = namespace
             self._owners[key] = job.owner
@@ -126,6 +132,14 @@ class NamespaceFactory(pykka.ThreadingActor):
             return
         # A pool that stops before it handles this leaves the namespace registered: on_stop destroys it.
         job.owner.namespace_created(job.ns_type, namespace, job.error, job.seconds)
+
+    def _observe_creation(self, job: _Job) -> None:
+        if self._on_created is None:
+            return
+        try:
+            self._on_created(job.ns_type, job.seconds)
+        except Exception:  # noqa: BLE001 - an exception here would kill the factory actor
+            logger.exception("observing a namespace creation failed")
 
     def on_stop(self) -> None:
         # Let the threads still at work end; what they built and never reported is destroyed here.

@@ -90,20 +90,21 @@ class _Demand:
     """Gets per second over the last minute. An adaptive pool keeps as many idle as its busiest second
     asked for, so the next burst like it finds them warm, and lets them go once that burst is a minute old."""
 
-    WINDOW = 60
+    WINDOW = 60.0
+    SECOND = 1.0  # the unit of a burst; both are class attributes so a benchmark can scale time
 
     def __init__(self) -> None:
-        self._seconds: deque[list[int]] = deque()  # [second, gets in it], oldest first
+        self._seconds: deque[list[int]] = deque()  # [second number, gets in it], oldest first
 
     def record(self, now: float) -> None:
-        second = int(now)
+        second = int(now / self.SECOND)
         if self._seconds and self._seconds[-1][0] == second:
             self._seconds[-1][1] += 1
         else:
             self._seconds.append([second, 1])
 
     def busiest(self, now: float) -> int:
-        while self._seconds and self._seconds[0][0] <= now - self.WINDOW:
+        while self._seconds and (self._seconds[0][0] + 1) * self.SECOND <= now - self.WINDOW:
             self._seconds.popleft()
         return max((count for _, count in self._seconds), default=0)
 

@@ -82,10 +82,13 @@ def main(context: click.Context, debug: bool) -> None:
 @click.option("--lease-timeout", default=300.0, show_default=True, type=click.FloatRange(1), help="Seconds after which a namespace neither put nor bound to a process is reported overdue.")
 @click.option("--containerd-address", default="/run/containerd/containerd.sock", show_default=True, help="containerd's socket, for entries without a path.")
 @click.option("--containerd-timeout", default=10.0, show_default=True, type=click.FloatRange(0.1, 600), help="Seconds a containerd call may take before containerd counts as unavailable.")
+@click.option("--http-port", type=click.IntRange(1, 65535), help="Serve POST /namespace/update and GET /metrics over HTTP on this port (off by default).")
+@click.option("--http-address", help="Address of the HTTP server.  [default: 127.0.0.1]")
+@click.option("--http-allow-remote", is_flag=True, help="Let --http-address be a non-loopback address (the HTTP server has no authentication).")
 @click.pass_context
 def start(
     context, debug, root, config_path, endpoint, workers, cold_timeout, curve_keys, lease_timeout, containerd_address,
-    containerd_timeout,
+    containerd_timeout, http_port, http_address, http_allow_remote,
 ) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
     from cer.config import load_config  # noqa: PLC0415
@@ -98,6 +101,8 @@ def start(
     if os.geteuid() != 0:
         raise click.ClickException("cer start needs root: it creates namespaces and mounts")
     root = os.path.abspath(root)
+    if http_port is None and (http_address is not None or http_allow_remote):
+        raise click.UsageError("--http-address and --http-allow-remote need --http-port")
     try:
         config = load_config(config_path or os.path.join(root, CONFIG_NAME))
         settings = Settings(
@@ -109,6 +114,9 @@ def start(
             curve_keys=curve_keys,
             containerd_address=containerd_address,
             containerd_timeout=containerd_timeout,
+            http_port=http_port,
+            http_address=http_address or "127.0.0.1",
+            http_allow_remote=http_allow_remote,
         )
         run(config, settings)
     except CerError as error:

@@ -23,7 +23,10 @@ from cer.config import Config
 from cer.containerd.client import DEFAULT_ADDRESS as DEFAULT_CONTAINERD_ADDRESS
 from cer.containerd.client import DEFAULT_TIMEOUT as DEFAULT_CONTAINERD_TIMEOUT
 from cer.errors import CerError
+from cer.metrics import Metrics
 from cer.protocol.frontend import Frontend
+from cer.protocol.http import DEFAULT_ADDRESS as DEFAULT_HTTP_ADDRESS
+from cer.protocol.http import HttpServer, check_address
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,10 @@ class Settings:
     curve_keys: str | None = None
     containerd_address: str = DEFAULT_CONTAINERD_ADDRESS
     containerd_timeout: float = DEFAULT_CONTAINERD_TIMEOUT
+    http_port: int | None = None
+    """Serve /namespace/update and /metrics over HTTP on this port (off when None)."""
+    http_address: str = DEFAULT_HTTP_ADDRESS
+    http_allow_remote: bool = False
 
 
 class DaemonError(CerError):
@@ -50,10 +57,14 @@ def run(config: Config, settings: Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda signum, _frame: signals.put(signum))  # SimpleQueue.put is reentrant
     signal.signal(signal.SIGUSR1, pykka.debug.log_thread_tracebacks)
+    if settings.http_port is not None:
+        check_address(settings.http_address, settings.http_allow_remote)  # refused before anything exists
     with _RootDirectory(settings.root) as root:
         _raise_fd_limit()
         actors: list[pykka.ActorRef] = []
         frontend: Frontend | None = None
+        http: HttpServer | None = None
+        metrics = Metrics()
         try:
             # The extractor stops last: the factory's mount namespaces sit on its containerd snapshots.
             from_containerd = [entry.ref for entry in config.checkpoints if entry.path is None]
@@ -61,7 +72,7 @@ def run(config: Config, settings: Settings) -> None:
                 root.root, settings.containerd_address, settings.containerd_timeout, from_containerd
             )
             actors.append(extractor)
-            factory = NamespaceFactory.start(root.bundles, settings.max_concurrent_creations)
+            factory = NamespaceFactory.start(root.bundles, settings.max_concurrent_creations, metrics.namespace_created)
             actors.append(factory)
             watcher = ProcessWatcher.start()
             actors.append(watcher)
@@ -69,7 +80,13 @@ def run(config: Config, settings: Settings) -> None:
             supervisor = Supervisor.start(config, peers, settings.pool)
             actors.append(supervisor)
             gateway = Gateway(supervisor.proxy(), peers, settings.ask_timeout, settings.pool.cold_timeout, config.path)
-            frontend = Frontend(settings.endpoint, gateway, settings.workers, settings.debug, settings.curve_keys)
+            metrics.watch_pools(gateway.status)
+            if settings.http_port is not None:
+                http = HttpServer(settings.http_address, settings.http_port, gateway, metrics, settings.http_allow_remote)
+                http.start()
+            frontend = Frontend(
+                settings.endpoint, gateway, settings.workers, settings.debug, settings.curve_keys, metrics.request_answered
+            )
             frontend.start()
             logger.info("cer started, pid {}, {} checkpoint(s) from {}", os.getpid(), len(config.checkpoints), config.path)
             while (signum := signals.get()) == signal.SIGHUP:
@@ -80,6 +97,8 @@ def run(config: Config, settings: Settings) -> None:
             logger.info("stopping on {}", signal.Signals(signum).name)
         finally:
             # Reverse order: no new requests, then pools hand their namespaces to the factory, which destroys them.
+            if http is not None:
+                http.stop()
             if frontend is not None:
                 frontend.stop()
             for actor in reversed(actors):

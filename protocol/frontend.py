@@ -12,6 +12,8 @@ import itertools
 import os
 import queue
 import threading
+import time
+from collections.abc import Callable
 
 import zmq
 from loguru import logger
@@ -35,11 +37,23 @@ class FrontendError(CerError):
     """The endpoint cannot be served (bad URL, address in use, path too long)."""
 
 
+# Told of every answered request: its method (``service.name``, None when it named no known method), the
+# seconds taken and the error code of an error reply (see cer.metrics.Metrics.request_answered).
+Observer = Callable[[str | None, float, str | None], None]
+
+
 class Frontend:
     def __init__(
-        self, endpoint: str, gateway: Gateway, workers: int = 8, debug: bool = False, curve_keys: str | None = None
+        self,
+        endpoint: str,
+        gateway: Gateway,
+        workers: int = 8,
+        debug: bool = False,
+        curve_keys: str | None = None,
+        observe: Observer | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self._observe = observe
         self._curve_keys = curve_keys
         self._curve: CurveServer | None = None
         self._gateway = gateway
@@ -184,17 +198,28 @@ class Frontend:
             push.close()
 
     def _answer(self, frames: list[bytes]) -> bytes:
+        started = time.perf_counter()
+        method_name = error_code = None
         try:
             service, name, raw_params = decode_request(frames)
-            method = find_method(service, name).parse(raw_params)
+            method_class = find_method(service, name)
+            method_name = f"{method_class.service}.{method_class.name}"  # never an unknown name a client sent
+            method = method_class.parse(raw_params)
             if self._debug:
                 logger.debug("request {}.{} {}", service, name, raw_params)
             reply = encode_result(method.handle(self._gateway))
         except CerError as error:
+            error_code = error.code
             reply = encode_error(error)
         except Exception as error:  # noqa: BLE001 - the client gets an answer whatever broke
             logger.exception("request failed")
+            error_code = InternalError.code
             reply = encode_error(InternalError(f"{type(error).__name__}: {error}"))
         if self._debug:
             logger.debug("reply {}", reply.decode(errors="replace"))
+        if self._observe is not None:
+            try:
+                self._observe(method_name, time.perf_counter() - started, error_code)
+            except Exception:  # noqa: BLE001 - metrics never cost a reply
+                logger.exception("observing a request failed")
         return reply

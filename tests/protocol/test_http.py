@@ -1,0 +1,319 @@
+"""The HTTP server of a real daemon (`cer start --http-port N`): capacity updates as the original took
+them, the Prometheus metrics matching what was done, malformed requests, and who may reach it."""
+
+import http.client
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+from conftest import sample_config, short_tempdir, start_daemon, wait_for
+from prometheus_client.parser import text_string_to_metric_families
+
+from cer.errors import CerError
+from cer.protocol.methods import CheckpointGet, NamespaceGet, NamespacePut
+from cer.protocol.wire import MAX_REQUEST_BYTES
+from cer.references import CheckpointRef
+
+pytestmark = pytest.mark.timeout(90)
+
+SAMPLE = {"checkpoint": "sample", "checkpoint_namespace": "default"}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Http:
+    """A daemon's HTTP server, asked through http.client so that tests control every header."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    def request(self, verb: str, path: str, body: bytes | None = None, headers: dict | None = None):
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=15)
+        try:
+            connection.request(verb, path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            connection.close()
+
+    def update(self, **fields) -> tuple[int, dict]:
+        status, _, body = self.request("POST", "/namespace/update", json.dumps(fields).encode())
+        return status, orjson.loads(body)
+
+    def metrics(self) -> dict[tuple, float]:
+        status, headers, body = self.request("GET", "/metrics")
+        assert status == 200
+        assert headers["Content-Type"].startswith("text/plain")
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(body.decode())
+            for sample in family.samples
+        }
+
+    def text(self) -> str:
+        return self.request("GET", "/metrics")[2].decode()
+
+
+def metric(samples: dict, name: str, **labels) -> float | None:
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+@pytest.fixture
+def served():
+    port = free_port()
+    daemon = start_daemon(sample_config(), "--http-port", str(port))
+    yield daemon, Http(port)
+    code = daemon.stop()
+    assert code == 0, daemon.output()
+
+
+def listening_sockets(pid: int) -> set[str]:
+    """Inodes of the TCP sockets process ``pid`` listens on."""
+    listening = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A":  # TCP_LISTEN
+                listening.add(fields[9])
+    held = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = fd.readlink().as_posix()
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            held.add(target[len("socket:["):-1])
+    return listening & held
+
+
+def test_update_over_http_resizes_the_pool(served):
+    daemon, web = served
+    daemon.wait_full("sample")
+    status, reply = web.update(checkpoint_name="sample", checkpoint_namespace="default", capacity=3)
+    assert (status, reply) == (200, {"v": 1, "ok": True, "result": {"created": False}})
+    assert daemon.pool("sample")["capacity"] == 3
+    daemon.wait_full("sample")
+    # checkpoint_namespace may be left out, as in the protocol's refs.
+    status, reply = web.update(checkpoint_name="sample-empty-ipc", capacity=0)
+    assert status == 200 and reply["ok"] is True
+    wait_for(lambda: daemon.pool("sample-empty-ipc")["types"]["uts"]["idle"] == 0, 10, what="the pool to drain")
+    samples = web.metrics()
+    for ns_type in ("ipc", "uts", "mnt"):
+        assert metric(samples, "cer_pool_capacity", type=ns_type, **SAMPLE) == 3
+        assert metric(samples, "cer_pool_idle", type=ns_type, **SAMPLE) == 3
+    empty = {"checkpoint": "sample-empty-ipc", "checkpoint_namespace": "default"}
+    assert metric(samples, "cer_pool_capacity", type="uts", **empty) == 0
+    assert metric(samples, "cer_pool_idle", type="uts", **empty) == 0
+    assert metric(samples, "cer_pool_idle", type="mnt", **empty) is None  # no rootfs: no mnt namespaces
+    assert metric(samples, "cer_request_duration_seconds_count", method="namespace.update") == 2
+
+
+def test_metrics_count_the_gets_and_creations_the_test_made(served):
+    daemon, web = served
+    ref = CheckpointRef("sample")
+    daemon.wait_full("sample")
+    before = web.metrics()
+    assert metric(before, "cer_pool_idle", type="uts", **SAMPLE) == 2
+    assert metric(before, "cer_pool_in_use", type="uts", **SAMPLE) == 0
+    # Every creation so far went through the histogram: its counts add up to the factory's.
+    wait_for(lambda: daemon.status()["factory"]["running"] == 0, 10, what="creations to finish")
+    created = daemon.status()["factory"]["created"]
+    counts = web.metrics()
+    assert sum(metric(counts, "cer_namespace_creation_seconds_count", type=t) for t in ("ipc", "uts", "mnt")) == created
+    assert metric(counts, "cer_namespace_creation_seconds_sum", type="uts") > 0
+
+    replies = [daemon.call(NamespaceGet("uts", ref)) for _ in range(2)]
+    assert [reply["info"]["cold"] for reply in replies] == [False, False]
+    assert web.update(checkpoint_name="sample", capacity=0)[0] == 200
+    wait_for(lambda: daemon.pool("sample")["types"]["uts"]["idle"] == 0, 10, what="the pool to drain")
+    replies.append(daemon.call(NamespaceGet("uts", ref)))
+    assert replies[-1]["info"]["cold"] is True
+
+    after = web.metrics()
+    assert metric(after, "cer_pool_gets_total", type="uts", kind="warm", **SAMPLE) == 2
+    assert metric(after, "cer_pool_gets_total", type="uts", kind="cold", **SAMPLE) == 1
+    assert metric(after, "cer_pool_gets_total", type="ipc", kind="warm", **SAMPLE) == 0
+    assert metric(after, "cer_pool_in_use", type="uts", **SAMPLE) == 3
+    assert metric(after, "cer_pool_capacity", type="uts", **SAMPLE) == 0
+
+    def delta(name, **labels):
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    assert delta("cer_request_duration_seconds_count", method="namespace.get") == 3
+    assert delta("cer_request_duration_seconds_sum", method="namespace.get") > 0
+    assert delta("cer_request_duration_seconds_bucket", method="namespace.get", le="+Inf") == 3
+    assert delta("cer_request_duration_seconds_count", method="namespace.update") == 1
+    assert metric(after, "cer_request_errors_total", method="namespace.get", code="not_found") is None
+    for reply in replies:
+        daemon.call(NamespacePut("uts", reply["namespace_id"], reply["pid"]))
+    assert metric(web.metrics(), "cer_pool_in_use", type="uts", **SAMPLE) == 0
+
+
+def test_unknown_refs_are_counted_as_errors_without_labels_of_their_own(served):
+    daemon, web = served
+    codes = []
+    for method in (
+        NamespaceGet("uts", CheckpointRef("no-such-checkpoint")),
+        NamespaceGet("ipc", CheckpointRef("sample", "elsewhere-ns")),
+        CheckpointGet(CheckpointRef("also-unknown")),
+    ):
+        with pytest.raises(CerError) as raised:
+            daemon.call(method)
+        codes.append((f"{method.service}.{method.name}", raised.value.code))
+    assert codes[0] == ("namespace.get", "not_found")
+    text = web.text()
+    for name in ("no-such-checkpoint", "elsewhere-ns", "also-unknown"):
+        assert name not in text
+    samples = web.metrics()
+    assert metric(samples, "cer_request_errors_total", method="namespace.get", code="not_found") == 2
+    for method, code in codes[2:]:
+        assert metric(samples, "cer_request_errors_total", method=method, code=code) == 1
+    checkpoints = {dict(labels).get("checkpoint") for name, labels in samples if name.startswith("cer_pool_")}
+    assert checkpoints == {"sample", "sample-empty-ipc"}
+
+
+def _json(fields: dict) -> bytes:
+    return json.dumps(fields).encode()
+
+
+MALFORMED = {
+    "not json": (b"{capacity: 3", "not JSON"),
+    "not utf-8": (b"\xff\xfe\x00", "not JSON"),
+    "empty": (b"", "not JSON"),
+    "a list": (b"[1, 2]", "JSON object"),
+    "capacity a string": (_json({"checkpoint_name": "sample", "capacity": "3"}), "capacity"),
+    "capacity a bool": (_json({"checkpoint_name": "sample", "capacity": True}), "capacity"),
+    "capacity a float": (_json({"checkpoint_name": "sample", "capacity": 2.5}), "capacity"),
+    "capacity negative": (_json({"checkpoint_name": "sample", "capacity": -1}), "capacity"),
+    "capacity too large": (_json({"checkpoint_name": "sample", "capacity": 10**6}), "capacity"),
+    "capacity missing": (_json({"checkpoint_name": "sample"}), "capacity"),
+    "name missing": (_json({"capacity": 1}), "name"),
+    "name a number": (_json({"checkpoint_name": 7, "capacity": 1}), "name"),
+    "name with a newline": (_json({"checkpoint_name": "a\nb", "capacity": 1}), "control characters"),
+    "namespace a list": (_json({"checkpoint_name": "sample", "checkpoint_namespace": ["x"], "capacity": 1}), "namespace"),
+    "namespace a path": (_json({"checkpoint_name": "sample", "checkpoint_namespace": "../..", "capacity": 1}), "namespace"),
+    "unknown field": (_json({"checkpoint_name": "sample", "capacity": 1, "name": "x"}), "unknown fields: name"),
+    "too large": (_json({"checkpoint_name": "x" * (MAX_REQUEST_BYTES + 1), "capacity": 1}), "at most"),
+}
+
+
+def test_malformed_bodies_get_400_and_the_daemon_keeps_serving(served):
+    daemon, web = served
+    before = web.metrics()
+    for case, (body, words) in MALFORMED.items():
+        status, _, raw = web.request("POST", "/namespace/update", body, {"Content-Type": "application/json"})
+        reply = orjson.loads(raw)
+        assert status == 400, case
+        assert reply["ok"] is False and reply["error"]["code"] == "bad_request", case
+        assert words in reply["error"]["message"], (case, reply)
+    # Bodies that are never read: no length, a length that is not a number, a huge declared length.
+    for case, headers in {
+        "no length": {},
+        "length not a number": {"Content-Length": "12abc"},
+        "huge length": {"Content-Length": str(10**12)},
+        "chunked": {"Transfer-Encoding": "chunked"},
+    }.items():
+        connection = http.client.HTTPConnection("127.0.0.1", web.port, timeout=15)
+        try:
+            connection.putrequest("POST", "/namespace/update")
+            for name, value in headers.items():
+                connection.putheader(name, value)
+            connection.endheaders()
+            response = connection.getresponse()
+            assert response.status == 400, case
+            assert orjson.loads(response.read())["error"]["code"] == "bad_request", case
+        finally:
+            connection.close()
+    after = web.metrics()
+    refused = 4 + len(MALFORMED)
+    key = ("cer_request_errors_total", (("code", "bad_request"), ("method", "invalid")))
+    assert after[key] - before.get(key, 0) == refused
+    # Nothing changed, and both servers still answer.
+    assert daemon.pool("sample")["capacity"] == 2
+    assert metric(after, "cer_pool_capacity", type="uts", **SAMPLE) == 2
+    assert web.update(checkpoint_name="sample", capacity=1) == (200, {"v": 1, "ok": True, "result": {"created": False}})
+    assert daemon.pool("sample")["capacity"] == 1
+
+
+def test_unknown_paths_and_wrong_verbs(served):
+    daemon, web = served
+    status, _, body = web.request("GET", "/namespace/updates")
+    assert status == 404 and orjson.loads(body)["error"]["code"] == "not_found"
+    assert web.request("POST", "/", b"{}")[0] == 404
+    status, headers, _ = web.request("GET", "/namespace/update")
+    assert (status, headers["Allow"]) == (405, "POST")
+    status, headers, _ = web.request("POST", "/metrics", b"{}")
+    assert (status, headers["Allow"]) == (405, "GET")
+    assert web.request("PUT", "/namespace/update", _json({"checkpoint_name": "sample", "capacity": 0}))[0] == 405
+    assert web.request("GET", "/metrics?name[]=x")[0] == 200  # a query string does not make another path
+    assert daemon.pool("sample")["capacity"] == 2
+
+
+def test_http_is_off_unless_asked_for_and_on_loopback_by_default(served):
+    daemon, web = served
+    listening = listening_sockets(daemon.process.pid)
+    assert len(listening) == 1
+    assert f"serving HTTP on http://127.0.0.1:{web.port}" in daemon.output()
+    plain = start_daemon(sample_config())
+    try:
+        assert listening_sockets(plain.process.pid) == set()
+    finally:
+        assert plain.stop() == 0
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "::", "192.0.2.7"])
+def test_a_non_loopback_address_is_refused_at_start(address):
+    daemon = start_daemon(sample_config(), "--http-port", str(free_port()), "--http-address", address, wait=False)
+    code = daemon.process.wait(30)
+    assert code != 0
+    output = daemon.output()
+    assert f"--http-address {address} is not a loopback address" in output
+    assert "--http-allow-remote" in output
+    assert not daemon.root.exists()  # refused before the daemon made anything
+
+
+def test_an_address_that_is_not_an_ip_is_refused():
+    daemon = start_daemon(sample_config(), "--http-port", str(free_port()), "--http-address", "cer.example", wait=False)
+    assert daemon.process.wait(30) != 0
+    assert "'cer.example' is not an IP address" in daemon.output()
+
+
+def test_http_options_need_a_port():
+    root = short_tempdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "cer", "start", "--root", str(root / "root"), "--http-address", "127.0.0.1"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert "need --http-port" in result.stderr
+    assert not (root / "root").exists()
+
+
+def test_a_remote_address_is_served_with_a_loud_warning_when_allowed():
+    port = free_port()
+    daemon = start_daemon(sample_config(), "--http-port", str(port), "--http-address", "0.0.0.0", "--http-allow-remote")
+    try:
+        assert "WITHOUT AUTHENTICATION" in daemon.output()
+        assert "WARNING" in next(line for line in daemon.output().splitlines() if "WITHOUT AUTHENTICATION" in line)
+        assert Http(port).request("GET", "/metrics")[0] == 200
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_a_taken_port_stops_the_start_with_a_clear_message():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        daemon = start_daemon(sample_config(), "--http-port", str(port), wait=False)
+        assert daemon.process.wait(30) != 0
+    assert f"cannot serve HTTP on http://127.0.0.1:{port}" in daemon.output()
+    assert not (daemon.root / "bundles").exists()  # torn down as after any failed start
