@@ -45,6 +45,7 @@ image never leads a mount, a created mount point or a file outside it.
 
 from __future__ import annotations
 
+import errno
 import heapq
 import os
 import stat
@@ -63,7 +64,7 @@ from cer.criu.mountpoints import (
     MountEntry,
     MountTree,
 )
-from cer.criu.tmpfs import TmpfsContents, TmpfsEntry
+from cer.criu.tmpfs import ALLOWED_DEVICES, TmpfsContents, TmpfsEntry, allowed_device
 from cer.errors import CerError
 from cer.linux import namespaces as ns
 
@@ -192,9 +193,8 @@ def _step(tree: MountTree, entry: MountEntry, fresh: dict[int, MountEntry],
             return MountStep(entry, "mount", entry.source, tree.contents(entry.root_dev),
                              deferred=NAMESPACE_BOUND[entry.fstype]), None
         contents = tree.contents(entry.root_dev)
-        if contents is not None and contents.devices and entry.mountpoint != "/dev":
-            names = ", ".join(device.name for device in contents.devices)
-            raise MountError(f"{what}: holds device nodes ({names}); cer creates device nodes only in /dev")
+        if contents is not None:
+            _check_devices(what, entry, contents)
         return MountStep(entry, "mount", entry.source, contents), None
     if entry.root_dev == tree.root.root_dev and _below(entry.root, tree.root.root):
         # A bind of a part of the container's own root filesystem.
@@ -203,6 +203,21 @@ def _step(tree: MountTree, entry: MountEntry, fresh: dict[int, MountEntry],
         raise MountError(f"{what}: shows {entry.root} of a filesystem that no mount of the checkpoint shows whole")
     raise MountError(f"{what}: cer cannot mount {entry.fstype} filesystems; only tmpfs, devpts, binds within "
                      "the container and external binds with a configured host path")
+
+
+def _check_devices(what: str, entry: MountEntry, contents: TmpfsContents) -> None:
+    if not contents.devices:
+        return
+    if entry.mountpoint != "/dev":
+        names = ", ".join(device.name for device in contents.devices[:5])
+        raise MountError(f"{what}: holds device nodes ({names}); cer creates device nodes only in /dev")
+    refused = [device for device in contents.devices if not allowed_device(device)]
+    if refused:
+        names = ", ".join(f"{d.name} ({d.kind[:-3]} {d.device[0]}:{d.device[1]})" for d in refused[:5])
+        more = f" and {len(refused) - 5} more" if len(refused) > 5 else ""
+        allowed = ", ".join(f"{name} {major}:{minor}" for (major, minor), name in ALLOWED_DEVICES.items())
+        raise MountError(f"{what}: holds device nodes a container must not get from cer: {names}{more} (a privileged "
+                         f"container's /dev holds the host's devices; cer creates only {allowed})")
 
 
 def _order(tree: MountTree, steps: dict[int, MountStep], depends: dict[int, set[int]],
@@ -360,7 +375,7 @@ def _resolve(rootfs: str, path: str, create: str | None) -> str:
         if stat.S_ISLNK(info.st_mode):
             links += 1
             if links > _MAX_SYMLINKS:
-                raise OSError(40, "too many levels of symbolic links", current)  # ELOOP
+                raise OSError(errno.ELOOP, "too many levels of symbolic links", current)
             target = os.readlink(current)
             if target.startswith("/"):
                 resolved = []
@@ -432,12 +447,12 @@ def _create(root: int, entry: TmpfsEntry) -> None:
         return
     if kind == "symlink":
         os.symlink(entry.link, name, dir_fd=root)
-    elif kind == "chardev":
+    elif kind == "chardev" and allowed_device(entry):  # the plan refused the others: never the host's devices
         os.mknod(name, stat.S_IFCHR | entry.mode, os.makedev(*entry.device), dir_fd=root)
     elif kind == "fifo":
         os.mkfifo(name, entry.mode, dir_fd=root)
     else:
-        raise OSError(22, f"unknown entry kind {kind!r}")
+        raise OSError(errno.EPERM, f"cer does not create a {kind} {entry.device or ''}")
     if owned:
         os.chown(name, entry.uid, entry.gid, dir_fd=root, follow_symlinks=False)
     if kind != "symlink" and (owned or entry.mode & 0o7000):
@@ -452,7 +467,7 @@ def unmount_tree(rootfs: str) -> None:
         try:
             ns.umount(rootfs, ns.MNT_DETACH)
         except OSError as error:
-            if error.errno == 22:  # EINVAL: not a mount point (any more)
+            if error.errno == errno.EINVAL:  # not a mount point (any more)
                 return
             raise
     raise MountError(f"{rootfs}: still a mount point after {_MAX_DETACH} detaches")

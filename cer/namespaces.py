@@ -43,7 +43,9 @@ class Recipe:
         bind mounts to host paths; a mount that cannot be reproduced fails the mount namespaces' creation
         with a message that names it (see :func:`cer.mounts.plan_mounts`), never the IPC and UTS ones."""
         plan = None
-        if rootfs is not None and contents.mounts is not None:
+        if rootfs is not None and contents.mounts_error is not None:
+            plan = MountPlan(0, (), (f"the checkpoint's mount tree cannot be used: {contents.mounts_error}",))
+        elif rootfs is not None and contents.mounts is not None:
             plan = plan_mounts(contents.mounts, external_mounts)
         return cls(ipc=contents.ipc, uts=contents.uts, rootfs=rootfs, mounts=plan)
 
@@ -105,12 +107,13 @@ def _build_mounts(recipe: Recipe, bundle: str, timings: dict[str, float] | None 
     """The overlay, then the checkpoint's mounts on it."""
     started = time.perf_counter()
     upper, work, rootfs = (os.path.join(bundle, part) for part in ("upper", "work", "rootfs"))
+    os.mkdir(bundle, 0o700)
     for directory in (upper, work, rootfs):
-        os.makedirs(directory, mode=0o700)
+        os.mkdir(directory, 0o700)
     # The overlay's root shows the upper layer's mode and owner: the container's "/" must keep the lower's
     # (the bundle directory itself stays 0700).
     try:
-        lower = os.stat(recipe.rootfs)
+        lower = os.stat(recipe.rootfs.split(":")[0])  # the topmost of the lower layers
     except OSError:
         lower = None  # the overlay mount says what is wrong with it
     if lower is not None:
@@ -153,11 +156,31 @@ def remove_bundle(bundle: str) -> None:
         return
     if not stat.S_ISDIR(top.st_mode):
         return
-    _remove_below(bundle, top.st_dev)
+    bundle = os.path.realpath(bundle)
+    mount_points = _mount_points(bundle)
+    if bundle in mount_points:
+        return
+    _remove_below(bundle, top.st_dev, mount_points)
     _quietly(os.rmdir, bundle)
 
 
-def _remove_below(directory: str, device: int) -> None:
+def _mount_points(below: str) -> set[str]:
+    """Where something is mounted at or below ``below`` in the calling thread's mount namespace (a bind of a
+    directory of the same filesystem has the same st_dev: only the mount table tells)."""
+    prefix = os.fsencode(below)
+    with open("/proc/thread-self/mountinfo", "rb") as table:
+        found = set()
+        for line in table.read().splitlines():
+            if prefix not in line:
+                continue
+            # Mount points are escaped as octal (\040 for a space).
+            point = os.fsdecode(line.split()[4].decode("unicode_escape").encode("latin-1"))
+            if point == below or point.startswith(below + "/"):
+                found.add(point)
+        return found
+
+
+def _remove_below(directory: str, device: int, mount_points: set[str]) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
@@ -166,13 +189,16 @@ def _remove_below(directory: str, device: int) -> None:
         if os.fstat(fd).st_dev != device:
             return
         for entry in os.scandir(fd):
+            path = os.path.join(directory, entry.name)
+            if path in mount_points:
+                continue
             try:
                 info = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
             if stat.S_ISDIR(info.st_mode):
                 if info.st_dev == device:
-                    _remove_below(os.path.join(directory, entry.name), device)
+                    _remove_below(path, device, mount_points)
                     _quietly(os.rmdir, entry.name, dir_fd=fd)
             else:
                 _quietly(os.unlink, entry.name, dir_fd=fd)

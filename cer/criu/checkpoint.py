@@ -154,13 +154,17 @@ class CheckpointContents:
     ipc: IpcContents | None
     uts: UtsContents | None
     mounts: MountTree | None = None
+    # Why the mount tree could not be read (a corrupt mountpoints image, a hostile or oversized tmpfs
+    # archive): that fails the checkpoint's mount namespaces, not its IPC and UTS ones.
+    mounts_error: str | None = None
 
 
 def read_checkpoint(directory: str | os.PathLike[str]) -> CheckpointContents:
     """Read the root task's IPC, UTS and mount namespaces from a CRIU image directory.
 
     Raises :class:`~cer.errors.ImageError` when the directory is no CRIU image set, an image is
-    truncated or corrupt, or which namespace belongs to the root task cannot be told.
+    truncated or corrupt, or which namespace belongs to the root task cannot be told; an unreadable
+    mount tree is reported in ``mounts_error`` instead.
     """
     directory = Path(directory)
     inventory = read_single_entry(directory / "inventory.img", INVENTORY)
@@ -173,10 +177,17 @@ def read_checkpoint(directory: str | os.PathLike[str]) -> CheckpointContents:
     ipc_id = _root_namespace_image(directory, "ipc", r"ipcns-var-(\d+)\.img", root, host)
     uts_id = _root_namespace_image(directory, "uts", r"utsns-(\d+)\.img", root, host)
     mnt_id = _root_namespace_image(directory, "mnt", r"mountpoints-(\d+)\.img", root, host)
+    mounts, mounts_error = None, None
+    if mnt_id is not None:
+        try:
+            mounts = read_mount_tree(directory, mnt_id)
+        except ImageError as error:
+            mounts_error = str(error)
     return CheckpointContents(
         ipc=None if ipc_id is None else _read_ipc(directory, ipc_id),
         uts=None if uts_id is None else _read_uts(directory / f"utsns-{uts_id}.img"),
-        mounts=None if mnt_id is None else read_mount_tree(directory, mnt_id),
+        mounts=mounts,
+        mounts_error=mounts_error,
     )
 
 

@@ -14,8 +14,9 @@ uncompressed tar) anything that could reach outside the mount it is restored int
   directory listed before it, never a symbolic link or a file, so nothing is ever created through
   a link (link targets are kept as they are: a link is only created, never followed);
 - a hard link names a regular file listed before it in the same archive;
-- devices: only the character devices a container runtime creates in /dev (null, zero, full,
-  random, urandom, tty); no block devices; where devices may go at all is the mount plan's call;
+- devices are read as they are (a privileged container's /dev holds the host's): which ones may be
+  created, and where, is the mount plan's call (:mod:`cer.mounts` allows only the character devices a
+  container runtime makes in /dev: null, zero, full, random, urandom, tty);
 - sizes: the file bytes of one archive, its entry count and the uncompressed stream are bounded
   before anything is allocated, so a gzip bomb or a sparse file claiming terabytes stops early.
 """
@@ -51,8 +52,8 @@ ALLOWED_DEVICES = {
 }
 
 _REGULAR_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.GNUTYPE_SPARSE)
-_KINDS = {tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hardlink",
-          tarfile.CHRTYPE: "chardev", tarfile.FIFOTYPE: "fifo", **{t: "file" for t in _REGULAR_TYPES}}
+_KINDS = {tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hardlink", tarfile.CHRTYPE: "chardev",
+          tarfile.BLKTYPE: "blockdev", tarfile.FIFOTYPE: "fifo", **{t: "file" for t in _REGULAR_TYPES}}
 # Headers, long names and padding around the file bytes: generous, still bounded.
 _STREAM_OVERHEAD_PER_ENTRY = 4 * tarfile.BLOCKSIZE
 
@@ -60,8 +61,8 @@ _STREAM_OVERHEAD_PER_ENTRY = 4 * tarfile.BLOCKSIZE
 @dataclass(frozen=True)
 class TmpfsEntry:
     """One member of a tmpfs archive, checked. ``name`` is relative to the mount ("" for its root);
-    ``kind`` is dir, file, symlink, hardlink, chardev or fifo; ``link`` the target of a symlink or
-    the name of the file a hard link shares; ``device`` (major, minor) of a chardev."""
+    ``kind`` is dir, file, symlink, hardlink, chardev, blockdev or fifo; ``link`` the target of a
+    symlink or the name of the file a hard link shares; ``device`` (major, minor) of a device."""
 
     name: str
     kind: str
@@ -86,7 +87,12 @@ class TmpfsContents:
 
     @property
     def devices(self) -> tuple[TmpfsEntry, ...]:
-        return tuple(entry for entry in self.entries if entry.kind == "chardev")
+        return tuple(entry for entry in self.entries if entry.kind in ("chardev", "blockdev"))
+
+
+def allowed_device(entry: TmpfsEntry) -> bool:
+    """Whether ``entry`` is a device node cer may create: one of :data:`ALLOWED_DEVICES`."""
+    return entry.kind == "chardev" and entry.device in ALLOWED_DEVICES
 
 
 def tmpfs_image_names(root_dev: int, mnt_id: int) -> tuple[str, str]:
@@ -198,12 +204,8 @@ class _ArchiveReader:
             if self.kinds.get(target) != "file":
                 raise self.error(member, f"a hard link to {member.linkname!r}, which is not a regular file listed before it")
             return TmpfsEntry(name, kind, link=target, **common)
-        if kind == "chardev":
-            device = (member.devmajor, member.devminor)
-            if device not in ALLOWED_DEVICES:
-                raise self.error(member, f"character device {device[0]}:{device[1]} is not one a container may have "
-                                 f"({', '.join(f'{n} {a}:{b}' for (a, b), n in ALLOWED_DEVICES.items())})")
-            return TmpfsEntry(name, kind, device=device, **common)
+        if kind in ("chardev", "blockdev"):
+            return TmpfsEntry(name, kind, device=(member.devmajor, member.devminor), **common)
         return TmpfsEntry(name, kind, **common)  # dir, fifo
 
     def relative(self, member: tarfile.TarInfo, name: str) -> str:

@@ -1,0 +1,295 @@
+"""Pooled mount namespaces built from a real runc + CRIU 4 checkpoint, compared with what the container saw."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+
+import criu_support  # noqa: E402
+import mounts_support  # noqa: E402
+from mounts_support import FILLED_TMPFS, host_mount_changes, host_mounts, mount_table, tmpfs_digest  # noqa: E402
+
+from cer.criu.checkpoint import read_checkpoint  # noqa: E402
+from cer.linux import namespaces as ns  # noqa: E402
+from cer.mounts import MountError, plan_mounts  # noqa: E402
+from cer.namespaces import Recipe, remove_bundle  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+REPO = Path(__file__).resolve().parents[2]
+# Run by the "restore" below, in new PID, network, IPC and cgroup namespaces inside the pooled mount
+# namespace: the mounts cer leaves to the restore, then what its /proc shows.
+FINISH = r"""
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+from cer.criu.checkpoint import read_checkpoint
+from cer.mounts import mount_tree, plan_mounts
+images, rootfs, external, cgroups = sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), json.loads(sys.argv[5])
+plan = plan_mounts(read_checkpoint(images).mounts, external)
+mount_tree(plan, rootfs, restore=True, external=cgroups)
+print(json.dumps(sorted(name for name in os.listdir(os.path.join(rootfs, "proc")) if name.isdigit())))
+"""
+
+
+def recipe_for(checkpoint, external=None) -> Recipe:
+    contents = read_checkpoint(checkpoint.images)
+    return Recipe.from_checkpoint(contents, str(checkpoint.rootfs), checkpoint.external if external is None else external)
+
+
+def deferred_targets(recipe: Recipe) -> set[str]:
+    return {step.entry.mountpoint for step in recipe.mounts.deferred}
+
+
+def without_root(rows):
+    return sorted(row for row in rows if row[0] != "/")
+
+
+def test_a_pooled_namespace_holds_the_containers_mounts_and_tmpfs_files(container_checkpoint, built):
+    before = host_mounts()
+    recipe = recipe_for(container_checkpoint)
+    namespace = built.build(recipe)
+
+    table = mount_table(namespace.path, namespace.rootfs)
+    deferred = deferred_targets(recipe)
+    expected = [row for row in container_checkpoint.mounts if row[0] not in deferred]
+    # Target, filesystem type and every option (ro, nosuid, nodev, noexec, atime, size, mode, gid, ptmxmode...).
+    assert without_root(table) == without_root(expected)
+    root = next(row for row in table if row[0] == "/")
+    assert root[1] == "overlay" and root[2].startswith("ro,")  # the container's root was read-only
+    assert {row[0] for row in table} >= {"/dev", "/dev/pts", "/dev/shm", "/run", "/tmp", "/data"}
+
+    for path in FILLED_TMPFS:
+        seen = tmpfs_digest(namespace.rootfs + path, namespace.path)
+        live = dict(container_checkpoint.tmpfs[path])
+        for name in [name for name in live if path.rstrip("/") + name in deferred]:
+            # Where the restore mounts (/dev/mqueue), the directory under it is what the pool shows.
+            assert live.pop(name) == {"kind": "mountpoint"} and seen.pop(name)["kind"] == "dir"
+        assert seen == live, path
+
+    # The restore's mount points are there, and nothing shows the host's processes, network or queues.
+    listing = mounts_support.run(["nsenter", f"--mount={namespace.path}", "ls", "-A", f"{namespace.rootfs}/proc",
+                                  f"{namespace.rootfs}/sys", f"{namespace.rootfs}/dev/mqueue"], 30).stdout
+    assert not any(line.strip().isdigit() for line in listing.splitlines()), listing
+    assert "class" not in listing.split() and "self" not in listing.split()
+    # The container's "/" keeps its lower layer's mode (the bundle directory is 0700).
+    mode = mounts_support.run(["nsenter", f"--mount={namespace.path}", "stat", "-c", "%a", namespace.rootfs], 30).stdout
+    assert mode.strip() == oct(os.stat(container_checkpoint.rootfs).st_mode & 0o7777)[2:]
+
+    assert host_mount_changes(before, built.bundles) == []
+    built.destroy(namespace)
+    assert host_mount_changes(before, built.bundles) == []
+    assert not os.path.exists(namespace.bundle)
+
+
+def test_the_restore_completes_the_tree_in_its_own_namespaces(container_checkpoint, built):
+    """What cer leaves to the restore, mounted where a restore's PID, network, IPC and cgroup namespaces are:
+    the whole tree then equals the container's, and /proc shows the restore's PID namespace alone."""
+    before = host_mounts()
+    recipe = recipe_for(container_checkpoint)
+    namespace = built.build(recipe)
+    result = mounts_support.run(
+        ["nsenter", f"--mount={namespace.path}", "unshare", "--pid", "--fork", "--net", "--ipc", "--cgroup",
+         sys.executable, "-c", FINISH, str(REPO), str(container_checkpoint.images), namespace.rootfs,
+         json.dumps(container_checkpoint.external), json.dumps(mounts_support.cgroup_mapping())], 60)
+    assert json.loads(result.stdout) == ["1"]  # the finishing process, pid 1 of its own PID namespace
+    table = mount_table(namespace.path, namespace.rootfs)
+    assert without_root(table) == without_root(container_checkpoint.mounts)
+    assert host_mount_changes(before, built.bundles) == []
+    built.destroy(namespace)
+    assert host_mount_changes(before, built.bundles) == []
+
+
+def test_symbolic_links_in_the_image_never_lead_a_mount_outside_the_rootfs(container_checkpoint, built, tmp_path):
+    """A container image whose /run is a link to a host directory and whose /data climbs out with '..':
+    the mounts land inside the rootfs, the host directory is untouched in both namespaces."""
+    target, other = built.bundles.parent / "host-target", built.bundles.parent / "other-target"
+    for directory in (target, other):
+        directory.mkdir()
+        (directory / "marker").write_text("host\n")
+    lower = tmp_path / "lower"
+    shutil.copytree(container_checkpoint.rootfs, lower, symlinks=True)
+    for name in ("run", "data"):
+        if (lower / name).exists():
+            (lower / name).rmdir()
+    (lower / "run").symlink_to(target)
+    (lower / "data").symlink_to("../../../../../../../.." + str(other))
+    contents = read_checkpoint(container_checkpoint.images)
+    namespace = built.build(Recipe.from_checkpoint(contents, str(lower), container_checkpoint.external))
+    table = mount_table(namespace.path, namespace.rootfs)
+    targets = [row[0] for row in table]
+    assert str(target) in targets and str(other) in targets  # /run and /data, resolved inside the rootfs
+    for directory in (target, other):
+        assert sorted(os.listdir(directory)) == ["marker"]
+        inside = mounts_support.run(["nsenter", f"--mount={namespace.path}", "findmnt", "-n", "-o", "TARGET",
+                                     "--mountpoint", str(directory)], 30, check=False)
+        assert inside.stdout.strip() == ""  # nothing mounted on the host path in the pooled namespace either
+
+
+def test_a_mount_that_fails_fails_the_namespace_naming_it_and_leaves_nothing(container_checkpoint, built):
+    before = host_mounts()
+    recipe = recipe_for(container_checkpoint, {"/data": str(built.bundles.parent / "no-such-directory")})
+    with pytest.raises(MountError, match=r"mount /data \(unsupported, mount id \d+\): No such file or directory"):
+        built.build(recipe)
+    assert os.listdir(built.bundles) == []
+    assert host_mount_changes(before, built.bundles) == []
+    unmapped = recipe_for(container_checkpoint, {})
+    with pytest.raises(MountError, match=r"mount /data .*key '/data'.*no host path is configured"):
+        built.build(unmapped)
+    assert os.listdir(built.bundles) == []
+
+
+def test_a_busy_namespace_is_torn_down_all_the_same(plain_checkpoint, built):
+    """A process still working inside the tree (cwd in its /run tmpfs): the whole tree is detached anyway,
+    the bundle removed, the host's table untouched."""
+    before = host_mounts()
+    namespace = built.build(recipe_for(plain_checkpoint))
+    holder = subprocess.Popen(["nsenter", f"--mount={namespace.path}", f"--wd={namespace.rootfs}/run", "sleep", "60"])
+    try:
+        mounts_support.run(["nsenter", f"--mount={namespace.path}", "test", "-f", f"{namespace.rootfs}/run/cer/state.txt"])
+        built.destroy(namespace)
+        assert not os.path.exists(namespace.bundle)
+        assert host_mount_changes(before, built.bundles) == []
+    finally:
+        holder.kill()
+        holder.wait(10)
+
+
+def test_remove_bundle_never_crosses_a_mount(built):
+    """What is still mounted in a bundle (a bind of a host directory) stays untouched by its removal."""
+    host = built.bundles.parent / "host-dir"
+    host.mkdir()
+    (host / "precious").write_text("keep\n")
+    bundle = built.bundles / "b"
+    (bundle / "rootfs" / "data").mkdir(parents=True)
+    (bundle / "upper").mkdir()
+    (bundle / "upper" / "file").write_text("x")
+    errors = []
+
+    def inside() -> None:
+        try:
+            ns.unshare(ns.CLONE_NEWNS)
+            ns.make_mounts_private()
+            ns.mount(str(host), str(bundle / "rootfs" / "data"), None, ns.MS_BIND)
+            remove_bundle(str(bundle))
+        except BaseException as error:  # noqa: BLE001
+            errors.append(error)
+
+    thread = threading.Thread(target=inside)
+    thread.start()
+    thread.join(30)
+    assert errors == []
+    assert (host / "precious").read_text() == "keep\n"
+    assert not (bundle / "upper").exists()
+    remove_bundle(str(bundle))  # here the bind is not there: all of it goes
+    assert not bundle.exists()
+
+
+def test_the_process_umask_is_left_alone(plain_checkpoint, built):
+    old = os.umask(0o027)
+    try:
+        built.build(recipe_for(plain_checkpoint))
+        assert os.umask(0o027) == 0o027
+    finally:
+        os.umask(old)
+
+
+def test_a_checkpoint_without_mountpoints_gets_the_overlay_alone(built):
+    contents = read_checkpoint(criu_support.SAMPLE_DIR / "checkpoint")
+    namespace = built.build(Recipe.from_checkpoint(contents, str(criu_support.SAMPLE_DIR / "rootfs")))
+    table = mount_table(namespace.path, namespace.rootfs)
+    assert [(row[0], row[1]) for row in table] == [("/", "overlay")]
+    assert "hostname" in mounts_support.run(["nsenter", f"--mount={namespace.path}", "ls", f"{namespace.rootfs}/etc"]).stdout
+
+
+def test_an_unreadable_mount_tree_fails_building_with_its_reason(container_checkpoint, built, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(container_checkpoint.images, images)
+    (mountpoints,) = images.glob("mountpoints-*.img")
+    mountpoints.write_bytes(mountpoints.read_bytes()[:-7])
+    contents = read_checkpoint(images)
+    recipe = Recipe.from_checkpoint(contents, str(container_checkpoint.rootfs), container_checkpoint.external)
+    assert recipe.uts is not None
+    with pytest.raises(MountError, match=rf"mount tree cannot be used: {mountpoints}: at offset \d+: entry of"):
+        built.build(recipe)
+    assert os.listdir(built.bundles) == []
+
+
+def test_plans_with_problems_never_mount_anything(container_checkpoint, built):
+    before = host_mounts()
+    plan = plan_mounts(read_checkpoint(container_checkpoint.images).mounts, {})
+    assert plan.problems
+    recipe = Recipe(rootfs=str(container_checkpoint.rootfs), mounts=plan)
+    with pytest.raises(MountError, match="/data"):
+        built.build(recipe)
+    assert os.listdir(built.bundles) == [] and host_mount_changes(before, built.bundles) == []
+
+
+def in_a_private_tmpfs(work, directory: Path) -> list:
+    """Run ``work(path)`` in a thread with a mount namespace of its own and a fresh tmpfs at ``directory``."""
+    out: list = []
+
+    def inside() -> None:
+        try:
+            ns.unshare(ns.CLONE_NEWNS)
+            ns.make_mounts_private()
+            ns.mount("tmpfs", str(directory), "tmpfs", 0, None)
+            out.append(work(str(directory)))
+        except BaseException as error:  # noqa: BLE001
+            out.append(error)
+
+    thread = threading.Thread(target=inside)
+    thread.start()
+    thread.join(30)
+    return out
+
+
+def test_restored_contents_are_exact_and_host_devices_are_never_made(tmp_path):
+    from cer.criu.tmpfs import TmpfsContents, TmpfsEntry
+    from cer.mounts import restore_contents
+
+    entries = (
+        TmpfsEntry("shared", "dir", 0o3775, 0, 50, 10**18),
+        TmpfsEntry("shared/tool", "file", 0o4755, 1000, 1000, 5 * 10**17, data=b"#!/bin/true\n"),
+        TmpfsEntry("shared/also", "hardlink", 0o4755, 1000, 1000, 0, link="shared/tool"),
+        TmpfsEntry("shared/fifo", "fifo", 0o620, 7, 8, 10**17),
+        TmpfsEntry("shared/up", "symlink", 0o777, 3, 4, 10**17, link="../../.."),
+        TmpfsEntry("null", "chardev", 0o666, 0, 0, 10**17, device=(1, 3)),
+    )
+    contents = TmpfsContents("tmpfs-dev-1.tar.gz.img", TmpfsEntry("", "dir", 0o1777, 0, 0, 10**17), entries, 12)
+
+    def look(path: str) -> dict:
+        restore_contents(contents, path)
+        rows = {}
+        for name in ("", "shared", "shared/tool", "shared/also", "shared/fifo", "shared/up", "null"):
+            info = os.lstat(os.path.join(path, name))
+            rows[name] = (oct(info.st_mode), info.st_uid, info.st_gid, info.st_mtime_ns, info.st_rdev)
+        return rows
+
+    directory = tmp_path / "mnt"
+    directory.mkdir()
+    (rows,) = in_a_private_tmpfs(look, directory)
+    assert not isinstance(rows, BaseException), rows
+    assert rows == {
+        "": ("0o41777", 0, 0, 10**17, 0),
+        "shared": ("0o43775", 0, 50, 10**18, 0),
+        "shared/tool": ("0o104755", 1000, 1000, 5 * 10**17, 0),
+        "shared/also": ("0o104755", 1000, 1000, 5 * 10**17, 0),
+        "shared/fifo": ("0o10620", 7, 8, 10**17, 0),
+        "shared/up": ("0o120777", 3, 4, 10**17, 0),
+        "null": ("0o20666", 0, 0, 10**17, os.makedev(1, 3)),
+    }
+    assert os.listdir(directory) == []  # all of it was in the thread's own tmpfs
+
+    for hostile in (TmpfsEntry("sda", "blockdev", 0o660, 0, 0, 0, device=(8, 0)),
+                    TmpfsEntry("mem", "chardev", 0o660, 0, 0, 0, device=(1, 1))):
+        bad = TmpfsContents("tmpfs-dev-2.tar.gz.img", None, (hostile,), 0)
+        (error,) = in_a_private_tmpfs(lambda path: restore_contents(bad, path), directory)
+        assert isinstance(error, MountError) and f"restoring '{hostile.name}'" in str(error), error
+        assert "cer does not create" in str(error)
