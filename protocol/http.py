@@ -200,6 +200,10 @@ class _Server(ThreadingHTTPServer):
             self._slots.release()
             raise
 
+    def handle_error(self, request, client_address) -> None:
+        # socketserver would print the traceback to stderr; a client that stalls or resets is no news.
+        logger.opt(exception=True).debug("HTTP connection from {} failed", client_address[0])
+
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
@@ -241,12 +245,14 @@ class _Handler(BaseHTTPRequestHandler):
     def _update(self) -> None:
         try:
             body = self._read_body()
+        except OSError:
+            body = None  # timed out or reset mid-body
         except BadRequest as error:
             self.close_connection = True  # what is left of the body is not read
             self._reply(HTTPStatus.BAD_REQUEST, self.server.owner.refused(error))
             return
         if body is None:
-            self.close_connection = True  # the client went away mid-body: nobody to answer
+            self.close_connection = True  # the client went away or stalled mid-body: nobody to answer
             return
         self._reply(*self.server.owner.update(body))
 

@@ -317,3 +317,67 @@ def test_a_taken_port_stops_the_start_with_a_clear_message():
         assert daemon.process.wait(30) != 0
     assert f"cannot serve HTTP on http://127.0.0.1:{port}" in daemon.output()
     assert not (daemon.root / "bundles").exists()  # torn down as after any failed start
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """The HTTP server alone, in this process, in front of a stand-in gateway; short socket timeouts."""
+    from dummy_gateway import DummyGateway
+
+    from cer.metrics import Metrics
+    from cer.protocol import http as http_module
+
+    monkeypatch.setattr(http_module._Handler, "timeout", 1.0)
+    gateway = DummyGateway()
+    server = http_module.HttpServer("127.0.0.1", free_port(), gateway, Metrics())
+    server.start()
+    yield server, gateway, Http(int(server.url.rsplit(":", 1)[1]))
+    server.stop()
+
+
+def closed_by_peer(connection: socket.socket, within: float) -> bool:
+    connection.settimeout(within)
+    try:
+        return connection.recv(4096) == b""
+    except (TimeoutError, ConnectionResetError):
+        return False
+
+
+def test_a_client_that_stalls_mid_body_is_dropped_and_others_are_served(in_process):
+    server, gateway, web = in_process
+    stalled = socket.create_connection(("127.0.0.1", web.port))
+    try:
+        stalled.sendall(b"POST /namespace/update HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"checkp")
+        # Served meanwhile: the stalled client holds one thread, not the server.
+        assert web.update(checkpoint_name="a", capacity=1)[0] == 200
+        assert closed_by_peer(stalled, 5), "the stalled connection was not closed"
+    finally:
+        stalled.close()
+    assert [call for call in gateway.calls if call[0] == "update"] == [("update", CheckpointRef("a"), 1)]
+
+
+def test_connections_beyond_the_bound_are_closed_at_once(in_process, monkeypatch):
+    from cer.protocol import http as http_module
+
+    server, _, web = in_process
+    monkeypatch.setattr(http_module._Handler, "timeout", 10.0)
+    idle = [socket.create_connection(("127.0.0.1", web.port)) for _ in range(http_module._MAX_CONNECTIONS)]
+    try:
+        # Each idle connection holds its thread until it times out; the next one is refused at once.
+        wait_for(lambda: server._server._slots._value == 0, 5, what="every slot to be taken")
+        extra = socket.create_connection(("127.0.0.1", web.port))
+        try:
+            assert closed_by_peer(extra, 5)
+        finally:
+            extra.close()
+    finally:
+        for connection in idle:
+            connection.close()
+
+    def served_again():
+        try:
+            return web.request("GET", "/metrics")[0] == 200
+        except (http.client.HTTPException, ConnectionError):
+            return False  # refused while the slots were still being given back
+
+    wait_for(served_again, 10, interval=0.1, what="a slot to free up")
