@@ -281,9 +281,9 @@ def mount_tree(plan: MountPlan, rootfs: str, *, restore: bool = False, external:
         if (step.deferred is not None) != restore:
             if not restore and step.entry.parent_mnt_id not in deferred:
                 # The restore mounts it on a mount cer made: its mount point must be there already.
-                _guard(step, lambda: _resolve(rootfs, step.entry.mountpoint, "dir"))
+                _guard(step, _resolve, rootfs, step.entry.mountpoint, "dir")
             continue
-        _guard(step, lambda: _make(step, rootfs, external, spent))
+        _guard(step, _make, step, rootfs, external, spent)
     if not restore and plan.root_flags & MOUNT_FLAGS != MS_RELATIME:
         try:
             ns.mount("none", rootfs, None, MS_REMOUNT | MS_BIND | (plan.root_flags & MOUNT_FLAGS))
@@ -294,9 +294,10 @@ def mount_tree(plan: MountPlan, rootfs: str, *, restore: bool = False, external:
         timings["mounts"] = timings.get("mounts", 0.0) + time.perf_counter() - started - spent["tmpfs"]
 
 
-def _guard(step: MountStep, action) -> None:
+def _guard(step: MountStep, action, *args) -> None:
+    """``action(*args)``, an OSError turned into a MountError that names the mount."""
     try:
-        action()
+        action(*args)
     except MountError:
         raise
     except OSError as error:
@@ -411,7 +412,8 @@ def restore_contents(contents: TmpfsContents, directory: str) -> None:
             os.utime(root, ns=(top.mtime_ns, top.mtime_ns))
     except OSError as error:
         where = f"{entry.name!r}" if entry is not None and entry.name else "its root"
-        raise MountError(f"restoring {where} from {os.path.basename(contents.image)}: {error.strerror or error}") from error
+        image = os.path.basename(contents.image)
+        raise MountError(f"restoring {where} from {image}: {error.strerror or error}") from error
     finally:
         os.close(root)
         os.umask(old_umask)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -58,8 +59,6 @@ def require() -> None:
 
 
 def _which(tool: str) -> bool:
-    import shutil
-
     return shutil.which(tool, path=runc_support.runtime_env()["PATH"]) is not None
 
 
@@ -118,7 +117,8 @@ def make_container_checkpoint(directory: str | os.PathLike, *, host_bind: bool =
     # runc_support gives the workload CAP_SYS_ADMIN and a writable /proc/sys; runc's defaults are wanted here.
     config["linux"]["readonlyPaths"] = sorted({*config["linux"]["readonlyPaths"], "/proc/sys"})
     config["mounts"] += [
-        {"destination": "/run", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=755", "size=16m"]},
+        {"destination": "/run", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "nodev", "mode=755", "size=16m"]},
         {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "noexec"]},
     ]
     hostdata = None
@@ -126,7 +126,8 @@ def make_container_checkpoint(directory: str | os.PathLike, *, host_bind: bool =
         hostdata = directory / "hostdata"
         hostdata.mkdir()
         (hostdata / "greeting").write_text("from the host\n")
-        config["mounts"].append({"destination": "/data", "type": "bind", "source": str(hostdata), "options": ["rbind", "ro"]})
+        config["mounts"].append({"destination": "/data", "type": "bind", "source": str(hostdata),
+                                 "options": ["rbind", "ro"]})
     bundle.config_path.write_text(json.dumps(config, indent=2))
 
     images = directory / "images"

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cer.criu import criu_pb2 as pb
-from cer.criu.mountpoints import MountTree, read_mount_tree
 from cer.criu.images import (
     IDS,
     INVENTORY,
@@ -33,6 +32,7 @@ from cer.criu.images import (
     pagemap_nr_pages,
     read_single_entry,
 )
+from cer.criu.mountpoints import MountTree, read_mount_tree
 from cer.errors import ImageError
 from cer.linux.sysv import SysctlValue, fresh_ipc_sysctls
 

@@ -20,8 +20,8 @@ import os
 import stat
 import struct
 from collections.abc import Iterator
-from typing import BinaryIO
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from google.protobuf.message import DecodeError, Message
 

@@ -176,7 +176,8 @@ def _tree(path: str, entries: list[MountEntry]) -> tuple[MountEntry, tuple[Mount
         following = []
         for parent in level:
             for child in sorted(children.pop(parent.mnt_id, ()), key=lambda e: e.mnt_id):
-                if child.mountpoint != parent.mountpoint and not child.mountpoint.startswith(parent.mountpoint.rstrip("/") + "/"):
+                inside = child.mountpoint.startswith(parent.mountpoint.rstrip("/") + "/")
+                if child.mountpoint != parent.mountpoint and not inside:
                     raise ImageError(path, 0, f"mount {child.describe()} is not below its parent {parent.describe()}")
                 ordered.append(child)
                 following.append(child)

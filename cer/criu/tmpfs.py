@@ -186,10 +186,12 @@ class _ArchiveReader:
         self.kinds[name] = kind
         self.entries.append(entry)
 
-    def entry(self, member: tarfile.TarInfo, archive: tarfile.TarFile, name: str, kind: str, common: dict) -> TmpfsEntry:
+    def entry(self, member: tarfile.TarInfo, archive: tarfile.TarFile, name: str, kind: str,
+              common: dict) -> TmpfsEntry:
         if kind == "file":
             if member.size > self.max_bytes - self.size:
-                raise self.error(member, f"{member.size} bytes: the archive's files would exceed {self.max_bytes} bytes")
+                raise self.error(member, f"{member.size} bytes: the archive's files would exceed "
+                                 f"{self.max_bytes} bytes")
             data = archive.extractfile(member).read() if member.size else b""
             if len(data) != member.size:
                 raise self.error(member, f"holds {len(data)} bytes, its header says {member.size}")
@@ -202,7 +204,8 @@ class _ArchiveReader:
         if kind == "hardlink":
             target = self.relative(member, member.linkname)
             if self.kinds.get(target) != "file":
-                raise self.error(member, f"a hard link to {member.linkname!r}, which is not a regular file listed before it")
+                raise self.error(member, f"a hard link to {member.linkname!r}, which is not a regular file "
+                                 "listed before it")
             return TmpfsEntry(name, kind, link=target, **common)
         if kind in ("chardev", "blockdev"):
             return TmpfsEntry(name, kind, device=(member.devmajor, member.devminor), **common)
@@ -227,7 +230,8 @@ class _ArchiveReader:
 
     def mtime(self, member: tarfile.TarInfo) -> int:
         try:
-            ns = int(member.mtime * 1_000_000_000) if isinstance(member.mtime, float) else int(member.mtime) * 1_000_000_000
+            mtime = member.mtime
+            ns = int(mtime * 1_000_000_000) if isinstance(mtime, float) else int(mtime) * 1_000_000_000
         except (OverflowError, ValueError):
             raise self.error(member, f"modification time {member.mtime!r} is not a time") from None
         if not -(1 << 62) < ns < (1 << 62):

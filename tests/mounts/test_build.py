@@ -1,5 +1,6 @@
 """Pooled mount namespaces built from a real runc + CRIU 4 checkpoint, compared with what the container saw."""
 
+import functools
 import json
 import os
 import shutil
@@ -34,13 +35,20 @@ from cer.mounts import mount_tree, plan_mounts
 images, rootfs, external, cgroups = sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), json.loads(sys.argv[5])
 plan = plan_mounts(read_checkpoint(images).mounts, external)
 mount_tree(plan, rootfs, restore=True, external=cgroups)
-print(json.dumps(sorted(name for name in os.listdir(os.path.join(rootfs, "proc")) if name.isdigit())))
+# A POSIX queue of this process's IPC namespace shows in the container's /dev/mqueue.
+import ctypes
+librt = ctypes.CDLL("librt.so.1", use_errno=True)
+librt.mq_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+assert librt.mq_open(b"/cer-restore-queue", os.O_CREAT | os.O_RDWR, 0o600, None) >= 0, ctypes.get_errno()
+print(json.dumps({"pids": sorted(name for name in os.listdir(os.path.join(rootfs, "proc")) if name.isdigit()),
+                  "queues": sorted(os.listdir(os.path.join(rootfs, "dev/mqueue")))}))
 """
 
 
 def recipe_for(checkpoint, external=None) -> Recipe:
     contents = read_checkpoint(checkpoint.images)
-    return Recipe.from_checkpoint(contents, str(checkpoint.rootfs), checkpoint.external if external is None else external)
+    external = checkpoint.external if external is None else external
+    return Recipe.from_checkpoint(contents, str(checkpoint.rootfs), external)
 
 
 def deferred_targets(recipe: Recipe) -> set[str]:
@@ -98,7 +106,9 @@ def test_the_restore_completes_the_tree_in_its_own_namespaces(container_checkpoi
         ["nsenter", f"--mount={namespace.path}", "unshare", "--pid", "--fork", "--net", "--ipc", "--cgroup",
          sys.executable, "-c", FINISH, str(REPO), str(container_checkpoint.images), namespace.rootfs,
          json.dumps(container_checkpoint.external), json.dumps(mounts_support.cgroup_mapping())], 60)
-    assert json.loads(result.stdout) == ["1"]  # the finishing process, pid 1 of its own PID namespace
+    seen = json.loads(result.stdout)
+    assert seen["pids"] == ["1"]  # the finishing process, pid 1 of its own PID namespace
+    assert seen["queues"] == ["cer-restore-queue"]  # its own IPC namespace's queues
     table = mount_table(namespace.path, namespace.rootfs)
     assert without_root(table) == without_root(container_checkpoint.mounts)
     assert host_mount_changes(before, built.bundles) == []
@@ -152,7 +162,8 @@ def test_a_busy_namespace_is_torn_down_all_the_same(plain_checkpoint, built):
     namespace = built.build(recipe_for(plain_checkpoint))
     holder = subprocess.Popen(["nsenter", f"--mount={namespace.path}", f"--wd={namespace.rootfs}/run", "sleep", "60"])
     try:
-        mounts_support.run(["nsenter", f"--mount={namespace.path}", "test", "-f", f"{namespace.rootfs}/run/cer/state.txt"])
+        mounts_support.run(["nsenter", f"--mount={namespace.path}", "test", "-f",
+                            f"{namespace.rootfs}/run/cer/state.txt"])
         built.destroy(namespace)
         assert not os.path.exists(namespace.bundle)
         assert host_mount_changes(before, built.bundles) == []
@@ -205,7 +216,8 @@ def test_a_checkpoint_without_mountpoints_gets_the_overlay_alone(built):
     namespace = built.build(Recipe.from_checkpoint(contents, str(criu_support.SAMPLE_DIR / "rootfs")))
     table = mount_table(namespace.path, namespace.rootfs)
     assert [(row[0], row[1]) for row in table] == [("/", "overlay")]
-    assert "hostname" in mounts_support.run(["nsenter", f"--mount={namespace.path}", "ls", f"{namespace.rootfs}/etc"]).stdout
+    listing = mounts_support.run(["nsenter", f"--mount={namespace.path}", "ls", f"{namespace.rootfs}/etc"]).stdout
+    assert "hostname" in listing
 
 
 def test_an_unreadable_mount_tree_fails_building_with_its_reason(container_checkpoint, built, tmp_path):
@@ -290,6 +302,6 @@ def test_restored_contents_are_exact_and_host_devices_are_never_made(tmp_path):
     for hostile in (TmpfsEntry("sda", "blockdev", 0o660, 0, 0, 0, device=(8, 0)),
                     TmpfsEntry("mem", "chardev", 0o660, 0, 0, 0, device=(1, 1))):
         bad = TmpfsContents("tmpfs-dev-2.tar.gz.img", None, (hostile,), 0)
-        (error,) = in_a_private_tmpfs(lambda path: restore_contents(bad, path), directory)
+        (error,) = in_a_private_tmpfs(functools.partial(restore_contents, bad), directory)
         assert isinstance(error, MountError) and f"restoring '{hostile.name}'" in str(error), error
         assert "cer does not create" in str(error)

@@ -10,11 +10,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
 import mounts_support  # noqa: E402
+from cer.protocol.methods import NamespaceGet, NamespacePut  # noqa: E402
 from conftest import short_tempdir, start_daemon, wait_for  # noqa: E402
 from mounts_support import host_mount_changes, host_mounts, mount_table, tmpfs_digest  # noqa: E402
 
 from cer.errors import Exhausted  # noqa: E402
-from cer.protocol.methods import NamespaceGet, NamespacePut  # noqa: E402
 from cer.references import CheckpointRef  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]

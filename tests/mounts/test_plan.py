@@ -21,7 +21,8 @@ READY = ["/dev", "/run", "/tmp", "/data", "/dev/pts", "/dev/shm"]
 def entry(mnt_id, parent, mountpoint, fstype="tmpfs", root="/", dev=None, **extra) -> MountEntry:
     return MountEntry(mnt_id=mnt_id, parent_mnt_id=parent, fstype=fstype, root_dev=dev if dev is not None else mnt_id,
                       flags=extra.pop("flags", 0x200000), sb_flags=extra.pop("sb_flags", 0), root=root,
-                      mountpoint=mountpoint, source=extra.pop("source", fstype), options=extra.pop("options", ""), **extra)
+                      mountpoint=mountpoint, source=extra.pop("source", fstype), options=extra.pop("options", ""),
+                      **extra)
 
 
 ROOT = entry(10, 1, "/", fstype="ext4", root="/var/lib/bundle/rootfs", dev=254 << 20)
@@ -82,7 +83,8 @@ def test_without_a_mountpoints_image_or_a_rootfs_there_is_no_plan():
 
 
 @pytest.mark.parametrize("mounts, problem", [
-    ((entry(11, 10, "/dev", fstype="devtmpfs"),), "mount /dev (devtmpfs, mount id 11): a devtmpfs would give the container the host's devices"),
+    ((entry(11, 10, "/dev", fstype="devtmpfs"),),
+     "mount /dev (devtmpfs, mount id 11): a devtmpfs would give the container the host's devices"),
     ((entry(11, 10, "/sys/kernel/debug", fstype="debugfs"),), "cer cannot mount debugfs filesystems"),
     ((entry(11, 10, "/x", deleted=True),), "mount point was deleted"),
     ((entry(11, 10, "/x", with_plugin=True),), "made by a CRIU plugin"),
@@ -141,7 +143,8 @@ def test_binds_of_the_root_filesystem_and_of_pseudo_terminals():
 
 
 def test_what_is_inside_or_bound_from_a_deferred_mount_is_deferred():
-    mounts = (entry(11, 10, "/proc", fstype="proc", dev=30), entry(12, 11, "/proc/sys", fstype="proc", root="/sys", dev=30),
+    mounts = (entry(11, 10, "/proc", fstype="proc", dev=30),
+              entry(12, 11, "/proc/sys", fstype="proc", root="/sys", dev=30),
               entry(13, 10, "/dev"), entry(14, 11, "/proc/kcore", root="/null", dev=13, ext_key="/dev/null"),
               entry(15, 13, "/dev/sys-view", fstype="proc", root="/sys", dev=30))
     steps = {s.entry.mountpoint: s for s in plan_mounts(tree(*mounts)).steps}

@@ -85,7 +85,8 @@ def test_tmpfs_contents_equal_the_running_containers_files(container_checkpoint)
     for target in ("/dev", "/dev/shm", "/run", "/tmp"):
         contents = tree.contents(by_target[target].root_dev)
         live = container_checkpoint.tmpfs[target]
-        read = {"/": {"kind": "dir", "mode": oct(contents.root.mode), "uid": contents.root.uid, "gid": contents.root.gid}}
+        top = contents.root
+        read = {"/": {"kind": "dir", "mode": oct(top.mode), "uid": top.uid, "gid": top.gid}}
         links = {}
         for entry in contents.entries:
             row = {"kind": entry.kind, "mode": oct(entry.mode), "uid": entry.uid, "gid": entry.gid}
@@ -106,7 +107,8 @@ def test_tmpfs_contents_equal_the_running_containers_files(container_checkpoint)
                 # A mount below this one: the archive holds the directory under it.
                 expected[name] = {"kind": "dir"}
                 continue
-            expected[name] = {key: value for key, value in row.items() if key in ("kind", "mode", "uid", "gid", "sha256", "target", "device")}
+            kept = ("kind", "mode", "uid", "gid", "sha256", "target", "device")
+            expected[name] = {key: value for key, value in row.items() if key in kept}
         for name in expected:
             if expected[name] == {"kind": "dir"}:
                 read[name] = {"kind": read[name]["kind"]}
@@ -235,7 +237,8 @@ def archive(path: Path, members, *, root: bool = True) -> Path:
     ([member("./passwd", tarfile.LNKTYPE, linkname="../etc/passwd")], "leads out through '..'"),
     ([member("./l", tarfile.SYMTYPE, linkname="/etc/shadow"), member("./h", tarfile.LNKTYPE, linkname="./l")],
      "a hard link to './l', which is not a regular file"),
-    ([member("./h", tarfile.LNKTYPE, linkname="./later"), member("./later", data=b"x")], "not a regular file listed before it"),
+    ([member("./h", tarfile.LNKTYPE, linkname="./later"), member("./later", data=b"x")],
+     "not a regular file listed before it"),
     ([member("./volume", b"V")], "unsupported member type b'V'"),
     ([member("./x", data=b"1"), member("./x", data=b"2")], "listed twice"),
     ([member("./" + "a" * 256, data=b"x")], "longer than 255 bytes"),
