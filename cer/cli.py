@@ -85,10 +85,12 @@ def main(context: click.Context, debug: bool) -> None:
 @click.option("--http-port", type=click.IntRange(1, 65535), help="Serve POST /namespace/update and GET /metrics over HTTP on this port (off by default).")
 @click.option("--http-address", help="Address of the HTTP server.  [default: 127.0.0.1]")
 @click.option("--http-allow-remote", is_flag=True, help="Let --http-address be a non-loopback address (the HTTP server has no authentication).")
+@click.option("--legacy-socket", is_flag=True, help="Also serve the original CER-Manager's protocol on ROOT/daemon.socket.")
+@click.option("--legacy-timeout", default=30.0, show_default=True, type=click.FloatRange(0.1, 3600), help="Seconds a --legacy-socket client may stay idle, or take to send one request.")
 @click.pass_context
 def start(
     context, debug, root, config_path, endpoint, workers, cold_timeout, curve_keys, lease_timeout, containerd_address,
-    containerd_timeout, http_port, http_address, http_allow_remote,
+    containerd_timeout, http_port, http_address, http_allow_remote, legacy_socket, legacy_timeout,
 ) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
     from cer.config import load_config  # noqa: PLC0415
@@ -114,6 +116,8 @@ def start(
             curve_keys=curve_keys,
             containerd_address=containerd_address,
             containerd_timeout=containerd_timeout,
+            legacy_socket=legacy_socket,
+            legacy_timeout=legacy_timeout,
             http_port=http_port,
             http_address=http_address or "127.0.0.1",
             http_allow_remote=http_allow_remote,

@@ -7,6 +7,7 @@ import resource
 import shutil
 import queue
 import signal
+import socket
 from dataclasses import dataclass
 
 import pykka
@@ -25,6 +26,9 @@ from cer.containerd.client import DEFAULT_TIMEOUT as DEFAULT_CONTAINERD_TIMEOUT
 from cer.errors import CerError
 from cer.metrics import Metrics
 from cer.protocol.frontend import Frontend
+from cer.protocol.legacy import DEFAULT_TIMEOUT as DEFAULT_LEGACY_TIMEOUT
+from cer.protocol.legacy import SOCKET_NAME as LEGACY_SOCKET_NAME
+from cer.protocol.legacy import LegacyFrontend
 from cer.protocol.http import DEFAULT_ADDRESS as DEFAULT_HTTP_ADDRESS
 from cer.protocol.http import HttpServer, check_address
 
@@ -41,6 +45,9 @@ class Settings:
     curve_keys: str | None = None
     containerd_address: str = DEFAULT_CONTAINERD_ADDRESS
     containerd_timeout: float = DEFAULT_CONTAINERD_TIMEOUT
+    legacy_socket: bool = False
+    """Also serve the original CER-Manager's protocol on ROOT/daemon.socket."""
+    legacy_timeout: float = DEFAULT_LEGACY_TIMEOUT
     http_port: int | None = None
     """Serve /namespace/update and /metrics over HTTP on this port (off when None)."""
     http_address: str = DEFAULT_HTTP_ADDRESS
@@ -63,6 +70,7 @@ def run(config: Config, settings: Settings) -> None:
         _raise_fd_limit()
         actors: list[pykka.ActorRef] = []
         frontend: Frontend | None = None
+        legacy: LegacyFrontend | None = None
         http: HttpServer | None = None
         metrics = Metrics()
         try:
@@ -80,6 +88,12 @@ def run(config: Config, settings: Settings) -> None:
             supervisor = Supervisor.start(config, peers, settings.pool)
             actors.append(supervisor)
             gateway = Gateway(supervisor.proxy(), peers, settings.ask_timeout, settings.pool.cold_timeout, config.path)
+            # Before the ZeroMQ frontend: a daemon that answers there serves every socket it was asked for.
+            if settings.legacy_socket:
+                legacy = LegacyFrontend(
+                    os.path.join(root.root, LEGACY_SOCKET_NAME), gateway, settings.legacy_timeout, debug=settings.debug
+                )
+                legacy.start()
             metrics.watch_pools(gateway.status)
             if settings.http_port is not None:
                 http = HttpServer(settings.http_address, settings.http_port, gateway, metrics, settings.http_allow_remote)
@@ -88,23 +102,50 @@ def run(config: Config, settings: Settings) -> None:
                 settings.endpoint, gateway, settings.workers, settings.debug, settings.curve_keys, metrics.request_answered
             )
             frontend.start()
+            _notify_systemd("READY=1")
             logger.info("cer started, pid {}, {} checkpoint(s) from {}", os.getpid(), len(config.checkpoints), config.path)
-            while (signum := signals.get()) == signal.SIGHUP:
+            while (signum := _next_signal(signals)) == signal.SIGHUP:
                 try:
                     gateway.reload()
                 except CerError as error:
                     logger.error("configuration not reloaded: {}", error)
+            _notify_systemd("STOPPING=1")
             logger.info("stopping on {}", signal.Signals(signum).name)
         finally:
             # Reverse order: no new requests, then pools hand their namespaces to the factory, which destroys them.
             if http is not None:
                 http.stop()
+            if legacy is not None:
+                legacy.stop()
             if frontend is not None:
                 frontend.stop()
             for actor in reversed(actors):
                 actor.stop(block=True, timeout=60)
             pykka.ActorRegistry.stop_all()
     logger.info("stopped")
+
+
+def _next_signal(signals: queue.SimpleQueue) -> int:
+    # A signal that the kernel hands to another thread does not wake a get() blocked in the main thread;
+    # Python runs its handler there only at the next bytecode. Waking up now and then lets it run.
+    while True:
+        try:
+            return signals.get(timeout=0.5)
+        except queue.Empty:
+            pass
+
+
+def _notify_systemd(state: str) -> None:
+    """Tell systemd (a Type=notify unit) the daemon's state; nothing happens without $NOTIFY_SOCKET."""
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return
+    target = "\0" + address[1:] if address.startswith("@") else address  # "@": the abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify:
+            notify.sendto(state.encode(), target)
+    except OSError as error:
+        logger.warning("cannot tell systemd {} through {}: {}", state, address, error)
 
 
 class _RootDirectory:
