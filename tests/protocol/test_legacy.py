@@ -366,7 +366,7 @@ def test_hostile_connections_leak_neither_fds_nor_threads(legacy):
 
     fds, threads = counts()
     clients = []
-    for round_ in range(3):
+    for _ in range(3):
         for data, _, _ in MALFORMED.values():
             with connect(legacy) as client:
                 client.send(data)
