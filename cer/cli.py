@@ -2,6 +2,7 @@
 
 import os
 import sys
+import time
 
 import click
 import orjson
@@ -196,29 +197,58 @@ def checkpoint_put(endpoint, curve_keys, timeout, checkpoint, namespace) -> None
 @main.command()
 @_endpoint_option
 @click.option("--json", "as_json", is_flag=True, help="Print the whole status as JSON.")
-def status(endpoint, curve_keys, timeout, as_json) -> None:
-    """Show every pool: state, and per type idle, in use and building counts."""
+@click.option("--watch", type=click.FloatRange(0.2), is_flag=False, flag_value=2.0, default=None,
+              help="Refresh every SECONDS (2 if not given) until interrupted.")
+def status(endpoint, curve_keys, timeout, as_json, watch) -> None:
+    """Show every pool: its state and, per type, target, idle, in use, gets and build time."""
+    from rich.console import Console  # noqa: PLC0415
+    from rich.live import Live  # noqa: PLC0415
+
     from cer.protocol.methods import AdminStatus  # noqa: PLC0415
 
     reply = _call(endpoint, timeout, curve_keys, AdminStatus())
     if as_json:
         _print_json(reply)
         return
-    click.echo(f"cer {reply['version']}, pid {reply['pid']}, up {reply['uptime_seconds']:.0f} s")
-    rows = [("CHECKPOINT", "STATE", "TYPE", "CAPACITY", "IDLE", "IN USE", "BUILDING", "COLD GETS", "LAST ERROR")]
+    # Off a terminal (a pipe, a log) rich would wrap the table at 80 columns.
+    console = Console() if sys.stdout.isatty() else Console(width=240)
+    if watch is None:
+        console.print(_status_table(reply))
+        return
+    with Live(_status_table(reply), console=console, auto_refresh=False) as live:
+        try:
+            while True:
+                time.sleep(watch)
+                live.update(_status_table(_call(endpoint, timeout, curve_keys, AdminStatus())), refresh=True)
+        except KeyboardInterrupt:
+            pass
+
+
+def _status_table(reply: dict):
+    from rich.table import Table  # noqa: PLC0415
+
+    table = Table(title=f"cer {reply['version']}, pid {reply['pid']}, up {reply['uptime_seconds']:.0f} s",
+                  title_justify="left", box=None, header_style="bold")
+    for column in ("CHECKPOINT", "STATE", "TYPE", "TARGET", "IDLE", "IN USE", "BOUND", "OVERDUE", "BUILDING",
+                   "WARM", "COLD", "BUILD MS", "LAST ERROR"):
+        table.add_column(column, justify="left" if column in ("CHECKPOINT", "STATE", "TYPE", "LAST ERROR") else "right")
+    styles = {"ready": "green", "loading": "yellow", "failing": "yellow", "unavailable": "yellow"}
     for pool in reply["pools"]:
         name = f"{pool['ref']['labels']['namespace']}/{pool['ref']['name']}"
-        for ns_type, counts in pool.get("types", {"-": None}).items():
+        state = f"[{styles.get(pool['state'], 'red')}]{pool['state']}[/]"
+        error = pool.get("last_error") or ""
+        types = pool.get("types") or {"-": None}
+        for ns_type, counts in types.items():
             if counts is None or not counts["supported"]:
-                rows.append((name, pool["state"], ns_type, "-", "-", "-", "-", "-", pool.get("last_error") or ""))
+                table.add_row(name, state, ns_type, *["-"] * 9, error)
                 continue
-            rows.append(
-                (name, pool["state"], ns_type, str(pool["capacity"]), str(counts["idle"]), str(counts["in_use"]),
-                 str(counts["building"]), str(counts["cold_gets"]), pool.get("last_error") or "")
+            target = str(counts["target"]) + (f"/{pool['max_capacity']}" if pool.get("max_capacity") else "")
+            build = counts["last_build_seconds"]
+            table.add_row(
+                name, state, ns_type, target, *(str(counts[key]) for key in ("idle", "in_use", "bound", "overdue", "building", "warm_gets", "cold_gets")),
+                "-" if build is None else f"{build * 1000:.1f}", error,
             )
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    for row in rows:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return table
 
 
 @main.command()

@@ -25,6 +25,7 @@ from cer.containerd.client import DEFAULT_ADDRESS as DEFAULT_CONTAINERD_ADDRESS
 from cer.containerd.client import DEFAULT_TIMEOUT as DEFAULT_CONTAINERD_TIMEOUT
 from cer.errors import CerError
 from cer.metrics import Metrics
+from cer.progress import FillReporter
 from cer.protocol.frontend import Frontend
 from cer.protocol.legacy import DEFAULT_TIMEOUT as DEFAULT_LEGACY_TIMEOUT
 from cer.protocol.legacy import SOCKET_NAME as LEGACY_SOCKET_NAME
@@ -72,6 +73,7 @@ def run(config: Config, settings: Settings) -> None:
         frontend: Frontend | None = None
         legacy: LegacyFrontend | None = None
         http: HttpServer | None = None
+        progress: FillReporter | None = None
         metrics = Metrics()
         try:
             # The extractor stops last: the factory's mount namespaces sit on its containerd snapshots.
@@ -104,6 +106,8 @@ def run(config: Config, settings: Settings) -> None:
             frontend.start()
             _notify_systemd("READY=1")
             logger.info("cer started, pid {}, {} checkpoint(s) from {}", os.getpid(), len(config.checkpoints), config.path)
+            progress = FillReporter(gateway.status)
+            progress.start()
             while (signum := _next_signal(signals)) == signal.SIGHUP:
                 try:
                     gateway.reload()
@@ -113,6 +117,8 @@ def run(config: Config, settings: Settings) -> None:
             logger.info("stopping on {}", signal.Signals(signum).name)
         finally:
             # Reverse order: no new requests, then pools hand their namespaces to the factory, which destroys them.
+            if progress is not None:
+                progress.stop()
             if http is not None:
                 http.stop()
             if legacy is not None:

@@ -1,8 +1,11 @@
 """The `cer` client verbs against a real daemon, as an operator types them."""
 
 import json
+import re
+import signal
 import subprocess
 import sys
+import time
 
 from conftest import SAMPLE, short_tempdir, wait_for
 
@@ -29,11 +32,33 @@ def test_ns_get_and_put_round_trip(daemon):
 def test_status_table_and_json(daemon):
     daemon.wait_full("sample")
     table = cer("status", endpoint=daemon.endpoint).stdout
-    assert table.splitlines()[0].startswith(f"cer 0.1.0, pid {daemon.process.pid}")
+    assert table.splitlines()[0].strip().startswith(f"cer 0.1.0, pid {daemon.process.pid}")
     lines = [line.split() for line in table.splitlines()[2:]]
-    assert ["default/sample", "ready", "uts", "2", "2", "0", "0", "0"] in lines
+    # checkpoint, state, type, target, idle, in use, bound, overdue, building, warm, cold, build ms
+    assert any(line[:11] == ["default/sample", "ready", "uts", "2", "2", "0", "0", "0", "0", "0", "0"] for line in lines), table
+    assert any(line[:4] == ["default/sample-empty-ipc", "ready", "mnt", "-"] for line in lines), table
     document = json.loads(cer("status", "--json", endpoint=daemon.endpoint).stdout)
     assert {pool["ref"]["name"] for pool in document["pools"]} == {"sample", "sample-empty-ipc"}
+
+
+def test_status_watch_refreshes_until_interrupted(daemon):
+    daemon.wait_full("sample")
+    started = daemon.status()["uptime_seconds"]
+    watch = subprocess.Popen([sys.executable, "-m", "cer", "status", "--watch", "0.3", "--endpoint", daemon.endpoint],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)
+    watch.send_signal(signal.SIGINT)  # how an operator stops it
+    out, err = watch.communicate(timeout=10)
+    assert watch.returncode == 0, err
+    # Off a terminal only the last refresh is printed: it must be seconds newer than the first.
+    uptime = int(re.search(r"up (\d+) s", out).group(1))
+    assert uptime >= started + 2, out
+
+
+def test_the_daemon_logs_when_every_pool_is_ready(daemon):
+    daemon.wait_full("sample")
+    wait_for(lambda: "every pool is ready" in daemon.output(), 10, what="the ready line")
+    assert "filling pools" in daemon.output() or "every pool is ready: " in daemon.output()
 
 
 def test_endpoint_comes_from_the_environment(daemon):
