@@ -9,6 +9,7 @@ image lists them, tmpfs contents restored (:mod:`cer.mounts` says which mounts, 
 the restore). A checkpoint without a mountpoints image gets the overlay alone.
 """
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -21,7 +22,7 @@ from cer.criu.checkpoint import CheckpointContents, IpcContents, UtsContents
 from cer.linux import namespaces as ns
 from cer.linux.namespaces import NAMESPACE_TYPES
 from cer.linux.sysv import populate_ipc_namespace
-from cer.mounts import MountPlan, mount_tree, plan_mounts, unmount_tree
+from cer.mounts import MountError, MountPlan, mount_tree, plan_mounts, unmount_tree
 
 __all__ = ["NAMESPACE_TYPES", "Namespace", "Recipe", "build", "remove_bundle", "tear_down_mounts"]
 
@@ -130,8 +131,10 @@ def _build_mounts(recipe: Recipe, bundle: str, timings: dict[str, float] | None 
     try:
         mount_tree(recipe.mounts, rootfs, timings=timings)
     except BaseException:
-        # The namespace dies with this thread; detached, the tree cannot be reached by removing the bundle.
-        unmount_tree(rootfs)
+        # The namespace dies with this thread; detached, the tree cannot be reached by removing the bundle
+        # (which never crosses a mount anyway). The mount that failed is what the pool must hear about.
+        with contextlib.suppress(OSError, MountError):
+            unmount_tree(rootfs)
         raise
 
 
