@@ -85,8 +85,8 @@ class MountEntry:
 
 @dataclass(frozen=True)
 class MountTree:
-    """A checkpoint's mount namespace: its root mount, every other mount parents first (siblings in
-    mount id order), and the contents of the tmpfs superblocks, by ``root_dev``."""
+    """A checkpoint's mount namespace: its root mount, every other mount parents first (of siblings, one
+    inside another first), and the contents of the tmpfs superblocks, by ``root_dev``."""
 
     image: str
     root: MountEntry
@@ -175,7 +175,10 @@ def _tree(path: str, entries: list[MountEntry]) -> tuple[MountEntry, tuple[Mount
     while level:
         following = []
         for parent in level:
-            for child in sorted(children.pop(parent.mnt_id, ()), key=lambda e: e.mnt_id):
+            # A sibling inside another sibling was there first (else it would be that one's child): deeper first.
+            # Mount ids say nothing about order (the kernel reuses the lowest free one).
+            siblings = children.pop(parent.mnt_id, ())
+            for child in sorted(siblings, key=lambda e: (-e.mountpoint.count("/"), e.mountpoint, e.mnt_id)):
                 inside = child.mountpoint.startswith(parent.mountpoint.rstrip("/") + "/")
                 if child.mountpoint != parent.mountpoint and not inside:
                     raise ImageError(path, 0, f"mount {child.describe()} is not below its parent {parent.describe()}")

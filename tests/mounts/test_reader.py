@@ -164,6 +164,14 @@ def test_a_well_formed_tree_is_ordered_parents_first(tmp_path):
     assert [(e.mnt_id, e.mountpoint) for e in tree.mounts] == [(11, "/dev"), (13, "/tmp"), (12, "/dev/shm")]
 
 
+def test_a_sibling_inside_another_sibling_comes_first(tmp_path):
+    """/a/b with the root as parent was mounted before /a covered it, whatever the (reused) mount ids say."""
+    write_mounts(tmp_path / "mountpoints-9.img", [
+        mnt(10, 1, "/", fstype=0), mnt(11, 10, "/a", fstype=1), mnt(30, 10, "/a/b", fstype=1),
+        mnt(12, 10, "/c", fstype=1)])
+    assert [e.mountpoint for e in read_mount_tree(tmp_path, 9).mounts] == ["/a/b", "/a", "/c"]
+
+
 @pytest.mark.parametrize("entries, problem", [
     ([mnt(10, 1, "/", fstype=0), mnt(11, 10, "/a"), mnt(11, 10, "/b")], "appears twice"),
     ([mnt(10, 1, "/", fstype=0), mnt(11, 2, "/a")], "mounts without a parent here"),
