@@ -153,3 +153,20 @@ def test_what_is_inside_or_bound_from_a_deferred_mount_is_deferred():
     assert steps["/proc/sys"].deferred.startswith("inside or bound from /proc")
     assert steps["/proc/kcore"].deferred.startswith("inside or bound from /proc")
     assert steps["/dev/sys-view"].deferred.startswith("inside or bound from /proc")  # bound from it
+
+
+def test_masks_and_read_only_paths_outside_proc_and_sys_are_made_by_cer():
+    """A config's masked file (runc: the container's /dev/null, recorded as external with key /dev/null) and a
+    read-only path (a bind of the root filesystem over itself, read-only): binds cer makes, after /dev."""
+    mounts = (entry(13, 10, "/dev"),
+              entry(14, 10, "/etc/secret", root="/null", dev=13, ext_key="/dev/null", flags=0x1000002),
+              entry(15, 10, "/etc/ro", fstype="ext4", root="/var/lib/bundle/rootfs/etc/ro", dev=254 << 20,
+                    flags=0x200001))
+    plan = plan_mounts(tree(*mounts))
+    steps = {s.entry.mountpoint: s for s in plan.steps}
+    assert plan.problems == () and plan.deferred == ()
+    assert (steps["/etc/secret"].action, steps["/etc/secret"].source) == ("bind", "/dev/null")
+    read_only = steps["/etc/ro"]
+    assert (read_only.action, read_only.source, read_only.entry.flags & 1) == ("bind", "/etc/ro", 1)
+    order = [s.entry.mountpoint for s in plan.steps]
+    assert order.index("/dev") < order.index("/etc/secret")
