@@ -23,6 +23,9 @@ from cer.namespaces import NAMESPACE_TYPES, Namespace, Recipe
 
 _MAX_BACKOFF = 60.0
 _ADAPT_SECONDS = 5.0
+# How long a refill waits after the get or put that asked for it: a burst of gets (a restore asks for
+# ipc, uts and mnt at once) is answered before the factory's threads compete with it for the CPUs.
+_REFILL_DELAY = 0.005
 
 
 @dataclass(frozen=True)
@@ -147,9 +150,12 @@ class PoolActor(pykka.ThreadingActor):
         self._last_error: str | None = None
         self._backoff = 0.0
         self._retry_timer: threading.Timer | None = None
+        self._refill_wanted = threading.Event()
+        self._stopping = threading.Event()
 
     def on_start(self) -> None:
         self._self = self.actor_ref.proxy()
+        threading.Thread(target=self._refill_later, name=f"cer-refill-{self.entry.ref.key[:8]}", daemon=True).start()
         self._extractor.load_recipe(self.entry, self._self)
 
     # -- the extractor's answer -------------------------------------------------------------------
@@ -189,12 +195,13 @@ class PoolActor(pykka.ThreadingActor):
         if pool.idle:
             pool.warm_gets += 1
             future.set(self._hand_out(ns_type, pool.idle.popleft(), False, holder))
+            self._refill_wanted.set()
         else:
             timer = threading.Timer(self._cold_timeout, self._expire, args=(ns_type, future))
             timer.daemon = True
             pool.waiters.append(_Waiter(future, timer, holder))
             timer.start()
-        self._refill()
+            self._refill()  # this one is waited for
         return future
 
     def put(self, ns_type: str, namespace_id: int) -> None:
@@ -232,18 +239,34 @@ class PoolActor(pykka.ThreadingActor):
         if handout.holder_pid is not None:
             self._watcher.unwatch((ns_type, handout.namespace.namespace_id))
         self._factory.destroy(handout.namespace)
-        self._refill()
+        self._refill_wanted.set()
 
     def set_capacity(self, capacity: int) -> None:
         """Set how many idle namespaces each type keeps (the floor, for an adaptive pool); shrinking
         destroys idle namespaces at once."""
         self._capacity = capacity
         self._set_targets()
+        self._refill()
 
     def adapt(self) -> None:
         """Let an adaptive pool's targets follow demand down when nobody asks (from its timer)."""
         self._adapt_timer = None
         self._set_targets()
+        self._refill()
+
+    def refill_now(self) -> None:
+        """Build what the pool lacks (from the refill thread, a moment after gets and puts)."""
+        self._refill()
+
+    def _refill_later(self) -> None:
+        # The pool's refill thread: it never touches the pool's state, only asks the actor to refill.
+        while self._refill_wanted.wait() and not self._stopping.is_set():
+            time.sleep(_REFILL_DELAY)
+            self._refill_wanted.clear()
+            try:
+                self._self.refill_now()
+            except pykka.ActorDeadError:
+                return
 
     def _set_targets(self) -> None:
         now = time.monotonic()
@@ -257,7 +280,6 @@ class PoolActor(pykka.ThreadingActor):
             self._adapt_timer = threading.Timer(_ADAPT_SECONDS, self._tick)
             self._adapt_timer.daemon = True
             self._adapt_timer.start()
-        self._refill()
 
     def _tick(self) -> None:
         try:
@@ -404,6 +426,8 @@ class PoolActor(pykka.ThreadingActor):
         self._release_all()
 
     def _release_all(self) -> None:
+        self._stopping.set()
+        self._refill_wanted.set()
         for timer in (self._retry_timer, self._adapt_timer):
             if timer is not None:
                 timer.cancel()
