@@ -69,7 +69,8 @@ def test_get_put_cycles_leak_no_fd_mount_or_bundle(bundles):
             pool.put(ns_type, lease.namespace.namespace_id).get(timeout=5)
     status = wait_full(pool)
     assert all(status["types"][t]["in_use"] == 0 for t in TYPES)
-    assert len(os.listdir(bundles)) == 2
+    # Tear-downs of the put ones run in the factory's threads: wait for the bundles of the 2 idle to be all.
+    wait_for(lambda: len(os.listdir(bundles)) == 2, 10, what="torn-down bundles to go")
     started.stop()
     assert os.listdir(bundles) == []
     assert host_mounts() == mounts_before
@@ -229,6 +230,7 @@ def test_a_get_with_a_holder_is_bound_from_the_start_warm_or_cold(bundles):
     holder = subprocess.Popen(["sleep", "60"])
     try:
         warm = pool.get("uts", holder.pid).get(timeout=5).get(timeout=10)
+        pool.set_capacity(0).get(timeout=5)  # nothing idle any more: the next get is built for it
         cold = pool.get("uts", holder.pid).get(timeout=5).get(timeout=10)
         assert (warm.cold, cold.cold) == (False, True)
         assert pool.status().get(timeout=5)["types"]["uts"]["bound"] == 2

@@ -253,6 +253,14 @@ def criu_conf():
         CRIU_CONF.chmod(mode)
 
 
+def _marker_pid(path: Path) -> int | None:
+    """The pid a fake runtime wrote, once the whole number is there (the file can exist empty first)."""
+    try:
+        return int(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def kill_pid_in(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
         os.kill(int(path.read_text()), signal.SIGKILL)
@@ -314,7 +322,7 @@ def test_wrapper_killed_after_binding_loses_nothing(runc_cer, empty_checkpoint, 
                             "--image-path", str(empty_checkpoint[0]), "--external-ns", "uts", "--external-ns", "ipc",
                             "empty", _unique("hung"), FAKE_MARKER=str(fakes["marker"]))
     try:
-        wait_for(fakes["marker"].exists, 30, what="the wrapper to start the runtime")
+        wait_for(lambda: _marker_pid(fakes["marker"]), 30, what="the wrapper to start the runtime")
         assert held(runc_cer, "empty") == {"ipc": (1, 1), "uts": (1, 1)}
         wrapper.kill()
         wrapper.wait(10)
@@ -333,7 +341,7 @@ def test_sigterm_gives_everything_back_and_stops_the_runtime(runc_cer, empty_che
                             "--external-ns", "uts", "--external-ns", "ipc", "empty", _unique("hung"),
                             FAKE_MARKER=str(fakes["marker"]))
     try:
-        wait_for(fakes["marker"].exists, 30, what="the wrapper to start the runtime")
+        wait_for(lambda: _marker_pid(fakes["marker"]), 30, what="the wrapper to start the runtime")
         runtime_pid = int(fakes["marker"].read_text())
         assert checkpoint_users(runc_cer, "empty") == 1
         wrapper.send_signal(signal.SIGTERM)
