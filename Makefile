@@ -4,9 +4,10 @@ DEMO_ROOT ?= /tmp/cer-demo
 
 .PHONY: setup demo test bench
 
+# The project first: install-deps checks that pycriu loads, which needs the protobuf it brings.
 setup:
-	contrib/install-deps
 	$(PYTHON) -m pip install --quiet --root-user-action=ignore -e '.[test]'
+	contrib/install-deps
 
 # The daemon on the bundled sample checkpoints (made by CRIU 4 with contrib/sample/make-checkpoint).
 demo: setup
