@@ -214,7 +214,7 @@ def assert_names(error: ImageError, path: Path, upto: int) -> None:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("source, image_type", small_images())
+@pytest.mark.parametrize("source, image_type", list(small_images()))
 def test_truncated_at_every_offset(tmp_path, source, image_type):
     """Cut anywhere, an image reads as an ImageError naming the file and an offset inside what is
     left, or (cut between entries) as fewer entries: never anything else, never slowly."""
@@ -237,7 +237,7 @@ def test_truncated_at_every_offset(tmp_path, source, image_type):
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("source, image_type", small_images())
+@pytest.mark.parametrize("source, image_type", list(small_images()))
 def test_garbled_bytes(tmp_path, source, image_type):
     """Any byte flipped: an ImageError naming the file, or entries that still parse."""
     data = source.read_bytes()
