@@ -368,6 +368,12 @@ class _Attempt:
                 contents = read_checkpoint(directory)
                 labels = {"cer.checkpoint": str(ref)}
                 rootfs = build_rootfs(client, ref.namespace, checkpoint, SnapshotNames.for_key(ref.key), labels, self.cancel)
+                try:
+                    recipe = Recipe.from_checkpoint(contents, rootfs.lowerdir if rootfs else None)
+                except BaseException:
+                    if rootfs is not None:
+                        _remove_quietly(self.address, self.timeout, rootfs)  # nobody else will know of it
+                    raise
         except ContainerdUnavailable as error:
             return _Outcome(error=f"{self.address}: {error}", retry=True)
         except Cancelled:
@@ -377,7 +383,6 @@ class _Attempt:
         except Exception as error:  # noqa: BLE001 - a broken checkpoint is its pool's error, not the daemon's
             logger.opt(exception=error).debug("resolving checkpoint {} failed", ref)
             return _Outcome(error=f"extracting checkpoint image {ref.name!r} failed: {error}")
-        recipe = Recipe.from_checkpoint(contents, rootfs.lowerdir if rootfs else None)
         return _Outcome(directory=directory, recipe=recipe, rootfs=rootfs)
 
 

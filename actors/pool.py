@@ -17,7 +17,7 @@ import pykka
 from loguru import logger
 
 from cer.config import CheckpointEntry
-from cer.errors import Exhausted, NotFound, Unavailable
+from cer.errors import BadRequest, Exhausted, NotFound, Unavailable
 from cer.linux.processes import pidfd_open
 from cer.namespaces import NAMESPACE_TYPES, Namespace, Recipe
 
@@ -357,8 +357,9 @@ class PoolActor(pykka.ThreadingActor):
         # Whoever waits for this type would wait for the same failure: answer them now.
         while pool.waiters:
             pool.waiters.popleft().fail(Exhausted(message))
-        self._backoff = min(max(self._backoff * 2, 0.5), _MAX_BACKOFF)
         if self._retry_timer is None:
+            # Once per retry round, not per failed build: a full pool fails many builds at once.
+            self._backoff = min(max(self._backoff * 2, 0.5), _MAX_BACKOFF)
             self._retry_timer = threading.Timer(self._backoff, self._retry)
             self._retry_timer.daemon = True
             self._retry_timer.start()
@@ -396,7 +397,9 @@ class PoolActor(pykka.ThreadingActor):
         if self._state == "failed":
             raise Unavailable(f"checkpoint {self.entry.ref} is unusable: {self._last_error}")
         if not self._recipe.supports(ns_type):
-            raise Unavailable(f"checkpoint {self.entry.ref} has no rootfs configured, so no mnt namespaces")
+            # Asking again will not help: that is the request's problem, not the daemon's.
+            why = "its entry has no rootfs" if self.entry.path else "containerd gave it no root filesystem"
+            raise BadRequest(f"checkpoint {self.entry.ref} has no mnt namespaces: {why}")
 
     def _hand_out(self, ns_type: str, namespace: Namespace, cold: bool, holder: _Holder | None) -> Lease:
         handout = self._types[ns_type].in_use[namespace.namespace_id] = _Handout(namespace, time.monotonic())

@@ -50,10 +50,7 @@ class ProcessWatcher(pykka.ThreadingActor):
         owner, key, pid = entry
         del self._keys[key]
         self._change("remove", pidfd)
-        try:
-            owner.holder_exited(key, pid)
-        except pykka.ActorDeadError:
-            pass
+        owner.holder_exited(key, pid)  # an owner that stopped meanwhile drops it, having released all
 
     def watching(self) -> int:
         return len(self._watched)
@@ -65,31 +62,33 @@ class ProcessWatcher(pykka.ThreadingActor):
     def _poll(self) -> None:
         poller = select.poll()
         poller.register(self._wake_read, select.POLLIN)
+        registered: set[int] = set()  # what this thread polls; a removal can race an exit in one batch
         while True:
-            for fd, _event in poller.poll():
-                if fd != self._wake_read:
-                    poller.unregister(fd)  # reported once; the actor closes it
-                    try:
-                        self._self.exited(fd)
-                    except pykka.ActorDeadError:
-                        return
-                    continue
-                try:
-                    os.read(self._wake_read, 4096)
-                except BlockingIOError:
-                    pass
-                while not self._changes.empty():
-                    action, pidfd = self._changes.get()
-                    if action == "stop":
-                        return
-                    if action == "add":
-                        poller.register(pidfd, select.POLLIN)
-                    else:
-                        try:
-                            poller.unregister(pidfd)
-                        except KeyError:
-                            pass
-                        os.close(pidfd)
+            events = poller.poll()
+            # Exits first, then changes: a removal applied first would close the fd an exit names.
+            for fd, _event in events:
+                if fd in registered:
+                    registered.discard(fd)
+                    poller.unregister(fd)  # reported once; the actor has it closed
+                    self._self.exited(fd)
+            if not any(fd == self._wake_read for fd, _event in events):
+                continue
+            try:
+                os.read(self._wake_read, 4096)
+            except BlockingIOError:
+                pass
+            while not self._changes.empty():
+                action, pidfd = self._changes.get()
+                if action == "stop":
+                    return
+                if action == "add":
+                    poller.register(pidfd, select.POLLIN)
+                    registered.add(pidfd)
+                else:
+                    if pidfd in registered:
+                        registered.discard(pidfd)
+                        poller.unregister(pidfd)
+                    os.close(pidfd)
 
     def on_stop(self) -> None:
         self._changes.put(("stop", -1))

@@ -70,7 +70,7 @@ def load_config(path: str) -> Config:
     """Read and check the whole file; raise ConfigError naming the file, the entry and the problem."""
     try:
         with open(path, "rb") as file:
-            raw = file.read(1 << 20 + 1)
+            raw = file.read((1 << 20) + 1)
     except OSError as error:
         raise ConfigError(f"{path}: cannot read the configuration: {error.strerror}") from None
     if len(raw) > 1 << 20:
@@ -129,6 +129,8 @@ def _parse_entry(item: object, default_capacity: int, base: str) -> CheckpointEn
     if path is not None:
         validate_image_directory(path)
     rootfs = _directory(item, "rootfs", base)
+    if rootfs is not None and path is None:
+        raise BadRequest("rootfs goes with path: a checkpoint from containerd brings its own root filesystem")
     if rootfs is not None:
         # The overlay mount options are a comma- and colon-separated list: such paths cannot be told apart.
         if any(c in rootfs for c in ",:"):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from cer.config import MAX_CAPACITY
-from cer.errors import BadRequest, NotFound, UnknownMethod
+from cer.errors import BadRequest, NotFound, Unavailable, UnknownMethod
 from cer.linux.namespaces import NAMESPACE_TYPES
 from cer.references import CheckpointRef
 
@@ -141,7 +141,11 @@ class NamespaceGet(Method):
 
     def _ref_owning_ipc(self, gateway: "Gateway") -> CheckpointRef:
         refs = list(dict.fromkeys((self.ref, *self.extra_refs)))
-        not_default = [ref for ref in refs if gateway.ipc_default(ref) is False]
+        verdicts = {ref: gateway.ipc_default(ref) for ref in refs}
+        loading = [str(ref) for ref, verdict in verdicts.items() if verdict is None]
+        if loading:
+            raise Unavailable(f"checkpoints {', '.join(loading)} are not loaded yet: which one owns the IPC namespace is not known")
+        not_default = [ref for ref, verdict in verdicts.items() if not verdict]
         if len(not_default) > 1:
             names = ", ".join(map(str, not_default))
             raise BadRequest(f"checkpoints {names} each hold IPC objects or settings; one IPC namespace cannot hold them all")

@@ -86,10 +86,11 @@ def extract_tar(
     receiving, hashing and writing overlap. Headers are parsed by tarfile.TarInfo.frombuf; the
     extended headers a CRIU archive may carry (PAX, GNU long names) are handled here.
     """
+    reader = _ChunkReader(chunks, size, digest, cancel, progress)  # before the fd: it refuses bad digests
     root_fd = os.open(target, _DIR_FLAGS)
     directories = _Directories(root_fd)
     written: list[str] = []
-    with _ChunkReader(chunks, size, digest, cancel, progress) as stream:
+    with reader as stream:
         try:
             while True:
                 member = _next_member(stream, size)

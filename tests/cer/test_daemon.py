@@ -136,7 +136,7 @@ def test_an_empty_pool_serves_a_cold_get(daemon):
 
 def test_a_checkpoint_without_rootfs_has_no_mnt_namespaces(daemon):
     daemon.wait_full("sample-empty-ipc", types=("ipc", "uts"))
-    with pytest.raises(Unavailable, match="rootfs"):
+    with pytest.raises(BadRequest, match="has no mnt namespaces: its entry has no rootfs"):
         daemon.call(NamespaceGet("mnt", CheckpointRef("sample-empty-ipc")))
 
 
