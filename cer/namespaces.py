@@ -183,9 +183,12 @@ def _mount_points(below: str) -> set[str]:
         return found
 
 
-def _remove_below(directory: str, device: int, mount_points: set[str]) -> None:
+def _remove_below(directory: str, device: int, mount_points: set[str], parent_fd: int | None = None) -> None:
+    # Every step opens one name relative to its parent's fd, never a whole path: a process still
+    # writing in the bundle could swap a directory already passed for a link to the host's files.
+    name = directory if parent_fd is None else os.path.basename(directory)
     try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
     except OSError:
         return
     try:
@@ -201,7 +204,7 @@ def _remove_below(directory: str, device: int, mount_points: set[str]) -> None:
                 continue
             if stat.S_ISDIR(info.st_mode):
                 if info.st_dev == device:
-                    _remove_below(path, device, mount_points)
+                    _remove_below(path, device, mount_points, fd)
                     _quietly(os.rmdir, entry.name, dir_fd=fd)
             else:
                 _quietly(os.unlink, entry.name, dir_fd=fd)
