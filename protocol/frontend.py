@@ -82,7 +82,9 @@ class Frontend:
                 self._curve.start()
                 self._curve.secure(router)
             router.bind(self.endpoint)
-        except (zmq.ZMQError, EndpointRefused) as error:
+            if self.endpoint.startswith("ipc://"):
+                os.chmod(self.endpoint[len("ipc://"):], 0o600)  # whatever the umask made it
+        except (zmq.ZMQError, EndpointRefused, OSError) as error:
             router.close()
             if self._curve is not None:
                 self._curve.stop()

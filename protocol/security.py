@@ -1,7 +1,9 @@
 """Who may talk to the daemon.
 
-- ``ipc://``: libzmq cannot set the socket file's mode, so the socket lives in a directory only root can
-  enter (the daemon makes ROOT 0700); the default endpoint is there.
+- ``ipc://``: libzmq does not set the socket file's mode, so the frontend makes it 0600 right after
+  binding; the default endpoint is also in a directory only root can enter (the daemon makes ROOT
+  0700), which closes the moment between bind and chmod. Abstract sockets (``ipc://@name``) have no
+  permissions at all and are refused.
 - ``tcp://``: loopback addresses only, unless CURVE keys are given; with keys, every connection must
   present a client key listed in the keys directory (the ZeroMQ "ironhouse" pattern).
 
@@ -29,6 +31,8 @@ def check_endpoint(endpoint: str, curve_keys: str | None) -> None:
     """Refuse a tcp endpoint that would let other hosts in without CURVE authentication."""
     scheme, _, rest = endpoint.partition("://")
     if scheme == "ipc":
+        if rest.startswith("@"):
+            raise EndpointRefused(f"{endpoint} is an abstract socket, which any local user can reach")
         if curve_keys:
             raise EndpointRefused("CURVE keys are for tcp:// endpoints; ipc:// is guarded by its directory's mode")
         return

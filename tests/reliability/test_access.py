@@ -33,6 +33,7 @@ def test_the_ipc_socket_sits_in_a_root_only_directory_whatever_the_umask():
         os.umask(old)
     try:
         assert stat.S_IMODE(os.stat(root).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(root / "daemon.sock").st_mode) == 0o600
         probe = (
             "import socket, sys\n"
             "s = socket.socket(socket.AF_UNIX)\n"
@@ -98,3 +99,16 @@ def test_curve_lets_in_only_authorized_clients():
             assert client.call(AdminStatus())["pools"]  # still serving
     finally:
         assert daemon.stop() == 0
+
+
+def test_an_abstract_ipc_socket_is_refused():
+    base = short_tempdir()
+    config = base / "c.json"
+    config.write_text('{"containerd_checkpoints": []}')
+    result = subprocess.run(
+        [sys.executable, "-m", "cer", "start", "--root", str(base / "root"), "--config", str(config),
+         "--endpoint", "ipc://@cer-test"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode != 0
+    assert "abstract socket, which any local user can reach" in result.stderr
