@@ -10,8 +10,8 @@ import pykka
 from loguru import logger
 
 from cer.actors.pool import PoolActor, PoolPeers, PoolSettings
-from cer.config import CheckpointEntry, Config
-from cer.errors import NotFound
+from cer.config import MAX_POOLS, CheckpointEntry, Config
+from cer.errors import BadRequest, NotFound
 from cer.references import CheckpointRef
 
 
@@ -46,6 +46,8 @@ class Supervisor(pykka.ThreadingActor):
             self._entries[ref] = entry
             actor.proxy().set_capacity(capacity).get(timeout=10)
             return False
+        if actor is None and len(self._pools) >= MAX_POOLS:
+            raise BadRequest(f"the daemon already serves {MAX_POOLS} pools, its most: {ref} is not added")
         self._start_pool(entry)
         return actor is None
 

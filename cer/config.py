@@ -20,6 +20,8 @@ from cer.references import CheckpointRef
 DEFAULT_ROOT = "/var/lib/cermanager"
 CONFIG_NAME = "namespace_service.json"
 MAX_CAPACITY = 1000
+# Each pool is an actor, threads and up to 3 x MAX_CAPACITY namespaces: requests cannot add them without end.
+MAX_POOLS = 256
 # Standard logging (routed into loguru by the daemon) keeps clients, which import this module, light.
 logger = logging.getLogger(__name__)
 
@@ -92,6 +94,8 @@ def load_config(path: str) -> Config:
     entries = document.get("containerd_checkpoints", [])
     if not isinstance(entries, list):
         raise ConfigError(f"{path}: containerd_checkpoints must be a list")
+    if len(entries) > MAX_POOLS:
+        raise ConfigError(f"{path}: {len(entries)} checkpoints; at most {MAX_POOLS} are served")
 
     checkpoints: list[CheckpointEntry] = []
     seen: dict[CheckpointRef, int] = {}

@@ -58,7 +58,9 @@ BAD = {
     "path missing": ({"containerd_checkpoints": [{"name": "A", "path": "/nonexistent/dir"}]}, "path /nonexistent/dir is not a directory"),
     "path not images": ({"containerd_checkpoints": [{"name": "A", "path": "/etc"}]}, "path /etc is not a CRIU image directory"),
     "max below capacity": ({"containerd_checkpoints": [{"name": "A", "capacity": 5, "max_capacity": 2}]}, "max_capacity 2 is below capacity 5"),
-    "rootfs a file": ({"containerd_checkpoints": [{"name": "A", "rootfs": "/etc/hostname"}]}, "is not a directory"),
+    "rootfs without path": ({"containerd_checkpoints": [{"name": "A", "rootfs": "/tmp"}]}, "rootfs goes with path"),
+    "too many": ({"containerd_checkpoints": [{"name": f"c{i}"} for i in range(257)]}, "257 checkpoints; at most 256 are served"),
+    "rootfs a file": ({"containerd_checkpoints": [{"name": "A", "path": str(SAMPLE / "checkpoint"), "rootfs": "/etc/hostname"}]}, "is not a directory"),
 }
 
 
