@@ -9,7 +9,7 @@ import time
 import pykka
 
 from cer import __version__
-from cer.actors.pool import Lease, PoolPeers
+from cer.actors.pool import Lease, PoolPeers, PoolRetired
 from cer.config import load_config
 from cer.errors import NotFound, Unavailable
 from cer.references import CheckpointRef
@@ -97,8 +97,8 @@ class Gateway:
                 pool = self._pools[ref] = self._wait(self._supervisor.pool(ref), "the supervisor")
             try:
                 return call(pool).get(timeout=self._ask_timeout)
-            except pykka.ActorDeadError:
-                self._pools.pop(ref, None)
+            except (pykka.ActorDeadError, PoolRetired):
+                self._pools.pop(ref, None)  # a reload or a restart put another pool in its place
             except pykka.Timeout:
                 raise Unavailable(f"the pool of {ref} did not answer within {self._ask_timeout:g} s") from None
         raise Unavailable(f"the pool of {ref} keeps dying")

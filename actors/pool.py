@@ -28,6 +28,10 @@ _ADAPT_SECONDS = 5.0
 _REFILL_DELAY = 0.005
 
 
+class PoolRetired(Unavailable):
+    """This pool was retired by a reload; a newer pool may serve the same checkpoint (ask the supervisor)."""
+
+
 @dataclass(frozen=True)
 class PoolPeers:
     """The actors every pool talks to."""
@@ -144,6 +148,7 @@ class PoolActor(pykka.ThreadingActor):
         self._capacity = entry.capacity
         self._max_capacity = entry.max_capacity
         self._adapt_timer: threading.Timer | None = None
+        self._retired_to: pykka.ActorProxy | None = None
         self._types = {ns_type: _TypePool() for ns_type in NAMESPACE_TYPES}
         self._recipe: Recipe | None = None
         self._state = "loading"
@@ -240,13 +245,41 @@ class PoolActor(pykka.ThreadingActor):
             self._watcher.unwatch((ns_type, handout.namespace.namespace_id))
         self._factory.destroy(handout.namespace)
         self._refill_wanted.set()
+        self._stop_when_retired()
 
-    def set_capacity(self, capacity: int) -> None:
-        """Set how many idle namespaces each type keeps (the floor, for an adaptive pool); shrinking
-        destroys idle namespaces at once."""
+    def set_capacity(self, capacity: int, max_capacity: int | None | object = ...) -> None:
+        """Set how many idle namespaces each type keeps (the floor, for an adaptive pool) and, when given,
+        the adaptive ceiling (None: a fixed pool); shrinking destroys idle namespaces at once."""
         self._capacity = capacity
+        if max_capacity is not ...:
+            self._max_capacity = max_capacity
         self._set_targets()
         self._refill()
+
+    def retire(self, supervisor: pykka.ActorProxy) -> None:
+        """Stop serving: a reload removed or replaced this pool's entry. Idle namespaces and waiting gets
+        go now; namespaces handed out stay, for running containers use them, until their put or their
+        holder's exit; then the pool stops itself and tells ``supervisor.pool_retired``."""
+        self._retired_to = supervisor
+        self._state, self._last_error = "retired", "its entry was removed or replaced by a configuration reload"
+        self._capacity, self._max_capacity = 0, None
+        for timer in (self._retry_timer, self._adapt_timer):
+            if timer is not None:
+                timer.cancel()
+        self._retry_timer = self._adapt_timer = None
+        for pool in self._types.values():
+            while pool.waiters:
+                pool.waiters.popleft().fail(Unavailable(f"checkpoint {self.entry.ref} {self._last_error}"))
+        self._set_targets()
+        self._stop_when_retired()
+
+    def _stop_when_retired(self) -> None:
+        if self._retired_to is None:
+            return
+        if any(pool.in_use or pool.building for pool in self._types.values()):
+            return
+        self._retired_to.pool_retired(self.entry.ref, self.actor_ref.actor_urn)
+        self.actor_ref.stop(block=False)
 
     def adapt(self) -> None:
         """Let an adaptive pool's targets follow demand down when nobody asks (from its timer)."""
@@ -347,6 +380,7 @@ class PoolActor(pykka.ThreadingActor):
         else:
             self._factory.destroy(namespace)
         self._refill()
+        self._stop_when_retired()
 
     def _creation_failed(self, ns_type: str, error: BaseException | None) -> None:
         pool = self._types[ns_type]
@@ -392,6 +426,8 @@ class PoolActor(pykka.ThreadingActor):
     # -- internals ----------------------------------------------------------------------------------
 
     def _check_serving(self, ns_type: str) -> None:
+        if self._state == "retired":
+            raise PoolRetired(f"checkpoint {self.entry.ref}: this pool {self._last_error}")
         if self._state in ("loading", "unavailable"):
             raise Unavailable(f"checkpoint {self.entry.ref} is not ready: {self._last_error or 'loading'}")
         if self._state == "failed":
@@ -408,7 +444,7 @@ class PoolActor(pykka.ThreadingActor):
         return Lease(namespace, cold, self._recipe.ipc_default)
 
     def _refill(self) -> None:
-        if self._recipe is None or self._retry_timer is not None:
+        if self._recipe is None or self._retry_timer is not None or self._retired_to is not None:
             return
         for ns_type, pool in self._types.items():
             if not self._recipe.supports(ns_type):

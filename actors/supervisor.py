@@ -23,6 +23,8 @@ class Supervisor(pykka.ThreadingActor):
         self._settings = settings
         self._pools: dict[CheckpointRef, pykka.ActorRef] = {}
         self._entries: dict[CheckpointRef, CheckpointEntry] = {}
+        # Pools a reload removed or replaced, kept until the namespaces they handed out come back.
+        self._retired: dict[str, tuple[CheckpointRef, pykka.ActorRef]] = {}
 
     def on_start(self) -> None:
         for entry in self._config.checkpoints:
@@ -61,7 +63,7 @@ class Supervisor(pykka.ThreadingActor):
         after = {entry.ref: entry for entry in config.checkpoints}
         summary: dict[str, list[str]] = {"added": [], "removed": [], "resized": [], "restarted": []}
         for ref in before.keys() - after.keys():
-            self._stop_pool(ref)
+            self._retire_pool(ref)
             summary["removed"].append(str(ref))
         for ref, entry in after.items():
             current = self._entries.get(ref)
@@ -70,13 +72,13 @@ class Supervisor(pykka.ThreadingActor):
             if current is None:
                 self._start_pool(entry)
                 summary["added"].append(str(ref))
-            elif replace(current, capacity=entry.capacity) == entry and self._pools[ref].is_alive():
-                if current.capacity != entry.capacity:
+            elif replace(current, capacity=entry.capacity, max_capacity=entry.max_capacity) == entry and self._pools[ref].is_alive():
+                if (current.capacity, current.max_capacity) != (entry.capacity, entry.max_capacity):
                     self._entries[ref] = entry
-                    self._pools[ref].proxy().set_capacity(entry.capacity).get(timeout=10)
+                    self._pools[ref].proxy().set_capacity(entry.capacity, entry.max_capacity).get(timeout=10)
                     summary["resized"].append(str(ref))
             else:
-                self._stop_pool(ref)
+                self._retire_pool(ref)
                 self._start_pool(entry)
                 summary["restarted"].append(str(ref))
         self._config = config
@@ -84,7 +86,8 @@ class Supervisor(pykka.ThreadingActor):
         return summary
 
     def status(self) -> list[dict]:
-        asked = [(ref, actor.proxy().status()) for ref, actor in self._pools.items() if actor.is_alive()]
+        retired = [(ref, actor) for ref, actor in self._retired.values() if actor.is_alive()]
+        asked = [(ref, actor.proxy().status()) for ref, actor in [*self._pools.items(), *retired] if actor.is_alive()]
         result = []
         for ref, actor in self._pools.items():
             if not actor.is_alive():
@@ -102,12 +105,19 @@ class Supervisor(pykka.ThreadingActor):
         self._pools[entry.ref] = actor
         return actor
 
-    def _stop_pool(self, ref: CheckpointRef) -> None:
-        self._pools.pop(ref).stop(block=True, timeout=30)
+    def _retire_pool(self, ref: CheckpointRef) -> None:
+        actor = self._pools.pop(ref)
         del self._entries[ref]
-        self._peers.extractor.release(ref)
+        self._retired[actor.actor_urn] = (ref, actor)
+        actor.proxy().retire(self.actor_ref.proxy())
+
+    def pool_retired(self, ref: CheckpointRef, urn: str) -> None:
+        """A retired pool has every namespace back and stopped; its checkpoint goes unless served again."""
+        self._retired.pop(urn, None)
+        if ref not in self._pools and not any(other == ref for other, _ in self._retired.values()):
+            self._peers.extractor.release(ref)
 
     def on_stop(self) -> None:
         # Pools hand their namespaces to the factory to destroy, so they stop before it does.
-        for actor in self._pools.values():
+        for actor in [*self._pools.values(), *(actor for _, actor in self._retired.values())]:
             actor.stop(block=True, timeout=30)

@@ -9,8 +9,8 @@ import sys
 import pytest
 from conftest import SAMPLE, sample_config, start_daemon, wait_for
 
-from cer.errors import BadRequest
-from cer.protocol.methods import AdminReload, NamespaceGet, NamespaceUpdate
+from cer.errors import BadRequest, NotFound
+from cer.protocol.methods import AdminReload, NamespaceGet, NamespacePut, NamespaceUpdate
 from cer.references import CheckpointRef
 
 
@@ -75,3 +75,45 @@ def test_sighup_and_cer_reload_apply_the_file(daemon):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["removed"] == ["default/by-sighup"]
+
+
+def test_a_removed_or_replaced_pool_keeps_what_it_handed_out_until_it_comes_back(daemon):
+    daemon.wait_full("sample")
+    daemon.wait_full("sample-empty-ipc", types=("ipc", "uts"))
+    held_mnt = daemon.call(NamespaceGet("mnt", CheckpointRef("sample")))
+    held_uts = daemon.call(NamespaceGet("uts", CheckpointRef("sample-empty-ipc")))
+    config = sample_config()
+    config["containerd_checkpoints"][0]["path"] = str(SAMPLE / "checkpoint-empty-ipc")  # replaced
+    del config["containerd_checkpoints"][1]  # removed
+    daemon.config.write_text(json.dumps(config))
+    assert daemon.call(AdminReload()) == {"added": [], "removed": ["default/sample-empty-ipc"], "resized": [], "restarted": ["default/sample"]}
+    # What running containers use is untouched: the namespaces, and the mnt bundle's files.
+    assert os.path.exists(held_mnt["path"]) and os.path.isdir(held_mnt["info"]["bundle"])
+    assert os.path.exists(held_uts["path"])
+    states = {(pool["ref"]["name"], pool["state"]) for pool in daemon.status()["pools"]}
+    assert ("sample", "retired") in states and ("sample-empty-ipc", "retired") in states
+    # The new pool of the replaced entry serves; the removed one's name no longer does.
+    assert wait_for(lambda: _get_or_none(daemon, "uts", "sample"), 20)["info"]["ipc_default"] is True
+    with pytest.raises(NotFound):
+        daemon.call(NamespaceGet("uts", CheckpointRef("sample-empty-ipc")))
+    # Puts reach the retired pools, which then stop.
+    daemon.call(NamespacePut("mnt", held_mnt["namespace_id"]))
+    daemon.call(NamespacePut("uts", held_uts["namespace_id"]))
+    wait_for(lambda: not os.path.exists(held_mnt["info"]["bundle"]), 10, what="the bundle to go")
+    wait_for(lambda: all(pool["state"] != "retired" for pool in daemon.status()["pools"]), 10, what="retired pools to stop")
+
+
+def _get_or_none(daemon, ns_type, name):
+    try:
+        return daemon.call(NamespaceGet(ns_type, CheckpointRef(name)))
+    except Exception:  # noqa: BLE001 - the new pool is still loading
+        return None
+
+
+def test_a_changed_max_capacity_resizes_without_a_restart(daemon):
+    daemon.wait_full("sample")
+    config = sample_config()
+    config["containerd_checkpoints"][0]["max_capacity"] = 6
+    daemon.config.write_text(json.dumps(config))
+    assert daemon.call(AdminReload())["resized"] == ["default/sample"]
+    assert daemon.pool("sample")["max_capacity"] == 6
