@@ -286,11 +286,21 @@ def _owner(desc: pb.ipc_desc_entry) -> dict[str, int]:
     return {"id": desc.id, "key": desc.key, "mode": desc.mode, "uid": desc.uid, "gid": desc.gid}
 
 
+# The most shared memory cer reads from one checkpoint (it keeps the bytes to fill each namespace).
+MAX_SHM_BYTES = 4 << 30
+
+
 def _read_shm(directory: Path, path: Path) -> tuple[ShmSegment, ...]:
     segments = []
+    total = 0
     with _optional_image(path, IPCNS_SHM) as image:
         while (entry := image.read_entry()) is not None:
             shmid = entry.desc.id
+            # Sizes come from the image and every byte is held in memory: bound them before allocating.
+            total += entry.size
+            if total > MAX_SHM_BYTES:
+                raise image.error(f"shm segments of more than {MAX_SHM_BYTES >> 30} GiB in all (segment {shmid}: "
+                                  f"{entry.size} bytes); cer holds a checkpoint's shm contents in memory")
             if entry.in_pagemaps:
                 data = _read_shmem_pages(directory, shmid, entry.size)
             else:

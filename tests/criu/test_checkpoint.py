@@ -311,7 +311,8 @@ def test_missing_or_short_pages(sample_copy):
 @pytest.mark.timeout(10)
 @pytest.mark.parametrize("image_type, entries, problem", [
     (IPCNS_SEM, [pb.ipc_sem_entry(desc=desc(1), nsems=0xFFFFFFFF)], "values of semaphore set 1: needs 8589934592"),
-    (IPCNS_SHM, [pb.ipc_shm_entry(desc=desc(1), size=1 << 63)], "contents of shm segment 1: needs"),
+    (IPCNS_SHM, [pb.ipc_shm_entry(desc=desc(1), size=1 << 63)], "shm segments of more than 4 GiB in all"),
+    (IPCNS_SHM, [pb.ipc_shm_entry(desc=desc(1), size=1 << 20)], "contents of shm segment 1: needs"),
     (IPCNS_MSG, [pb.ipc_msg_entry(desc=desc(1), qbytes=1, qnum=0xFFFFFFFF), pb.ipc_msg(mtype=1, msize=1), b"x" * 8],
      "4294967295 messages recorded, the file ends after 1"),
     (IPCNS_MSG, [pb.ipc_msg_entry(desc=desc(1), qbytes=1, qnum=1), pb.ipc_msg(mtype=1, msize=0xFFFFFFFF)],
@@ -352,3 +353,11 @@ def test_truncated_images_of_a_checkpoint(sample_copy, name):
                 assert got == want[: len(got)], (cut, kind)
             assert contents != full
     assert time.monotonic() - started < 30
+
+
+def test_shm_sizes_beyond_the_bound_are_refused_before_allocating(sample_copy, monkeypatch):
+    from cer.criu import checkpoint as checkpoint_module
+
+    monkeypatch.setattr(checkpoint_module, "MAX_SHM_BYTES", 1 << 20)  # the sample holds 2 MiB + 4 KiB
+    with pytest.raises(ImageError, match="shm segments of more than 0 GiB in all"):
+        read_checkpoint(sample_copy)
