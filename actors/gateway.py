@@ -4,14 +4,16 @@ Request handlers run in the frontend's worker threads and call this; it never ru
 """
 
 import os
+import threading
 import time
 
 import pykka
+from loguru import logger
 
 from cer import __version__
 from cer.actors.pool import Lease, PoolPeers, PoolRetired
 from cer.config import load_config
-from cer.errors import NotFound, Unavailable
+from cer.errors import CerError, NotFound, Unavailable
 from cer.references import CheckpointRef
 
 
@@ -38,9 +40,34 @@ class Gateway:
         self._started = time.monotonic()
 
     def get_namespace(self, ns_type: str, ref: CheckpointRef, holder_pid: int | None = None) -> Lease:
-        pending = self._ask_pool(ref, lambda pool: pool.get(ns_type, holder_pid))
-        # The pool answers a cold get within its cold timeout; the margin covers a busy machine.
-        return self._wait(pending, f"the {ns_type} pool of {ref}", self._cold_timeout + self._ask_timeout)
+        asked: list[pykka.Future] = []
+
+        def get(pool: pykka.ActorProxy) -> pykka.Future:
+            asked.append(pool.get(ns_type, holder_pid))
+            return asked[-1]
+
+        try:
+            pending = self._ask_pool(ref, get)
+            # The pool answers a cold get within its cold timeout; the margin covers a busy machine.
+            return self._wait(pending, f"the {ns_type} pool of {ref}", self._cold_timeout + self._ask_timeout)
+        except Unavailable:
+            if asked:
+                # Should the pool still hand a namespace out after we gave up, nobody would hold it.
+                threading.Thread(target=self._give_back_late, args=(ns_type, asked[-1]), daemon=True).start()
+            raise
+
+    def _give_back_late(self, ns_type: str, asked: pykka.Future) -> None:
+        late = 2 * (self._cold_timeout + self._ask_timeout)
+        try:
+            answer = asked.get(timeout=late)
+            lease = answer.get(timeout=late) if isinstance(answer, pykka.Future) else answer
+        except Exception:  # noqa: BLE001 - the get failed after all: nothing was handed out
+            return
+        logger.warning("{} namespace {} was handed out after its get gave up; putting it back", ns_type, lease.namespace.namespace_id)
+        try:
+            self.put_namespace(ns_type, lease.namespace.namespace_id)
+        except CerError as error:
+            logger.error("putting back {} namespace {} failed: {}", ns_type, lease.namespace.namespace_id, error)
 
     def put_namespace(self, ns_type: str, namespace_id: int) -> None:
         """Return a namespace to its pool, which destroys it."""
