@@ -119,8 +119,9 @@ def test_update_grows_shrinks_and_creates_pools(daemon):
 
     new_ref = CheckpointRef("from-containerd", "k8s.io")
     assert daemon.call(NamespaceUpdate(new_ref, 3)) == {"created": True}
-    pool = daemon.pool("from-containerd")
-    assert pool["capacity"] == 3 and pool["state"] == "unavailable"
+    # Until the extractor's first word the pool says loading; then it waits for containerd.
+    pool = wait_for(lambda: (p := daemon.pool("from-containerd"))["state"] == "unavailable" and p, 10)
+    assert pool["capacity"] == 3
     with pytest.raises(Unavailable, match="containerd"):
         daemon.call(NamespaceGet("uts", new_ref))
 
