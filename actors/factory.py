@@ -27,7 +27,7 @@ _JOIN_TIMEOUT = 10.0
 
 @dataclass(eq=False)
 class _Job:
-    """One creation or teardown. Its thread sets ``result``/``error`` once, before telling the factory."""
+    """One creation or teardown. Its thread sets ``namespace``/``error`` once, before telling the factory."""
 
     kind: str  # "create" or "tear_down"
     ns_type: str
@@ -146,7 +146,7 @@ class NamespaceFactory(pykka.ThreadingActor):
         while self._queue:
             job = self._queue.popleft()
             if job.kind == "tear_down":
-                self._queue_and_wait(job)
+                self._tear_down_now(job)
         for job in list(self._running):
             job.thread.join(_JOIN_TIMEOUT)
             if not job.reported and job.kind == "create" and job.namespace is not None:
@@ -155,11 +155,11 @@ class NamespaceFactory(pykka.ThreadingActor):
             logger.info("destroying {} namespace {} at shutdown", namespace.ns_type, namespace.namespace_id)
             self._live.pop((namespace.ns_type, namespace.namespace_id))
             if namespace.ns_type == "mnt":
-                self._queue_and_wait(_Job("tear_down", "mnt", namespace=namespace))
+                self._tear_down_now(_Job("tear_down", "mnt", namespace=namespace))
             else:
                 os.close(namespace.namespace_id)
 
-    def _queue_and_wait(self, job: _Job) -> None:
+    def _tear_down_now(self, job: _Job) -> None:
         thread = threading.Thread(target=_tear_down, args=(job, None), daemon=True)
         thread.start()
         thread.join(_JOIN_TIMEOUT)
@@ -191,9 +191,6 @@ def _tear_down(job: _Job, factory: pykka.ActorProxy | None) -> None:
 
 
 def _report(job: _Job, factory: pykka.ActorProxy | None) -> None:
-    if factory is None:
-        return
-    try:
+    # A factory that is stopping drops the message; its on_stop looks after what this job left.
+    if factory is not None:
         factory.job_finished(job)
-    except pykka.ActorDeadError:
-        pass  # the factory is stopping; its on_stop looks after what this job left

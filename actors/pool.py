@@ -202,10 +202,8 @@ class PoolActor(pykka.ThreadingActor):
             future.set(self._hand_out(ns_type, pool.idle.popleft(), False, holder))
             self._refill_wanted.set()
         else:
-            timer = threading.Timer(self._cold_timeout, self._expire, args=(ns_type, future))
-            timer.daemon = True
+            timer = self._later(self._cold_timeout, self._self.expire_waiter, ns_type, future)
             pool.waiters.append(_Waiter(future, timer, holder))
-            timer.start()
             self._refill()  # this one is waited for
         return future
 
@@ -296,10 +294,7 @@ class PoolActor(pykka.ThreadingActor):
         while self._refill_wanted.wait() and not self._stopping.is_set():
             time.sleep(_REFILL_DELAY)
             self._refill_wanted.clear()
-            try:
-                self._self.refill_now()
-            except pykka.ActorDeadError:
-                return
+            self._self.refill_now()
 
     def _set_targets(self) -> None:
         now = time.monotonic()
@@ -310,15 +305,18 @@ class PoolActor(pykka.ThreadingActor):
             while len(pool.idle) > pool.target:
                 self._factory.destroy(pool.idle.pop())
         if self._max_capacity is not None and self._adapt_timer is None and self.actor_ref.is_alive():
-            self._adapt_timer = threading.Timer(_ADAPT_SECONDS, self._tick)
-            self._adapt_timer.daemon = True
-            self._adapt_timer.start()
+            self._adapt_timer = self._later(_ADAPT_SECONDS, self._self.adapt)
 
-    def _tick(self) -> None:
-        try:
-            self._self.adapt()
-        except pykka.ActorDeadError:
-            pass
+    @staticmethod
+    def _later(delay: float, call, *args) -> threading.Timer:
+        """Call ``call(*args)`` (a proxy method: the work runs in the actor) after ``delay`` seconds.
+
+        An actor that stopped meanwhile drops the message; pykka sends it nowhere.
+        """
+        timer = threading.Timer(delay, call, args=args)
+        timer.daemon = True
+        timer.start()
+        return timer
 
     def ipc_default(self) -> bool | None:
         """Whether this checkpoint's IPC namespace is default (None until the checkpoint is loaded)."""
@@ -394,26 +392,11 @@ class PoolActor(pykka.ThreadingActor):
         if self._retry_timer is None:
             # Once per retry round, not per failed build: a full pool fails many builds at once.
             self._backoff = min(max(self._backoff * 2, 0.5), _MAX_BACKOFF)
-            self._retry_timer = threading.Timer(self._backoff, self._retry)
-            self._retry_timer.daemon = True
-            self._retry_timer.start()
-
-    def _retry(self) -> None:
-        # Runs in the timer's thread: hand over to the actor.
-        try:
-            self._self.retry_refill()
-        except pykka.ActorDeadError:
-            pass
+            self._retry_timer = self._later(self._backoff, self._self.retry_refill)
 
     def retry_refill(self) -> None:
         self._retry_timer = None
         self._refill()
-
-    def _expire(self, ns_type: str, future: pykka.Future) -> None:
-        try:
-            self._self.expire_waiter(ns_type, future)
-        except pykka.ActorDeadError:
-            pass
 
     def expire_waiter(self, ns_type: str, future: pykka.Future) -> None:
         pool = self._types[ns_type]
@@ -478,9 +461,6 @@ class PoolActor(pykka.ThreadingActor):
                     "pool {}: {} namespace {} was still handed out at shutdown", self.entry.ref, ns_type, handout.namespace.namespace_id
                 )
             for namespace in [*pool.idle, *(handout.namespace for handout in pool.in_use.values())]:
-                try:
-                    self._factory.destroy(namespace)
-                except pykka.ActorDeadError:
-                    pass  # the factory already stopped: its on_stop destroyed what it still held
+                self._factory.destroy(namespace)  # a factory already stopped destroyed all it held
             pool.idle.clear()
             pool.in_use.clear()

@@ -27,5 +27,6 @@ def setup_logging(debug: bool) -> None:
         diagnose=False,
     )
     logging.basicConfig(handlers=[_InterceptHandler()], level=0, force=True)
-    # pykka logs every exception an ask returns at INFO; those are answered requests, not news.
-    logging.getLogger("pykka").setLevel(logging.WARNING)
+    # pykka logs every exception an ask returns at INFO: mostly answered requests (not found, not ready),
+    # but also failures in messages nobody waits for, so --debug shows them.
+    logging.getLogger("pykka").setLevel(logging.INFO if debug else logging.WARNING)
