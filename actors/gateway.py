@@ -6,6 +6,7 @@ Request handlers run in the frontend's worker threads and call this; it never ru
 import os
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import pykka
 from loguru import logger
@@ -16,6 +17,9 @@ from cer.config import load_config
 from cer.errors import CerError, NotFound, Unavailable
 from cer.references import CheckpointRef
 
+if TYPE_CHECKING:
+    from cer.actors.lazy import LazyServer
+
 
 class Gateway:
     def __init__(
@@ -25,8 +29,12 @@ class Gateway:
         ask_timeout: float = 5.0,
         cold_timeout: float = 10.0,
         config_path: str | None = None,
+        lazy: pykka.ActorProxy | None = None,
+        lazy_ready_timeout: float = 10.0,
     ) -> None:
         self._supervisor = supervisor
+        self._lazy = lazy
+        self._lazy_ready_timeout = lazy_ready_timeout
         self._config_path = config_path
         self._factory = peers.factory
         self._extractor = peers.extractor
@@ -102,11 +110,28 @@ class Gateway:
     def put_checkpoint(self, ref: CheckpointRef) -> int:
         return self._wait(self._extractor.put(ref), "the checkpoint extractor")
 
+    def lazy_server(self, ref: CheckpointRef, holder_pid: int | None = None) -> "LazyServer":
+        """A ready ``criu lazy-pages`` server for one lazy restore of ``ref``."""
+        pending = self._wait(self._lazy_servers().get(ref, holder_pid), "the lazy-pages servers")
+        return self._wait(pending, f"a lazy-pages server for {ref}", self._lazy_ready_timeout + self._ask_timeout)
+
+    def bind_lazy_server(self, server_id: str, restored_pid: int) -> str:
+        return self._wait(self._lazy_servers().bind(server_id, restored_pid), "the lazy-pages servers")
+
+    def put_lazy_server(self, server_id: str) -> str:
+        return self._wait(self._lazy_servers().put(server_id), "the lazy-pages servers")
+
+    def _lazy_servers(self) -> pykka.ActorProxy:
+        if self._lazy is None:
+            raise Unavailable("this daemon serves no lazy restores")
+        return self._lazy
+
     def status(self) -> dict:
         pools = self._supervisor.status()
         factory = self._factory.status()
         checkpoints = self._extractor.status()
         watching = self._watcher.watching()
+        lazy = self._lazy.status() if self._lazy is not None else None
         return {
             "version": __version__,
             "pid": self.pid,
@@ -115,6 +140,7 @@ class Gateway:
             "factory": self._wait(factory, "the namespace factory"),
             "checkpoints": self._wait(checkpoints, "the checkpoint extractor"),
             "watched_holders": self._wait(watching, "the process watcher"),
+            "lazy": self._wait(lazy, "the lazy-pages servers") if lazy is not None else None,
         }
 
     def _ask_pool(self, ref: CheckpointRef, call):

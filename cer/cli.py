@@ -88,13 +88,18 @@ def main(context: click.Context, debug: bool) -> None:
 @click.option("--http-allow-remote", is_flag=True, help="Let --http-address be a non-loopback address (the HTTP server has no authentication).")
 @click.option("--legacy-socket", is_flag=True, help="Also serve the original CER-Manager's protocol on ROOT/daemon.socket.")
 @click.option("--legacy-timeout", default=30.0, show_default=True, type=click.FloatRange(0.1, 3600), help="Seconds a --legacy-socket client may stay idle, or take to send one request.")
+@click.option("--lazy-deadline", default=300.0, show_default=True, type=click.FloatRange(0.5, 86400), help="Seconds a lazy-pages server (checkpoint.lazy) may live after it is handed out; then it and its restored process are stopped.")
+@click.option("--lazy-spares", default=1, show_default=True, type=click.IntRange(0, 16), help="Ready lazy-pages servers kept per checkpoint once it has been restored lazily.")
+@click.option("--criu", default="criu", show_default=True, help="The CRIU that runs lazy-pages servers (the one the runtimes use).")
 @click.pass_context
 def start(
     context, debug, root, config_path, endpoint, workers, cold_timeout, curve_keys, lease_timeout, containerd_address,
-    containerd_timeout, http_port, http_address, http_allow_remote, legacy_socket, legacy_timeout,
+    containerd_timeout, http_port, http_address, http_allow_remote, legacy_socket, legacy_timeout, lazy_deadline,
+    lazy_spares, criu,
 ) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
     from cer.config import load_config  # noqa: PLC0415
+    from cer.actors.lazy import LazySettings  # noqa: PLC0415
     from cer.actors.pool import PoolSettings  # noqa: PLC0415
     from cer.daemon import Settings, run  # noqa: PLC0415
     from cer.logs import setup_logging  # noqa: PLC0415
@@ -122,6 +127,7 @@ def start(
             http_port=http_port,
             http_address=http_address or "127.0.0.1",
             http_allow_remote=http_allow_remote,
+            lazy=LazySettings(deadline=lazy_deadline, spares=lazy_spares, criu=criu),
         )
         run(config, settings)
     except CerError as error:

@@ -17,6 +17,7 @@ from loguru import logger
 from cer.actors.extractor import CheckpointExtractor
 from cer.actors.factory import NamespaceFactory
 from cer.actors.gateway import Gateway
+from cer.actors.lazy import LazyPagesServers, LazySettings
 from cer.actors.pool import PoolPeers, PoolSettings
 from cer.actors.supervisor import Supervisor
 from cer.actors.watcher import ProcessWatcher
@@ -53,6 +54,8 @@ class Settings:
     """Serve /namespace/update and /metrics over HTTP on this port (off when None)."""
     http_address: str = DEFAULT_HTTP_ADDRESS
     http_allow_remote: bool = False
+    lazy: LazySettings = LazySettings()
+    """The lazy-pages servers of lazy restores (checkpoint.lazy)."""
 
 
 class DaemonError(CerError):
@@ -86,10 +89,14 @@ def run(config: Config, settings: Settings) -> None:
             actors.append(factory)
             watcher = ProcessWatcher.start()
             actors.append(watcher)
+            # After the watcher, which tells it when its servers exit; stopped before it, after the pools.
+            lazy = LazyPagesServers.start(root.root, extractor.proxy(), watcher.proxy(), settings.lazy, settings.ask_timeout)
+            actors.append(lazy)
             peers = PoolPeers(factory.proxy(), extractor.proxy(), watcher.proxy())
             supervisor = Supervisor.start(config, peers, settings.pool)
             actors.append(supervisor)
-            gateway = Gateway(supervisor.proxy(), peers, settings.ask_timeout, settings.pool.cold_timeout, config.path)
+            gateway = Gateway(supervisor.proxy(), peers, settings.ask_timeout, settings.pool.cold_timeout, config.path,
+                              lazy.proxy(), settings.lazy.ready_timeout)
             # Before the ZeroMQ frontend: a daemon that answers there serves every socket it was asked for.
             if settings.legacy_socket:
                 legacy = LegacyFrontend(

@@ -5,6 +5,7 @@ a request's params and runs ``handle``; clients build one directly and send ``pa
 is the method's documentation (protocol/README.md repeats it for readers of the wire format).
 """
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -324,3 +325,100 @@ class AdminReload(Method):
 
     def handle(self, gateway: "Gateway") -> dict:
         return gateway.reload()
+
+
+def _server_id(raw: dict, name: str = "server_id") -> str:
+    value = raw.get(name)
+    if not isinstance(value, str) or not re.fullmatch(r"[0-9]{1,10}-[0-9]{1,10}", value):
+        raise BadRequest(f"{name} must be a lazy-pages server id as checkpoint.lazy answers it, not {value!r}")
+    return value
+
+
+@_method("checkpoint", "lazy")
+@dataclass(frozen=True)
+class CheckpointLazy(Method):
+    """Start a ``criu lazy-pages`` server for one lazy restore of ``ref``; it is ready when this answers.
+
+    params: ``{"ref": REF, "holder_pid": PID}`` (``holder_pid`` optional)
+    result: ``{"server_id": ID, "work_dir": DIR, "socket": PATH, "images": DIR, "pid": PID, "deadline_seconds": S}``
+
+    Restore from ``images`` with ``work_dir`` as CRIU's work directory (``runc restore -d --lazy-pages
+    --image-path IMAGES --work-path WORK_DIR``, ``criu restore --lazy-pages -D IMAGES -W WORK_DIR``): the
+    restore finds the server at ``socket``, ``lazy-pages.socket`` in that directory. Each call gets a server
+    of its own. The server exits once its restore has all its pages; then call ``checkpoint.lazy_bind`` with
+    the restored process, so that it is killed rather than left with missing pages if the server ends any
+    other way. A server still running ``deadline_seconds`` after this answer is stopped (and its bound
+    process killed). With ``holder_pid`` the server is stopped when that process exits before a restore
+    reached it (``not_found`` when it is not running). ``unavailable`` when the host cannot restore lazily.
+    """
+
+    ref: CheckpointRef
+    holder_pid: int | None = None
+
+    @classmethod
+    def parse(cls, raw: dict) -> "CheckpointLazy":
+        params = _Params(raw, {"ref", "holder_pid"})
+        return cls(params.ref(), params.integer("holder_pid", 1, _MAX_ID, required=False))
+
+    def params(self) -> dict:
+        params = {"ref": self.ref.to_wire()}
+        return params if self.holder_pid is None else {**params, "holder_pid": self.holder_pid}
+
+    def handle(self, gateway: "Gateway") -> dict:
+        return gateway.lazy_server(self.ref, self.holder_pid).to_wire()
+
+
+@_method("checkpoint", "lazy_bind")
+@dataclass(frozen=True)
+class CheckpointLazyBind(Method):
+    """Tell a lazy-pages server from ``checkpoint.lazy`` which process its restore made.
+
+    params: ``{"server_id": ID, "restored_pid": PID}``
+    result: ``{"state": "serving"|"completed"}``
+
+    From now on, if the server ends before its restore has all its pages (killed, failed, past its
+    deadline, given back), the daemon kills that process (a container's init: its whole pid namespace)
+    before the process can read a page that never came. ``completed``: the server has delivered everything
+    already. A server that ended otherwise before this call is ``unavailable``, and the process is killed
+    at once. ``not_found`` for an unknown server or a process that is not running.
+    """
+
+    server_id: str
+    restored_pid: int
+
+    @classmethod
+    def parse(cls, raw: dict) -> "CheckpointLazyBind":
+        params = _Params(raw, {"server_id", "restored_pid"})
+        return cls(_server_id(raw), params.integer("restored_pid", 1, _MAX_ID))
+
+    def params(self) -> dict:
+        return {"server_id": self.server_id, "restored_pid": self.restored_pid}
+
+    def handle(self, gateway: "Gateway") -> dict:
+        return {"state": gateway.bind_lazy_server(self.server_id, self.restored_pid)}
+
+
+@_method("checkpoint", "lazy_put")
+@dataclass(frozen=True)
+class CheckpointLazyPut(Method):
+    """Give back a lazy-pages server from ``checkpoint.lazy``: it is stopped now, its work directory removed.
+
+    params: ``{"server_id": ID}``
+    result: ``{"state": STATE}`` (``released``, or how the server had ended already, e.g. ``completed``)
+
+    For a restore that failed or never ran. A process bound to the server that does not have all its
+    pages yet is killed with it.
+    """
+
+    server_id: str
+
+    @classmethod
+    def parse(cls, raw: dict) -> "CheckpointLazyPut":
+        _Params(raw, {"server_id"})
+        return cls(_server_id(raw))
+
+    def params(self) -> dict:
+        return {"server_id": self.server_id}
+
+    def handle(self, gateway: "Gateway") -> dict:
+        return {"state": gateway.put_lazy_server(self.server_id)}

@@ -15,3 +15,18 @@ libc.syscall.restype = ctypes.c_long
 def pidfd_open(pid: int) -> int:
     """Open a pidfd for ``pid``; OSError(ESRCH) when no such process runs."""
     return check(libc.syscall(_SYS_PIDFD_OPEN, ctypes.c_int(pid), ctypes.c_uint(0)), f"pidfd_open {pid}")
+
+
+_SYS_PIDFD_GETFD = 438  # Linux 5.6
+
+
+def pidfd_getfd(pidfd: int, target_fd: int) -> int:
+    """A duplicate, in this process and close-on-exec, of fd ``target_fd`` of the process behind ``pidfd``.
+
+    Both then refer to the same open file: for a userfaultfd, the kernel keeps it (and the page faults it
+    handles) alive until the last of them is closed.
+    """
+    return check(
+        libc.syscall(_SYS_PIDFD_GETFD, ctypes.c_int(pidfd), ctypes.c_int(target_fd), ctypes.c_uint(0)),
+        f"pidfd_getfd {target_fd}",
+    )

@@ -12,6 +12,9 @@ from cer.protocol.methods import (
     AdminStatus,
     NamespaceBind,
     CheckpointGet,
+    CheckpointLazy,
+    CheckpointLazyBind,
+    CheckpointLazyPut,
     CheckpointPut,
     NamespaceGet,
     NamespacePut,
@@ -33,6 +36,10 @@ EXAMPLES = [
     AdminStatus(),
     AdminReload(),
     NamespaceGet("uts", CheckpointRef("a"), holder_pid=7),
+    CheckpointLazy(CheckpointRef("a", "k8s.io"), holder_pid=7),
+    CheckpointLazy(CheckpointRef("a")),
+    CheckpointLazyBind("4242-1", 77),
+    CheckpointLazyPut("4242-1"),
 ]
 
 

@@ -1,0 +1,610 @@
+"""Lazy-pages servers: one ``criu lazy-pages`` process per lazy restore of a checkpoint cer holds.
+
+A lazy restore (``runc restore --lazy-pages``, ``criu restore --lazy-pages``) starts the container with
+its memory still in the images; a ``criu lazy-pages`` server then hands pages over through userfaultfd,
+first those the container touches, then all the rest, and exits (status 0) once the restore has all its
+pages or its processes are gone. Server and restore meet at ``lazy-pages.socket`` in CRIU's work
+directory, so every server here gets a directory of its own, ``ROOT/lazy/<id>/``, which its restore
+uses as its work directory; several restores of one checkpoint at once each get their own server.
+
+What a server is for, and how it ends:
+
+- **starting**: spawned; it is ready once its socket exists (bounded by ``ready_timeout``). A request
+  waits for that before it is answered.
+- **spare**: ready and not handed out. Once a server that was handed out has ended, the actor starts
+  ``spares`` servers of that checkpoint ahead of the next request (the ~40 ms a server takes to start is
+  then off the restore's path; started only then, a spare does not compete for CPU with the restore and
+  its pages); a spare that nobody takes within ``deadline`` is stopped and not replaced.
+- **waiting**: handed out; its restore has not been bound yet. With a holder process, the server is
+  stopped (``abandoned``) when the holder exits before any restore reached the server.
+- **serving**: ``bind`` told it the restored process. The actor then holds duplicates of the server's
+  userfaultfds (``pidfd_getfd``). This matters because when the last fd of a userfaultfd closes, the
+  kernel fills every page not delivered yet with zeros and the process runs on with holes. With cer's
+  copies open, a fault on a missing page waits instead, and if the server ends any other way than by
+  finishing its work, the actor kills the restored process (SIGKILL through a pidfd: a container's
+  init takes its whole pid namespace with it) before it lets go of them. The restored process fails
+  loudly; it never runs with holes.
+- Every server ends by ``deadline`` seconds after it was handed out (``expired``: killed, and so is its
+  restored process); ``put`` ends it at once (``released``).
+
+Outcomes (``ended`` in status): ``completed`` (exited 0), ``failed`` (exited otherwise, e.g. killed by
+someone), ``expired``, ``released``, ``abandoned``, ``unused`` (a spare nobody took), ``not_ready``,
+``stopped`` (the daemon stopped). Each ended server leaves nothing: its process is reaped, its work
+directory removed, its fds closed and its user of the checkpoint directory (``CheckpointExtractor.get``)
+given back.
+
+Exits are noticed through pidfds handed to the ProcessWatcher (servers and holders), which tells
+``holder_exited``. At shutdown, servers with a restore in progress get ``shutdown_grace`` seconds to
+finish; then every server left is killed, its restored process too. Servers left by a daemon killed
+with SIGKILL (they outlive it) are found by their work directory at the next start and killed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import select
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+import pykka
+from loguru import logger
+
+from cer.errors import NotFound, Unavailable
+from cer.linux.processes import pidfd_getfd, pidfd_open
+from cer.linux.userfaultfd import lazy_pages_unsupported
+from cer.references import CheckpointRef
+
+LAZY_DIRECTORY = "lazy"
+"""Where, under ROOT, each server's work directory lives."""
+SOCKET_NAME = "lazy-pages.socket"
+LOG_NAME = "lazy-pages.log"
+_READY_POLL = 0.002
+_HISTORY = 64
+_REAP_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class LazySettings:
+    deadline: float = 300.0
+    """Seconds from hand-out (for a spare: from its start) until a server that has not ended is stopped."""
+    ready_timeout: float = 10.0
+    spares: int = 1
+    """Ready servers kept per checkpoint once it has been asked for (0: start each on request)."""
+    criu: str = "criu"
+    shutdown_grace: float = 10.0
+
+
+@dataclass(frozen=True)
+class LazyServer:
+    """What a client passes to its lazy restore: ``images`` as the image directory, ``work_dir`` as CRIU's
+    work directory (the restore finds ``socket``, the server's, there)."""
+
+    server_id: str
+    pid: int
+    work_dir: str
+    socket: str
+    images: str
+    deadline_seconds: float
+
+    def to_wire(self) -> dict:
+        return {
+            "server_id": self.server_id, "pid": self.pid, "work_dir": self.work_dir, "socket": self.socket,
+            "images": self.images, "deadline_seconds": self.deadline_seconds,
+        }
+
+
+@dataclass(eq=False)
+class _Request:
+    future: pykka.ThreadingFuture
+    holder_pid: int | None
+    holder_pidfd: int | None
+
+
+@dataclass(eq=False)
+class _Server:
+    server_id: str
+    ref: CheckpointRef
+    images: str
+    work_dir: str
+    process: subprocess.Popen
+    pidfd: int
+    started: float
+    state: str = "starting"  # starting, spare, waiting, serving
+    request: _Request | None = None  # the request waiting for this server to get ready
+    handed_out: float | None = None
+    holder_pid: int | None = None
+    restored_pid: int | None = None
+    restored_pidfd: int | None = None
+    uffds: list[int] = field(default_factory=list)
+    outcome: str | None = None  # set when cer ends the server itself
+    reason: str | None = None
+    connected: bool = False  # a restore had reached it when cer ended it
+    timer: threading.Timer | None = None
+
+    @property
+    def socket(self) -> str:
+        return os.path.join(self.work_dir, SOCKET_NAME)
+
+    def reply(self, deadline: float) -> LazyServer:
+        return LazyServer(self.server_id, self.process.pid, self.work_dir, self.socket, self.images, deadline)
+
+
+class LazyPagesServers(pykka.ThreadingActor):
+    """Starts, hands out, watches and ends ``criu lazy-pages`` servers (see the module's docstring)."""
+
+    def __init__(
+        self, root: str, extractor: pykka.ActorProxy, watcher: pykka.ActorProxy, settings: LazySettings = LazySettings(),
+        ask_timeout: float = 5.0,
+    ) -> None:
+        super().__init__()
+        self._base = os.path.join(root, LAZY_DIRECTORY)
+        self._extractor = extractor
+        self._watcher = watcher
+        self._settings = settings
+        self._ask_timeout = ask_timeout
+        self._servers: dict[str, _Server] = {}
+        self._ended: deque[dict] = deque(maxlen=_HISTORY)
+        self._counts: Counter = Counter()
+        self._serial = itertools.count(1)
+        self._criu: str | None = None
+        self._unsupported: str | None = None
+        self._stopping = False
+
+    def on_start(self) -> None:
+        self._self = self.actor_ref.proxy()
+        self._criu = shutil.which(self._settings.criu)
+        self._unsupported = lazy_pages_unsupported()
+        if self._criu is None:
+            self._unsupported = f"no CRIU at {self._settings.criu!r} (cer start --criu)"
+        _kill_leftovers(self._base)
+        shutil.rmtree(self._base, ignore_errors=True)
+        os.makedirs(self._base, mode=0o700)
+        if self._unsupported:
+            logger.warning("lazy restores are not available: {}", self._unsupported)
+
+    # -- requests -------------------------------------------------------------------------------------
+
+    def get(self, ref: CheckpointRef, holder_pid: int | None = None) -> pykka.Future:
+        """A server for one lazy restore of ``ref``: a future of a LazyServer, set once it is ready (or of
+        the error). With ``holder_pid``, the server is stopped if that process exits before a restore
+        reached it."""
+        if self._unsupported:
+            raise Unavailable(f"lazy restores are not available on this host: {self._unsupported}")
+        request = _Request(pykka.ThreadingFuture(), holder_pid, _open_holder(holder_pid))
+        spare = self._find(ref, "spare") or self._find(ref, "starting")
+        try:
+            server = spare if spare is not None else self._spawn(ref)
+        except BaseException:
+            _close(request.holder_pidfd)
+            raise
+        if server.state == "spare":
+            self._hand_out(server, request)
+        else:
+            server.request = request
+        return request.future
+
+    def bind(self, server_id: str, pid: int) -> str:
+        """Process ``pid`` was restored with server ``server_id``: if the server ends before it has delivered
+        all its pages, the process is killed. Returns the server's state (``serving``, or ``completed`` when
+        it is done already)."""
+        server = self._servers.get(server_id)
+        if server is None:
+            ended = self._ended_entry(server_id)
+            if ended["outcome"] == "completed":
+                return "completed"
+            # Whatever the server did not deliver is a hole in that process by now: it must not run on.
+            killed = _kill_pid(pid)
+            raise Unavailable(
+                f"lazy-pages server {server_id} ended ({ended['outcome']}: {ended['reason']}) before its restore had "
+                f"all its pages; {'process ' + str(pid) + ' was killed' if killed else f'process {pid} is not running'}"
+            )
+        if server.state in ("starting", "spare"):
+            raise NotFound(f"lazy-pages server {server_id} is not handed out")
+        try:
+            restored_pidfd = pidfd_open(pid)
+        except ProcessLookupError:
+            raise NotFound(f"process {pid} is not running") from None
+        _close(server.restored_pidfd)
+        server.restored_pid, server.restored_pidfd = pid, restored_pidfd
+        server.uffds.extend(self._grab_uffds(server))
+        if server.holder_pid is not None:
+            self._watcher.unwatch(("lazy", server_id, "holder"))
+        server.state = "serving"
+        logger.info("lazy-pages server {}: serving process {} ({} userfaultfd(s) held)", server_id, pid, len(server.uffds))
+        return "serving"
+
+    def put(self, server_id: str) -> str:
+        """End a server now (``released``); a process bound to it that lacks pages is killed. For a server
+        that has ended already, its outcome."""
+        server = self._servers.get(server_id)
+        if server is None:
+            return self._ended_entry(server_id)["outcome"]
+        if server.state in ("starting", "spare"):
+            raise NotFound(f"lazy-pages server {server_id} is not handed out")
+        self._end(server, "released", "given back by its client")
+        return "released"
+
+    def status(self) -> dict:
+        now = time.monotonic()
+        servers = []
+        for server in self._servers.values():
+            servers.append({
+                "server_id": server.server_id, "ref": str(server.ref), "state": server.state, "pid": server.process.pid,
+                "work_dir": server.work_dir, "images": server.images, "age_seconds": round(now - server.started, 3),
+                "holder_pid": server.holder_pid, "restored_pid": server.restored_pid,
+                "restore_connected": bool(server.uffds) or _has_uffd(server.process.pid),
+                "deadline_in_seconds": self._deadline_in(server, now),
+            })
+        return {
+            "supported": self._unsupported is None, "unsupported_reason": self._unsupported, "criu": self._criu,
+            "deadline_seconds": self._settings.deadline, "spares": self._settings.spares, "servers": servers,
+            "ended": list(self._ended), "counts": dict(self._counts),
+        }
+
+    # -- what threads and the watcher report ------------------------------------------------------------
+
+    def server_ready(self, server_id: str) -> None:
+        server = self._servers.get(server_id)
+        if server is None or server.state != "starting":
+            return
+        logger.debug("lazy-pages server {} ready after {:.3f} s", server_id, time.monotonic() - server.started)
+        if server.request is not None:
+            self._hand_out(server, server.request)
+        else:
+            server.state = "spare"
+
+    def server_not_ready(self, server_id: str, reason: str) -> None:
+        server = self._servers.get(server_id)
+        if server is not None and server.state == "starting":
+            self._end(server, "not_ready", reason)
+
+    def deadline_passed(self, server_id: str, timer: threading.Timer) -> None:
+        server = self._servers.get(server_id)
+        if server is None or server.timer is not timer:
+            return
+        if server.state in ("starting", "spare"):
+            self._end(server, "unused", f"not taken within {self._settings.deadline:g} s")
+        else:
+            self._end(server, "expired", f"not done {self._settings.deadline:g} s after it was handed out")
+
+    def holder_exited(self, key: tuple, pid: int) -> None:
+        """From the process watcher: a server (``key[2] == "server"``) or the holder of one exited."""
+        _lazy, server_id, role = key
+        server = self._servers.get(server_id)
+        if server is None:
+            return
+        if role == "server":
+            self._server_exited(server)
+        elif role == "holder" and server.state == "waiting" and server.holder_pid == pid:
+            if _has_uffd(server.process.pid):
+                # A restore is under way: stopping the server now would leave holes in it.
+                logger.warning("lazy-pages server {}: its holder {} exited during the restore; serving it to the end",
+                               server_id, pid)
+            else:
+                self._end(server, "abandoned", f"holder process {pid} exited before a restore came")
+
+    # -- internals --------------------------------------------------------------------------------------
+
+    def _find(self, ref: CheckpointRef, state: str) -> _Server | None:
+        return next((s for s in self._servers.values() if s.ref == ref and s.state == state and s.request is None), None)
+
+    def _start_spares(self, ref: CheckpointRef) -> None:
+        ready = [s for s in self._servers.values() if s.ref == ref and s.state in ("starting", "spare") and s.request is None]
+        for _ in range(self._settings.spares - len(ready)):
+            try:
+                self._spawn(ref)
+            except (Unavailable, NotFound) as error:
+                logger.warning("no spare lazy-pages server for {}: {}", ref, error)
+                return
+
+    def _spawn(self, ref: CheckpointRef) -> _Server:
+        images = self._wait(self._extractor.get(ref), "the checkpoint extractor")  # a user until the server ends
+        server_id = f"{os.getpid()}-{next(self._serial)}"
+        work_dir = os.path.join(self._base, server_id)
+        try:
+            os.mkdir(work_dir, 0o700)
+            with open(os.path.join(work_dir, "lazy-pages.stderr"), "wb") as stderr:
+                process = subprocess.Popen(
+                    [self._criu, "lazy-pages", "-D", images, "-W", work_dir, "-o", LOG_NAME],
+                    stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, cwd=work_dir, start_new_session=True,
+                )
+        except OSError as error:
+            shutil.rmtree(work_dir, ignore_errors=True)
+            self._extractor.put(ref)
+            raise Unavailable(f"cannot start criu lazy-pages: {error}") from None
+        # Our child, not reaped until we wait for it: its pid cannot name another process before then.
+        server = _Server(server_id, ref, images, work_dir, process, pidfd_open(process.pid), time.monotonic())
+        self._servers[server_id] = server
+        self._counts["started"] += 1
+        self._watcher.watch(os.dup(server.pidfd), process.pid, self._self, ("lazy", server_id, "server"))
+        self._arm_deadline(server)
+        # The thread polls a pidfd of its own: the actor closes the server's when the server ends.
+        threading.Thread(target=_await_ready, args=(server.socket, os.dup(server.pidfd), server_id,
+                                                     self._settings.ready_timeout, self._self),
+                         name=f"cer-lazy-ready-{server_id}", daemon=True).start()
+        return server
+
+    def _hand_out(self, server: _Server, request: _Request) -> None:
+        server.request = None
+        server.state = "waiting"
+        server.handed_out = time.monotonic()
+        self._counts["handed_out"] += 1
+        if request.holder_pidfd is not None:
+            server.holder_pid = request.holder_pid
+            self._watcher.watch(request.holder_pidfd, request.holder_pid, self._self, ("lazy", server.server_id, "holder"))
+        self._arm_deadline(server)
+        logger.info("lazy-pages server {} of {} handed out (pid {}, {})", server.server_id, server.ref, server.process.pid,
+                    server.work_dir)
+        request.future.set(server.reply(self._settings.deadline))
+
+    def _arm_deadline(self, server: _Server) -> None:
+        if server.timer is not None:
+            server.timer.cancel()
+        timer = threading.Timer(self._settings.deadline, lambda: _tell(self._self, "deadline_passed", server.server_id, timer))
+        timer.daemon = True
+        server.timer = timer
+        timer.start()
+
+    def _deadline_in(self, server: _Server, now: float) -> float | None:
+        since = server.handed_out if server.handed_out is not None else server.started
+        return round(max(0.0, since + self._settings.deadline - now), 3)
+
+    def _grab_uffds(self, server: _Server) -> list[int]:
+        held = []
+        for fd in _uffd_fds(server.process.pid):
+            try:
+                held.append(pidfd_getfd(server.pidfd, fd))
+            except OSError as error:  # closed meanwhile, or the server is gone: nothing to hold
+                logger.debug("lazy-pages server {}: cannot hold fd {}: {}", server.server_id, fd, error)
+        return held
+
+    def _end(self, server: _Server, outcome: str, reason: str) -> None:
+        """End a server ourselves; the rest happens when its exit is reported (``_server_exited``)."""
+        if server.outcome is None:
+            server.outcome, server.reason = outcome, reason
+            server.connected = bool(server.uffds) or _has_uffd(server.process.pid)
+        try:
+            signal.pidfd_send_signal(server.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def _server_exited(self, server: _Server) -> None:
+        status = server.process.wait()
+        outcome = server.outcome or ("completed" if status == 0 else "failed")
+        reason = server.reason or _describe_status(status)
+        if outcome == "completed":
+            self._finish(server, outcome, reason, killed=False)
+            return
+        if server.request is not None or outcome == "not_ready":
+            reason = f"{reason}: {_log_tail(server.work_dir)}"
+        killed = False
+        if server.restored_pidfd is not None:
+            killed = _kill(server.restored_pidfd)
+            if killed:
+                logger.error("lazy-pages server {} ended ({}: {}) before process {} had all its pages: killed it",
+                             server.server_id, outcome, reason, server.restored_pid)
+        elif server.state == "waiting" and (server.connected or outcome == "failed"):
+            logger.warning("lazy-pages server {} ended ({}: {}) with no restored process bound to it: the restore it "
+                           "served may lack pages", server.server_id, outcome, reason)
+        self._finish(server, outcome, reason, killed)
+
+    def _finish(self, server: _Server, outcome: str, reason: str, killed: bool) -> None:
+        del self._servers[server.server_id]
+        if server.timer is not None:
+            server.timer.cancel()
+        if server.request is not None:
+            _close(server.request.holder_pidfd)
+            server.request.future.set_exception(exc_info=(Unavailable, Unavailable(
+                f"criu lazy-pages for {server.ref} did not get ready ({reason})"), None))
+        if server.holder_pid is not None:
+            self._watcher.unwatch(("lazy", server.server_id, "holder"))
+        # The restored process is dead (or was never at risk) before cer lets go of its userfaultfds.
+        _release_later(server.restored_pidfd if killed else None, server.uffds)
+        if not killed:
+            _close(server.restored_pidfd)
+        os.close(server.pidfd)
+        shutil.rmtree(server.work_dir, ignore_errors=True)
+        self._extractor.put(server.ref)
+        self._counts[outcome] += 1
+        self._ended.append({
+            "server_id": server.server_id, "ref": str(server.ref), "outcome": outcome, "reason": reason,
+            "pid": server.process.pid, "seconds": round(time.monotonic() - server.started, 3),
+            "served_seconds": None if server.handed_out is None else round(time.monotonic() - server.handed_out, 3),
+            "restored_pid": server.restored_pid, "restored_killed": killed,
+        })
+        log = logger.warning if killed or server.connected or outcome in ("failed", "not_ready") else logger.info
+        log("lazy-pages server {} of {} ended: {} ({})", server.server_id, server.ref, outcome, reason)
+        if server.handed_out is not None and not self._stopping:
+            self._start_spares(server.ref)
+
+    def _ended_entry(self, server_id: str) -> dict:
+        entry = next((item for item in reversed(self._ended) if item["server_id"] == server_id), None)
+        if entry is None:
+            raise NotFound(f"no lazy-pages server {server_id} (ids of an earlier daemon are not known)")
+        return entry
+
+    def _wait(self, future: pykka.Future, who: str):
+        try:
+            return future.get(timeout=self._ask_timeout)
+        except pykka.Timeout:
+            raise Unavailable(f"{who} did not answer within {self._ask_timeout:g} s") from None
+        except pykka.ActorDeadError:
+            raise Unavailable(f"{who} has stopped") from None
+
+    # -- shutdown -------------------------------------------------------------------------------------
+
+    def on_stop(self) -> None:
+        self._shut_down()
+
+    def on_failure(self, *exc_info: object) -> None:
+        self._shut_down()
+
+    def _shut_down(self) -> None:
+        self._stopping = True
+        for server in self._servers.values():
+            if server.timer is not None:
+                server.timer.cancel()
+        busy = [s for s in self._servers.values() if s.state == "serving" or (s.state == "waiting" and _has_uffd(s.process.pid))]
+        for server in self._servers.values():
+            if server not in busy:
+                self._end(server, "stopped", "the daemon stopped")
+        if busy:
+            logger.info("waiting up to {:g} s for {} lazy restore(s) to get all their pages", self._settings.shutdown_grace,
+                        len(busy))
+            deadline = time.monotonic() + self._settings.shutdown_grace
+            for server in busy:
+                try:
+                    server.process.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    logger.warning("lazy-pages server {} still serving at shutdown: stopping it and its restored process",
+                                   server.server_id)
+                    self._end(server, "stopped", "the daemon stopped before its restore had all its pages")
+        for server in list(self._servers.values()):
+            try:
+                server.process.wait(_REAP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                logger.error("lazy-pages server {} (pid {}) does not die", server.server_id, server.process.pid)
+                continue
+            self._server_exited(server)
+        shutil.rmtree(self._base, ignore_errors=True)
+
+
+# -- helpers, run in the actor or in threads of their own ------------------------------------------------
+
+def _await_ready(socket: str, pidfd: int, server_id: str, timeout: float, actor: pykka.ActorProxy) -> None:
+    """Tell the actor once the server's socket exists (``pidfd`` is this thread's to close); an exit on
+    the way is the watcher's to report."""
+    try:
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(socket):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                _tell(actor, "server_not_ready", server_id, f"no {SOCKET_NAME} within {timeout:g} s")
+                return
+            if select.select([pidfd], [], [], min(_READY_POLL, left))[0]:
+                return  # exited
+        _tell(actor, "server_ready", server_id)
+    finally:
+        os.close(pidfd)
+
+
+def _release_later(pidfd: int | None, uffds: list[int]) -> None:
+    """Close cer's copies of a server's userfaultfds, after the killed process behind ``pidfd`` is gone."""
+    if pidfd is None:
+        for fd in uffds:
+            os.close(fd)
+        return
+
+    def wait_then_close() -> None:
+        try:
+            if not select.select([pidfd], [], [], _REAP_TIMEOUT)[0]:
+                logger.error("a killed restored process did not exit within {:g} s", _REAP_TIMEOUT)
+        finally:
+            os.close(pidfd)
+            for fd in uffds:
+                os.close(fd)
+
+    threading.Thread(target=wait_then_close, name="cer-lazy-release", daemon=True).start()
+
+
+def _open_holder(pid: int | None) -> int | None:
+    if pid is None:
+        return None
+    try:
+        return pidfd_open(pid)
+    except ProcessLookupError:
+        raise NotFound(f"process {pid} is not running") from None
+
+
+def _kill(pidfd: int) -> bool:
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _kill_pid(pid: int) -> bool:
+    try:
+        pidfd = pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    try:
+        return _kill(pidfd)
+    finally:
+        os.close(pidfd)
+
+
+def _uffd_fds(pid: int) -> list[int]:
+    fds = []
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return fds
+    for name in names:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{name}") == "anon_inode:[userfaultfd]":
+                fds.append(int(name))
+        except OSError:
+            continue
+    return fds
+
+
+def _has_uffd(pid: int) -> bool:
+    """Whether a restore has reached the server: it holds the restored processes' userfaultfds."""
+    return bool(_uffd_fds(pid))
+
+
+def _describe_status(status: int) -> str:
+    if status < 0:
+        return f"killed by {signal.Signals(-status).name}"
+    return "exited 0" if status == 0 else f"exited {status}"
+
+
+def _log_tail(work_dir: str, lines: int = 5) -> str:
+    text = []
+    for name in (LOG_NAME, "lazy-pages.stderr"):
+        try:
+            with open(os.path.join(work_dir, name), errors="replace") as file:
+                text += [line.strip() for line in file if line.strip()]
+        except OSError:
+            continue
+    errors = [line for line in text if "Error" in line or "error" in line]
+    return " | ".join((errors or text)[-lines:]) or "no log"
+
+
+def _kill_leftovers(base: str) -> None:
+    """Servers of a daemon killed with SIGKILL outlive it: find them by their work directory under ``base``."""
+    prefix = base.rstrip("/") + "/"
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as file:
+                argv = file.read().split(b"\0")
+        except OSError:
+            continue
+        if b"lazy-pages" in argv and any(arg.decode(errors="replace").startswith(prefix) for arg in argv):
+            logger.warning("killing lazy-pages server {} left by an earlier run", name)
+            try:
+                os.kill(int(name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
+
+
+def _tell(actor: pykka.ActorProxy, method: str, *args: object) -> None:
+    try:
+        getattr(actor, method)(*args)
+    except pykka.ActorDeadError:
+        pass

@@ -1,0 +1,542 @@
+"""Lazy restores end to end: real runc, real CRIU 4 lazy-pages servers run by a real cer daemon, a workload
+that checks every page of its memory itself.
+
+tests/contrib/lazy-workload.c fills N MiB with a pattern in which every page differs, runs in a runc container
+and is checkpointed with ``runc checkpoint``. After a lazy restore through cer (``contrib/ctr-wrapper restore
+--lazy``) a SIGUSR1 makes it read every page and write ``OK``/``FAIL`` to /results, a host directory
+bind-mounted into the container: what it wrote outlives it, so a test can also tell that a killed container
+never got to report anything. runc, CRIU or userfaultfd missing is a failure, not a skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, SAMPLE, short_tempdir, start_daemon, wait_for
+
+import containerd_support
+import runc_support
+from runc_support import RuntimeSupportError
+
+WRAPPER = REPO / "contrib" / "ctr-wrapper"
+WORKLOAD = Path(__file__).with_name("lazy-workload.c")
+
+pytestmark = pytest.mark.slow
+
+
+def _require() -> None:
+    try:
+        runc_support.require("runc", "criu", "gcc")
+    except RuntimeSupportError as error:
+        pytest.fail(str(error))
+    from cer.linux.userfaultfd import lazy_pages_unsupported
+
+    reason = lazy_pages_unsupported()
+    if reason is not None:
+        pytest.fail(f"lazy restores need userfaultfd here: {reason}")
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+@dataclass
+class Checkpoint:
+    name: str
+    mib: int
+    images: Path
+    bundle: runc_support.Bundle
+
+    @property
+    def pages(self) -> int:
+        return self.mib * 256
+
+
+@dataclass
+class Restorable:
+    """A bundle to restore a checkpoint with: the checkpoint's root filesystem, /results bound to a fresh
+    host directory of its own (two restores at once must not share one)."""
+
+    bundle: Path
+    results: Path
+
+    def result(self) -> str | None:
+        try:
+            return (self.results / "lazy-result").read_text().strip()
+        except FileNotFoundError:
+            return None
+
+
+def _bundle_with_results(directory: Path, binary: Path, mib: int) -> runc_support.Bundle:
+    results = directory / "results"
+    results.mkdir(parents=True)
+    bundle = runc_support.make_bundle(directory / "bundle", binary, [str(mib), "/results"])
+    (bundle.rootfs / "results").mkdir()
+    config = bundle.config()
+    config["mounts"].append({"destination": "/results", "type": "bind", "source": str(results), "options": ["rbind", "rw"]})
+    bundle.config_path.write_text(json.dumps(config, indent=2))
+    return bundle
+
+
+def restorable(checkpoint: Checkpoint, directory: Path) -> Restorable:
+    directory.mkdir(parents=True)
+    results = directory / "results"
+    results.mkdir()
+    config = checkpoint.bundle.config()
+    config["root"]["path"] = str(checkpoint.bundle.rootfs)
+    for mount in config["mounts"]:
+        if mount["destination"] == "/results":
+            mount["source"] = str(results)
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return Restorable(directory, results)
+
+
+@pytest.fixture(scope="module")
+def workdir():
+    path = short_tempdir("cer-lazy-")
+    yield path
+    subprocess.run(["rm", "-rf", str(path)], timeout=60)
+
+
+@pytest.fixture(scope="module")
+def binary(workdir):
+    _require()
+    return containerd_support.build_static(WORKLOAD.read_text(), "lazy-workload", workdir / "build")
+
+
+def _checkpoint(workdir: Path, binary: Path, mib: int) -> Checkpoint:
+    name = f"lazy-{mib}"
+    bundle = _bundle_with_results(workdir / name, binary, mib)
+    images = workdir / name / "images"
+    images.mkdir()
+    with runc_support.private_runc() as runc:
+        container_id = _unique(name)
+        runc.run_detached(bundle, container_id, timeout=120)
+        runc.checkpoint(container_id, images, timeout=300)
+    return Checkpoint(name, mib, images, bundle)
+
+
+@pytest.fixture(scope="module")
+def small(workdir, binary):
+    """64 MiB: most tests."""
+    return _checkpoint(workdir, binary, 64)
+
+
+@pytest.fixture(scope="module")
+def large(workdir, binary):
+    """256 MiB, the size the issue names."""
+    return _checkpoint(workdir, binary, 256)
+
+
+# --------------------------------------------------------------------------- daemon, runc, wrapper
+
+def _entries(*checkpoints: Checkpoint) -> dict:
+    return {"containerd_checkpoints": [{"name": c.name, "capacity": 1, "path": str(c.images)} for c in checkpoints],
+            "default_capacity": 1}
+
+
+@contextlib.contextmanager
+def running_daemon(config: dict, *args: str):
+    daemon = start_daemon(config, *args)
+    try:
+        for entry in config["containerd_checkpoints"]:
+            daemon.wait_full(entry["name"], ("ipc", "uts"), timeout=60)
+        yield daemon
+    finally:
+        code = daemon.stop()
+        subprocess.run(["rm", "-rf", str(daemon.root.parent)], timeout=60)
+    assert code == 0, daemon.output()
+
+
+@pytest.fixture
+def lazy_cer(small, large):
+    with running_daemon(_entries(small, large)) as daemon:
+        yield daemon
+
+
+@pytest.fixture
+def runc():
+    with runc_support.private_runc() as private:
+        yield private
+
+
+@pytest.fixture(autouse=True)
+def wrapper_workdir():
+    path = short_tempdir("cer-lazy-work-")
+    os.environ["CER_WRAPPER_WORKDIR"] = str(path)
+    yield path
+    del os.environ["CER_WRAPPER_WORKDIR"]
+    subprocess.run(["rm", "-rf", str(path)], timeout=60)
+
+
+def _wrapper_argv(daemon, runc, restorable_: Restorable, checkpoint: Checkpoint, container_id: str, *extra: str):
+    return [sys.executable, str(WRAPPER), "restore", "--endpoint", daemon.endpoint, "--runtime", "runc",
+            "--runc-root", str(runc.root), "--bundle", str(restorable_.bundle), "--lazy", *extra, checkpoint.name,
+            container_id]
+
+
+def _env() -> dict[str, str]:
+    env = runc_support.runtime_env()
+    env.pop("CER_ENDPOINT", None)
+    return env
+
+
+def restore_lazily(daemon, runc, restorable_: Restorable, checkpoint: Checkpoint, *extra: str) -> dict:
+    argv = _wrapper_argv(daemon, runc, restorable_, checkpoint, _unique("lazy"), *extra)
+    result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, env=_env())
+    assert result.returncode == 0, f"ctr-wrapper --lazy failed ({result.returncode}):\n{result.stderr}"
+    return json.loads(result.stdout)
+
+
+def check_memory(pid: int, where: Restorable, round_: int, timeout: float = 60) -> str:
+    """Ask the workload to check every page; its report for that round."""
+    os.kill(pid, signal.SIGUSR1)
+
+    def reported():
+        text = where.result()
+        return text if text and text.split()[1] == str(round_) else None
+
+    return wait_for(reported, timeout, 0.01, f"process {pid} to report check {round_}")
+
+
+def lazy_status(daemon) -> dict:
+    return daemon.status()["lazy"]
+
+
+def server(daemon, server_id: str) -> dict | None:
+    return next((s for s in lazy_status(daemon)["servers"] if s["server_id"] == server_id), None)
+
+
+def wait_ended(daemon, server_id: str, timeout: float = 30) -> dict:
+    def ended():
+        return next((e for e in lazy_status(daemon)["ended"] if e["server_id"] == server_id), None)
+
+    return wait_for(ended, timeout, 0.05, f"lazy-pages server {server_id} to end")
+
+
+def users(daemon, checkpoint: Checkpoint) -> int:
+    return daemon.status()["checkpoints"][f"default/{checkpoint.name}"]["users"]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def daemon_fds(daemon, kind: str) -> int:
+    count = 0
+    for fd in os.listdir(f"/proc/{daemon.process.pid}/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/{daemon.process.pid}/fd/{fd}") == kind
+    return count
+
+
+# --------------------------------------------------------------------------- correctness
+
+@pytest.mark.timeout(240)
+def test_a_lazy_restore_through_cer_has_every_page(lazy_cer, large, runc, workdir):
+    target = restorable(large, workdir / _unique("restore"))
+    images_before = runc_support.tree_digest(large.images)
+
+    result = restore_lazily(lazy_cer, runc, target, large, "--external-ns", "uts", "--external-ns", "ipc")
+    pid, lazy = result["pid"], result["lazy"]
+    assert result["checkpoint"] == str(large.images)
+    assert Path(lazy["work_dir"]).parent == lazy_cer.root / "lazy"
+    assert lazy["state"] in ("serving", "completed")
+    assert runc.pid(result["id"]) == pid
+    # Checked at once: pages still on their way are faulted in on demand.
+    assert check_memory(pid, target, 1).startswith(f"OK 1 pages={large.pages} "), target.result()
+
+    ended = wait_ended(lazy_cer, lazy["server_id"])
+    assert ended["outcome"] == "completed", ended
+    assert ended["restored_pid"] == pid and ended["restored_killed"] is False
+    assert not Path(lazy["work_dir"]).exists(), "the server's work directory outlived it"
+    assert not any(s["server_id"] == lazy["server_id"] for s in lazy_status(lazy_cer)["servers"])
+    # Every page once more, now that the server is gone: nothing is left to arrive.
+    assert check_memory(pid, target, 2).startswith(f"OK 2 pages={large.pages} "), target.result()
+    assert alive(pid)
+    # The container also runs in cer's namespaces, and cer's images were only read.
+    assert runc_support.namespace_inode(f"/proc/{pid}/ns/uts") == runc_support.namespace_inode(result["namespaces"]["uts"])
+    assert runc_support.tree_digest(large.images) == images_before, "the lazy restore wrote to cer's image directory"
+    assert daemon_fds(lazy_cer, "anon_inode:[userfaultfd]") == 0, "cer kept a userfaultfd of an ended server"
+    # What the checkpoint directory counts as users now is the spare server cer started once this one ended.
+    spares = [s for s in lazy_status(lazy_cer)["servers"] if s["ref"] == f"default/{large.name}"]
+    assert len(spares) == 1 and spares[0]["state"] in ("starting", "spare"), spares
+    assert users(lazy_cer, large) == 1
+
+
+@pytest.mark.timeout(240)
+def test_two_lazy_restores_of_one_checkpoint_at_once(lazy_cer, small, runc, workdir):
+    targets = [restorable(small, workdir / _unique("twin")) for _ in range(2)]
+    processes = [subprocess.Popen(_wrapper_argv(lazy_cer, runc, target, small, _unique("twin")), stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+                 for target in targets]
+    results = []
+    for process in processes:
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 0, f"ctr-wrapper --lazy failed ({process.returncode}):\n{err}"
+        results.append(json.loads(out))
+    first, second = (result["lazy"] for result in results)
+    assert first["server_id"] != second["server_id"] and first["pid"] != second["pid"]
+    assert first["work_dir"] != second["work_dir"]
+    assert results[0]["pid"] != results[1]["pid"]
+    for result, target in zip(results, targets, strict=True):
+        assert check_memory(result["pid"], target, 1).startswith(f"OK 1 pages={small.pages} "), target.result()
+    for result in results:
+        ended = wait_ended(lazy_cer, result["lazy"]["server_id"])
+        assert ended["outcome"] == "completed", ended
+        # A 64 MiB server may be done before the wrapper's bind; then the bind says so and binds nothing.
+        bound = result["lazy"]["state"] == "serving"
+        assert ended["restored_pid"] == (result["pid"] if bound else None), (result, ended)
+    for result, target in zip(results, targets, strict=True):
+        assert check_memory(result["pid"], target, 2).startswith("OK 2 "), target.result()
+
+
+@pytest.mark.timeout(300)
+def test_a_server_killed_mid_restore_kills_the_container_before_it_reads_a_hole(lazy_cer, large, runc, workdir):
+    """Killed, the server takes its userfaultfd along, and the kernel then fills every page it had not sent
+    with zeros: the container would run on with holes. cer holds copies of the userfaultfd, so the container
+    waits on the missing page instead (even while cer itself is frozen), and cer kills it: the workload, which
+    reports a bad page the moment it reads one, must never get to report anything."""
+    for _attempt in range(3):
+        target = restorable(large, workdir / _unique("killed"))
+        result = restore_lazily(lazy_cer, runc, target, large)
+        pid, lazy = result["pid"], result["lazy"]
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(lazy["pid"], signal.SIGSTOP)  # no more pages from here on
+        os.kill(pid, signal.SIGUSR1)  # the check reads every page, in order
+        def finished_or_blocked(target=target, pid=pid):
+            return target.result() or (_wchan(pid) == "handle_userfault" and "blocked")
+
+        blocked = wait_for(finished_or_blocked, 30, 0.005, "the check to finish or to wait for a page")
+        if blocked == "blocked":
+            break
+        # Every page had arrived before the server could be stopped: try again (the server is gone).
+        assert blocked.startswith("OK 1 "), blocked
+        runc.delete(result["id"])
+    else:
+        pytest.fail("in 3 tries the server always delivered all 256 MiB before it could be stopped")
+
+    assert server(lazy_cer, lazy["server_id"])["state"] == "serving"
+    # The daemon is frozen while the server dies, so that nothing depends on how fast it reacts: what keeps
+    # the container from its missing page meanwhile is only the userfaultfd copy the daemon holds open.
+    os.kill(lazy_cer.process.pid, signal.SIGSTOP)
+    try:
+        os.kill(lazy["pid"], signal.SIGKILL)
+        runc_support.wait_exited(lazy["pid"], 10)
+        time.sleep(0.5)
+        assert target.result() is None, f"the container read a hole while cer was frozen: {target.result()}"
+        assert _wchan(pid) == "handle_userfault", "the container is not waiting for its missing page"
+    finally:
+        os.kill(lazy_cer.process.pid, signal.SIGCONT)
+    runc_support.wait_exited(pid, 10)
+    ended = wait_ended(lazy_cer, lazy["server_id"])
+    assert ended["outcome"] == "failed" and ended["reason"] == "killed by SIGKILL", ended
+    assert ended["restored_pid"] == pid and ended["restored_killed"] is True, ended
+    assert target.result() is None, f"the container ran on and reported: {target.result()}"
+    assert runc.state(result["id"])["status"] == "stopped"
+    assert not Path(lazy["work_dir"]).exists()
+    assert wait_for(lambda: daemon_fds(lazy_cer, "anon_inode:[userfaultfd]") == 0, 10, 0.05,
+                    "cer to let go of the dead server's userfaultfd")
+    assert "before process" in lazy_cer.output() and "killed it" in lazy_cer.output()
+
+
+def _wchan(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return None
+
+
+@pytest.mark.timeout(240)
+def test_a_bind_after_the_server_died_kills_the_restored_process(lazy_cer, small, runc, workdir):
+    """The window between the restore and the bind: a server dead by then cannot be trusted with anything."""
+    from cer.errors import Unavailable
+    from cer.protocol.methods import CheckpointLazy, CheckpointLazyBind
+    from cer.references import CheckpointRef
+
+    target = restorable(small, workdir / _unique("late"))
+    reply = lazy_cer.call(CheckpointLazy(CheckpointRef(small.name)))
+    container_id = _unique("late")
+    runc("restore", "-d", "--lazy-pages", "--image-path", reply["images"], "--work-path", reply["work_dir"],
+         "--bundle", str(target.bundle), container_id, timeout=120)
+    pid = runc.pid(container_id)
+    os.kill(reply["pid"], signal.SIGKILL)
+    wait_ended(lazy_cer, reply["server_id"])
+    with pytest.raises(Unavailable, match=r"ended \(failed: killed by SIGKILL\).*was killed"):
+        lazy_cer.call(CheckpointLazyBind(reply["server_id"], pid))
+    runc_support.wait_exited(pid, 10)
+
+
+# --------------------------------------------------------------------------- servers nobody uses
+
+@pytest.mark.timeout(120)
+def test_a_server_whose_restore_never_comes_is_cleaned_up(small):
+    from cer.protocol.methods import CheckpointLazy
+    from cer.references import CheckpointRef
+
+    with running_daemon(_entries(small), "--lazy-deadline", "2", "--lazy-spares", "0") as daemon:
+        baseline = daemon_fds(daemon, "anon_inode:[pidfd]")
+        started = time.monotonic()
+        reply = daemon.call(CheckpointLazy(CheckpointRef(small.name)))
+        assert reply["deadline_seconds"] == 2
+        assert Path(reply["socket"]).exists() and alive(reply["pid"])
+        assert users(daemon, small) == 1
+        assert server(daemon, reply["server_id"])["state"] == "waiting"
+
+        ended = wait_ended(daemon, reply["server_id"], timeout=15)
+        assert ended["outcome"] == "expired", ended
+        assert time.monotonic() - started >= 2
+        assert not alive(reply["pid"])
+        assert not Path(reply["work_dir"]).exists()
+        assert users(daemon, small) == 0
+        assert lazy_status(daemon)["servers"] == []
+
+        # With a holder: stopped as soon as the holder exits without a restore.
+        holder = subprocess.Popen(["sleep", "60"])
+        try:
+            reply = daemon.call(CheckpointLazy(CheckpointRef(small.name), holder_pid=holder.pid))
+            assert server(daemon, reply["server_id"])["holder_pid"] == holder.pid
+        finally:
+            holder.kill()
+            holder.wait(10)
+        ended = wait_ended(daemon, reply["server_id"], timeout=1.5)
+        assert ended["outcome"] == "abandoned", ended
+        assert not alive(reply["pid"]) and not Path(reply["work_dir"]).exists()
+        assert users(daemon, small) == 0
+        assert wait_for(lambda: daemon_fds(daemon, "anon_inode:[pidfd]") == baseline, 5, 0.05, "pidfds to be closed")
+
+
+@pytest.mark.timeout(180)
+def test_nothing_outlives_the_daemon(small):
+    from cer.protocol.methods import CheckpointLazy, CheckpointLazyPut
+    from cer.references import CheckpointRef
+
+    with running_daemon(_entries(small)) as daemon:
+        replies = [daemon.call(CheckpointLazy(CheckpointRef(small.name))) for _ in range(2)]
+        # One more that ends, so that cer starts a spare: that one must not outlive the daemon either.
+        daemon.call(CheckpointLazyPut(daemon.call(CheckpointLazy(CheckpointRef(small.name)))["server_id"]))
+        def two_and_a_spare():  # the given-back server ends a moment after the put answers
+            servers = lazy_status(daemon)["servers"]
+            spares = [s for s in servers if s["state"] in ("spare", "starting")]
+            return servers if len(servers) == 3 and len(spares) == 1 else None
+
+        servers = wait_for(two_and_a_spare, 10, 0.05, "two servers and a spare")
+        pids = [s["pid"] for s in servers]
+        assert {reply["pid"] for reply in replies} < set(pids)
+        assert sorted(s["state"] in ("spare", "starting") for s in servers) == [False, False, True], servers
+        assert users(daemon, small) == 3
+        root = daemon.root
+    assert not any(alive(pid) for pid in pids), "a lazy-pages server outlived the daemon"
+    assert not (root / "lazy").exists()
+
+    # A daemon killed with SIGKILL leaves its servers running; the next one on that ROOT ends them.
+    daemon = start_daemon(_entries(small))
+    try:
+        daemon.wait_full(small.name, ("ipc", "uts"), timeout=60)
+        reply = daemon.call(CheckpointLazy(CheckpointRef(small.name)))
+        daemon.stop(signal.SIGKILL)
+        assert alive(reply["pid"]) and Path(reply["work_dir"]).exists()
+        again = start_daemon(_entries(small), root=daemon.root)
+        try:
+            assert not alive(reply["pid"]) and not Path(reply["work_dir"]).exists()
+            assert "left by an earlier run" in again.output()
+        finally:
+            assert again.stop() == 0, again.output()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(reply["pid"], signal.SIGKILL)
+        subprocess.run(["rm", "-rf", str(daemon.root.parent)], timeout=60)
+
+
+# --------------------------------------------------------------------------- what cannot be done
+
+@pytest.mark.timeout(120)
+def test_the_wrapper_says_when_lazy_restores_cannot_be_done(lazy_cer, small, runc, workdir):
+    target = restorable(small, workdir / _unique("refused"))
+    before = lazy_status(lazy_cer)["counts"].get("handed_out", 0)
+    argv = _wrapper_argv(lazy_cer, runc, target, small, _unique("refused"))
+
+    def run(argv_: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(argv_, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, env=_env())
+
+    # Stock containerd: ctr has no lazy-pages option.
+    containerd = run([sys.executable, str(WRAPPER), "restore", "--endpoint", lazy_cer.endpoint, "--lazy", small.name, "x"])
+    assert containerd.returncode == 4, containerd.stderr
+    assert "--lazy needs --runtime runc: stock ctr has no option for lazy pages" in containerd.stderr
+    # A kernel that refuses userfaultfd: here, root without CAP_SYS_PTRACE (vm.unprivileged_userfaultfd=0).
+    assert Path("/proc/sys/vm/unprivileged_userfaultfd").read_text().strip() == "0"
+    no_uffd = run(["setpriv", "--bounding-set", "-sys_ptrace", *argv])
+    assert no_uffd.returncode == 4, no_uffd.stderr
+    assert re.search(r"this kernel cannot restore lazily: userfaultfd\(2\) failed: Operation not permitted.*CAP_SYS_PTRACE",
+                     no_uffd.stderr), no_uffd.stderr
+    # --image-path: the server serves cer's images, the restore must read the same.
+    image_path = run([*argv[:-2], f"--image-path={small.images}", *argv[-2:]])
+    assert image_path.returncode == 2 and "drop --image-path" in image_path.stderr
+    # A runc that has no --lazy-pages.
+    old_runc = workdir / "old-runc"
+    old_runc.write_text("#!/bin/sh\necho 'flag provided but not defined: -lazy-pages' >&2\nexit 1\n")
+    old_runc.chmod(0o755)
+    old = run([*argv[:-2], f"--runc={old_runc}", *argv[-2:]])
+    assert old.returncode == 4 and "cannot restore lazily (it has no --lazy-pages)" in old.stderr, old.stderr
+
+    assert lazy_status(lazy_cer)["counts"].get("handed_out", 0) == before + 1  # only the old runc's, given back
+    ended = lazy_status(lazy_cer)["ended"][-1]
+    assert ended["outcome"] == "released", ended
+    assert [s for s in lazy_status(lazy_cer)["servers"] if s["state"] not in ("spare", "starting")] == []
+
+
+@pytest.mark.timeout(60)
+def test_a_daemon_without_criu_refuses_lazy_restores(tmp_path):
+    from cer.errors import BadRequest, NotFound, Unavailable
+    from cer.protocol.methods import CheckpointLazy, CheckpointLazyBind, CheckpointLazyPut
+    from cer.references import CheckpointRef
+
+    config = {"containerd_checkpoints": [{"name": "sample", "capacity": 1, "path": str(SAMPLE / "checkpoint-empty-ipc")}]}
+    with running_daemon(config, "--criu", "/nonexistent/criu") as daemon:
+        status = lazy_status(daemon)
+        assert status["supported"] is False and "/nonexistent/criu" in status["unsupported_reason"]
+        with pytest.raises(Unavailable, match="lazy restores are not available on this host: no CRIU"):
+            daemon.call(CheckpointLazy(CheckpointRef("sample")))
+        with pytest.raises(NotFound, match="no lazy-pages server 1-1"):
+            daemon.call(CheckpointLazyPut("1-1"))
+        with pytest.raises(NotFound):
+            daemon.call(CheckpointLazyBind("1-1", os.getpid()))
+        with daemon.client() as client:
+            for params in ({"server_id": 7}, {"server_id": "../x"}, {"server_id": "1-1", "pid": 3}):
+                with pytest.raises(BadRequest):
+                    client.request("checkpoint", "lazy_put", params)
+            with pytest.raises(BadRequest):
+                client.request("checkpoint", "lazy_bind", {"server_id": "1-1", "restored_pid": 0})
+
+
+@pytest.mark.timeout(60)
+def test_lazy_servers_of_unknown_checkpoints_and_holders_are_refused(daemon):
+    from cer.errors import NotFound
+    from cer.protocol.methods import CheckpointLazy
+    from cer.references import CheckpointRef
+
+    with pytest.raises(NotFound, match="not configured"):
+        daemon.call(CheckpointLazy(CheckpointRef("nobody")))
+    gone = subprocess.Popen(["true"])
+    gone.wait(10)
+    with pytest.raises(NotFound, match=f"process {gone.pid} is not running"):
+        daemon.call(CheckpointLazy(CheckpointRef("sample"), holder_pid=gone.pid))
+    status = daemon.status()
+    assert status["lazy"]["servers"] == [] and status["checkpoints"]["default/sample"]["users"] == 0
