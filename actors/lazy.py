@@ -369,12 +369,12 @@ class LazyPagesServers(pykka.ThreadingActor):
         if server.outcome is None:
             server.outcome, server.reason = outcome, reason
             server.connected = bool(server.uffds) or _has_uffd(server.process.pid)
-        try:
-            signal.pidfd_send_signal(server.pidfd, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _kill_group(server)
 
     def _server_exited(self, server: _Server) -> None:
+        # Not reaped yet, so its pid still names its process group: CRIU's start-up forks helpers (a stopped
+        # ptrace test child among them) that outlive a server killed at that moment.
+        _kill_group(server)
         status = server.process.wait()
         outcome = server.outcome or ("completed" if status == 0 else "failed")
         reason = server.reason or _describe_status(status)
@@ -459,16 +459,12 @@ class LazyPagesServers(pykka.ThreadingActor):
                         len(busy))
             deadline = time.monotonic() + self._settings.shutdown_grace
             for server in busy:
-                try:
-                    server.process.wait(max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
+                if not _exited(server.pidfd, max(0.0, deadline - time.monotonic())):
                     logger.warning("lazy-pages server {} still serving at shutdown: stopping it and its restored process",
                                    server.server_id)
                     self._end(server, "stopped", "the daemon stopped before its restore had all its pages")
         for server in list(self._servers.values()):
-            try:
-                server.process.wait(_REAP_TIMEOUT)
-            except subprocess.TimeoutExpired:
+            if not _exited(server.pidfd, _REAP_TIMEOUT):
                 logger.error("lazy-pages server {} (pid {}) does not die", server.server_id, server.process.pid)
                 continue
             self._server_exited(server)
@@ -520,6 +516,19 @@ def _open_holder(pid: int | None) -> int | None:
         return pidfd_open(pid)
     except ProcessLookupError:
         raise NotFound(f"process {pid} is not running") from None
+
+
+def _kill_group(server: _Server) -> None:
+    """SIGKILL a server and whatever it forked (its own process group: started in a session of its own).
+    Only while it is not reaped: until then its pid, hence its group id, cannot name anyone else."""
+    try:
+        os.killpg(server.process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _exited(pidfd: int, timeout: float) -> bool:
+    return bool(select.select([pidfd], [], [], timeout)[0])
 
 
 def _kill(pidfd: int) -> bool:
