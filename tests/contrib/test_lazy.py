@@ -153,6 +153,16 @@ def _entries(*checkpoints: Checkpoint) -> dict:
             "default_capacity": 1}
 
 
+def processes_naming(path: Path) -> list[int]:
+    """Processes whose command line names something under ``path`` (a lazy-pages server, or a helper it forked)."""
+    found = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            if str(path).encode() in Path(f"/proc/{name}/cmdline").read_bytes() and alive(int(name)):
+                found.append(int(name))
+    return found
+
+
 @contextlib.contextmanager
 def running_daemon(config: dict, *args: str):
     daemon = start_daemon(config, *args)
@@ -162,8 +172,13 @@ def running_daemon(config: dict, *args: str):
         yield daemon
     finally:
         code = daemon.stop()
+        left = processes_naming(daemon.root / "lazy")
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         subprocess.run(["rm", "-rf", str(daemon.root.parent)], timeout=60)
     assert code == 0, daemon.output()
+    assert not left, f"processes of lazy-pages servers outlived the daemon: {left}"
 
 
 @pytest.fixture
