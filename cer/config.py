@@ -12,8 +12,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-import orjson
-
+from cer.documents import load_object, reject_unknown
 from cer.errors import BadRequest, CerError, ConfigError
 from cer.references import CheckpointRef
 
@@ -78,11 +77,9 @@ def load_config(path: str) -> Config:
     if len(raw) > 1 << 20:
         raise ConfigError(f"{path}: the configuration is larger than 1 MiB")
     try:
-        document = orjson.loads(raw)
-    except orjson.JSONDecodeError as error:
-        raise ConfigError(f"{path}: invalid JSON at line {error.lineno}, column {error.colno}: {error.msg}") from None
-    if not isinstance(document, dict):
-        raise ConfigError(f"{path}: the configuration must be a JSON object")
+        document = load_object(raw, "the configuration")
+    except BadRequest as error:
+        raise ConfigError(f"{path}: {error}") from None
     for field in sorted(set(document) - _TOP_FIELDS):
         logger.warning("%s: ignoring unknown field %r", path, field)
 
@@ -119,9 +116,7 @@ def _parse_entry(item: object, default_capacity: int, base: str) -> CheckpointEn
         raise BadRequest("an entry must be an object")
     if "name" not in item:
         raise BadRequest("the entry has no name")
-    unknown = set(item) - _ENTRY_FIELDS
-    if unknown:
-        raise BadRequest(f"unknown fields: {', '.join(sorted(unknown))}")
+    reject_unknown(item, _ENTRY_FIELDS, "the entry")
     ref = CheckpointRef(item["name"], item.get("namespace", "default"))
     capacity = validate_capacity(item.get("capacity", default_capacity), "capacity")
     max_capacity = item.get("max_capacity")

@@ -8,6 +8,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
+from cer.documents import reject_unknown
 from cer.errors import BadRequest
 
 # containerd's own rule for namespace names (pkg/namespaces/validate.go).
@@ -42,9 +43,7 @@ class CheckpointRef:
         """Parse the protocol's ``{"name": N, "labels": {"namespace": NS}}``."""
         if not isinstance(value, dict):
             raise BadRequest(f"{field} must be an object with a name")
-        unknown = set(value) - {"name", "labels"}
-        if unknown:
-            raise BadRequest(f"{field} has unknown fields: {', '.join(sorted(map(str, unknown)))}")
+        reject_unknown(value, {"name", "labels"}, field)
         labels = value.get("labels", {})
         if labels is None:
             labels = {}

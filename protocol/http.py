@@ -26,10 +26,10 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-import orjson
 from loguru import logger
 
 from cer.actors.gateway import Gateway
+from cer.documents import load_object, reject_unknown
 from cer.errors import BadRequest, CerError, InternalError, NotFound
 from cer.metrics import Metrics
 from cer.protocol.methods import NamespaceUpdate
@@ -156,15 +156,8 @@ class HttpServer:
 
 def _parse_update(body: bytes) -> NamespaceUpdate:
     """The original's update body, checked by the protocol's own NamespaceUpdate."""
-    try:
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError as error:
-        raise BadRequest(f"the body is not JSON: {error.msg} at line {error.lineno}, column {error.colno}") from None
-    if not isinstance(document, dict):
-        raise BadRequest('the body must be a JSON object: {"checkpoint_name": N, "checkpoint_namespace": NS, "capacity": C}')
-    unknown = set(document) - _UPDATE_FIELDS
-    if unknown:
-        raise BadRequest(f"unknown fields: {', '.join(sorted(unknown))}")
+    document = load_object(body, 'the body, {"checkpoint_name": N, "checkpoint_namespace": NS, "capacity": C},')
+    reject_unknown(document, _UPDATE_FIELDS, "the body")
     ref = {"name": document.get("checkpoint_name")}
     if "checkpoint_namespace" in document:
         ref["labels"] = {"namespace": document["checkpoint_namespace"]}

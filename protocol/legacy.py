@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import orjson
 from loguru import logger
 
+from cer.documents import load_object
 from cer.errors import BadRequest, CerError, InternalError, UnknownMethod
 from cer.protocol.frontend import FrontendError
 from cer.protocol.methods import CheckpointGet, CheckpointPut, Method, NamespaceGet, NamespacePut, NamespaceUpdate
@@ -330,9 +331,7 @@ class LegacyFrontend:
             if route is None:
                 names = ", ".join(method for known, method in _ROUTES if known == service)
                 raise UnknownMethod(f"unknown {service} method {name!r}; this service has {names}")
-            raw = _json(raw_request, "request")
-            if not isinstance(raw, dict):
-                raise BadRequest("the request must be a JSON object")
+            raw = load_object(raw_request, "the request")
             method = route.method.parse(_params(raw, route.fields))
             if self._debug:
                 logger.debug("legacy request {}.{} {}", service, name, raw)

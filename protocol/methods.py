@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from cer.config import MAX_CAPACITY
+from cer.documents import reject_unknown
 from cer.errors import BadRequest, NotFound, Unavailable, UnknownMethod
 from cer.linux.namespaces import NAMESPACE_TYPES
 from cer.references import CheckpointRef
@@ -25,9 +26,7 @@ class _Params:
     """Reads one request's params; every problem is a BadRequest that names the field."""
 
     def __init__(self, raw: dict, fields: set[str]) -> None:
-        unknown = set(raw) - fields
-        if unknown:
-            raise BadRequest(f"unknown params: {', '.join(sorted(map(str, unknown)))}")
+        reject_unknown(raw, fields, "params")
         self._raw = raw
 
     def namespace_type(self) -> str:

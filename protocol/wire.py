@@ -7,6 +7,7 @@ Reply:   ``{"v": 1, "ok": true, "result": {...}}`` or
 
 import orjson
 
+from cer.documents import load_object, reject_unknown
 from cer.errors import BadRequest, CerError, error_for_code
 
 VERSION = 1
@@ -22,15 +23,8 @@ def decode_request(frames: list[bytes]) -> tuple[str, str, dict]:
     raw = frames[0]
     if len(raw) > MAX_REQUEST_BYTES:
         raise BadRequest(f"the request is {len(raw)} bytes; at most {MAX_REQUEST_BYTES} are accepted")
-    try:
-        document = orjson.loads(raw)
-    except orjson.JSONDecodeError as error:
-        raise BadRequest(f"the request is not JSON: {error.msg} at line {error.lineno}, column {error.colno}") from None
-    if not isinstance(document, dict):
-        raise BadRequest("the request must be a JSON object")
-    unknown = set(document) - _REQUEST_FIELDS
-    if unknown:
-        raise BadRequest(f"unknown request fields: {', '.join(sorted(unknown))}")
+    document = load_object(raw, "the request")
+    reject_unknown(document, _REQUEST_FIELDS, "the request")
     if document.get("v") != VERSION or isinstance(document.get("v"), bool):
         raise BadRequest(f"unsupported protocol version {document.get('v')!r}; this daemon speaks v{VERSION}")
     service, method, params = document.get("service"), document.get("method"), document.get("params", {})

@@ -51,7 +51,7 @@ BAD = {
     "empty name": ({"containerd_checkpoints": [{"name": ""}]}, "name must be a non-empty string"),
     "bad namespace": ({"containerd_checkpoints": [{"name": "A", "namespace": "a/b"}]}, "not a valid containerd namespace"),
     "duplicate": ({"containerd_checkpoints": [{"name": "A"}, {"name": "A", "namespace": "default"}]}, "containerd_checkpoints[1] ('A'): duplicate of containerd_checkpoints[0]"),
-    "unknown entry field": ({"containerd_checkpoints": [{"name": "A", "capacty": 3}]}, "unknown fields: capacty"),
+    "unknown entry field": ({"containerd_checkpoints": [{"name": "A", "capacty": 3}]}, "the entry has unknown fields: capacty"),
     "entry not an object": ({"containerd_checkpoints": ["A"]}, "an entry must be an object"),
     "list not a list": ({"containerd_checkpoints": {"name": "A"}}, "containerd_checkpoints must be a list"),
     "top not an object": ([], "must be a JSON object"),
@@ -76,7 +76,7 @@ def test_bad_config_names_the_file_the_entry_and_the_problem(tmp_path, case):
 
 def test_invalid_json_names_its_line(tmp_path):
     path = write(tmp_path, '{\n  "default_capacity": 3,\n  "containerd_checkpoints": [\n    {"name": "A",}\n  ]\n}')
-    with pytest.raises(ConfigError, match=r"invalid JSON at line 4"):
+    with pytest.raises(ConfigError, match=r"the configuration is not JSON: .* at line 4, column"):
         load_config(path)
 
 

@@ -62,7 +62,7 @@ def test_every_method_is_documented_with_its_params():
 def test_unknown_methods_and_params_are_refused():
     with pytest.raises(UnknownMethod):
         find_method("namespace", "delete")
-    with pytest.raises(BadRequest, match="unknown params: colour"):
+    with pytest.raises(BadRequest, match="params has unknown fields: colour"):
         AdminStatus.parse({"colour": "red"})
     with pytest.raises(BadRequest, match="namespace_type must be one of"):
         NamespaceGet.parse({"namespace_type": "pid", "ref": {"name": "a"}})
