@@ -11,7 +11,8 @@ added by ``namespace.update``); methods from the protocol's method table, namesp
 from fixed sets. Nothing a request merely names (an unknown ref, an unknown method) becomes a label.
 
     cer_pool_state{checkpoint, checkpoint_namespace, state}            1 for the pool's state, else 0
-    cer_pool_capacity{checkpoint, checkpoint_namespace, type}          idle namespaces the pool keeps
+    cer_pool_capacity{checkpoint, checkpoint_namespace, type}          idle namespaces the pool keeps (its floor)
+    cer_pool_target{checkpoint, checkpoint_namespace, type}            what it fills to now (adaptive pools move it)
     cer_pool_idle / cer_pool_in_use / cer_pool_building{...,type}    namespaces per stage
     cer_pool_gets_total{checkpoint, checkpoint_namespace, type, kind}  kind: warm or cold
     cer_pool_creation_failures_total{checkpoint, checkpoint_namespace, type}
@@ -40,7 +41,7 @@ _CREATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 # A warm get answers in well under a millisecond; a cold one waits for a creation, up to the cold timeout.
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # Every state a pool reports (actors/pool.py), and the supervisor's for a pool that does not answer.
-POOL_STATES = ("loading", "unavailable", "ready", "failing", "failed", "crashed", "unresponsive")
+POOL_STATES = ("loading", "unavailable", "ready", "failing", "failed", "retired", "crashed", "unresponsive")
 _METHOD_NAMES = frozenset(f"{service}.{name}" for service, name in METHODS)
 
 
@@ -123,6 +124,9 @@ def _pool_metrics(pools: list[dict]) -> Iterator[Metric]:
     state = GaugeMetricFamily("cer_pool_state", "The pool's state: 1 for the current one, 0 for the others.", labels=[*pool_labels, "state"])
     capacity = GaugeMetricFamily("cer_pool_capacity", "Idle namespaces the pool keeps, per type.", labels=type_labels)
     sizes = {
+        "target": GaugeMetricFamily(
+            "cer_pool_target", "Idle namespaces the pool fills to now (its capacity, or what demand asks of an adaptive pool).", labels=type_labels
+        ),
         "idle": GaugeMetricFamily("cer_pool_idle", "Idle namespaces, ready to hand out.", labels=type_labels),
         "in_use": GaugeMetricFamily("cer_pool_in_use", "Namespaces handed out and not yet given back.", labels=type_labels),
         "building": GaugeMetricFamily("cer_pool_building", "Namespaces being built for the pool.", labels=type_labels),

@@ -33,7 +33,7 @@ def value(metrics: Metrics, name: str, **labels) -> float | None:
 
 def pool_status(name: str, state: str = "ready", mnt: bool = True, **counts) -> dict:
     def per_type(supported: bool) -> dict:
-        base = {"supported": supported, "idle": 2, "in_use": 1, "building": 1, "warm_gets": 5, "cold_gets": 1, "failures": 0}
+        base = {"supported": supported, "target": 3, "idle": 2, "in_use": 1, "building": 1, "warm_gets": 5, "cold_gets": 1, "failures": 0}
         return {**base, **counts}
 
     return {
@@ -204,3 +204,14 @@ def test_the_factory_reports_successful_creation_times(tmp_path):
     assert value(metrics, "cer_namespace_creation_seconds_count", type="uts") == 2
     assert value(metrics, "cer_namespace_creation_seconds_count", type="ipc") == 0  # the failed one
     assert value(metrics, "cer_namespace_creation_seconds_sum", type="uts") == pytest.approx(sum(s for _, s in observed))
+
+
+def test_the_target_of_an_adaptive_pool_is_exported_beside_its_floor():
+    from cer.metrics import _pool_metrics
+
+    pool = {"ref": {"name": "a", "labels": {"namespace": "default"}}, "state": "ready", "capacity": 1,
+            "types": {"uts": {"supported": True, "target": 7, "idle": 5, "in_use": 2, "building": 0,
+                              "warm_gets": 3, "cold_gets": 1, "failures": 0}}}
+    families = {family.name: family for family in _pool_metrics([pool])}
+    assert families["cer_pool_target"].samples[0].value == 7
+    assert families["cer_pool_capacity"].samples[0].value == 1
