@@ -9,9 +9,10 @@ import orjson
 
 from cer.config import CONFIG_NAME, DEFAULT_ROOT, MAX_CAPACITY, default_endpoint
 from cer.errors import CerError
+from cer.linux.namespaces import NAMESPACE_TYPES
 from cer.references import CheckpointRef
 
-NAMESPACE_TYPE = click.Choice(["ipc", "uts", "mnt"])
+NAMESPACE_TYPE = click.Choice(NAMESPACE_TYPES)
 
 
 def _endpoint_option(command):

@@ -70,8 +70,7 @@ from cer.linux import namespaces as ns
 
 __all__ = ["MountError", "MountPlan", "MountStep", "mount_tree", "plan_mounts", "restore_contents", "unmount_tree"]
 
-MS_REMOUNT = 0x20
-MS_BIND = 0x1000
+MS_REMOUNT, MS_BIND = ns.MS_REMOUNT, ns.MS_BIND
 _ATIME_FLAGS = MS_NOATIME | MS_NODIRATIME | MS_RELATIME | MS_STRICTATIME
 _MAX_SYMLINKS = 40
 _MAX_DETACH = 64

@@ -31,6 +31,7 @@ from cer.criu.images import (
     RawImage,
     pagemap_nr_pages,
     read_single_entry,
+    text,
 )
 from cer.criu.mountpoints import MountTree, read_mount_tree
 from cer.errors import ImageError
@@ -251,12 +252,7 @@ class _NoEntries:
 
 def _read_uts(path: Path) -> UtsContents:
     entry = read_single_entry(path, UTSNS)
-    return UtsContents(nodename=_text(entry.nodename), domainname=_text(entry.domainname))
-
-
-def _text(value: str | bytes) -> str:
-    # The upb runtime hands out a proto2 string field that is not UTF-8 as bytes.
-    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+    return UtsContents(nodename=text(entry.nodename), domainname=text(entry.domainname))
 
 
 def _read_ipc(directory: Path, ns_id: int) -> IpcContents:

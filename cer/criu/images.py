@@ -196,6 +196,11 @@ class ImageReader(RawImage):
             yield entry
 
 
+def text(value: str | bytes) -> str:
+    """A proto2 string field as str: the upb runtime hands out one that is not UTF-8 as bytes."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+
+
 def read_entries(path: str | os.PathLike[str], image_type: ImageType) -> list[Message]:
     """All entries of an image that carries no payloads."""
     with ImageReader(path, image_type) as image:

@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cer.criu.images import MNTS, ImageReader
+from cer.criu.images import MNTS, ImageReader, text
 from cer.criu.tmpfs import MAX_TMPFS_BYTES, TmpfsContents, read_tmpfs_image, tmpfs_image_names
 from cer.errors import ImageError
 
@@ -117,7 +117,7 @@ def read_mount_tree(directory: str | os.PathLike[str], ns_id: int, max_tmpfs_byt
 
 def _entry(image: ImageReader, offset: int, raw) -> MountEntry:
     def path(value: str, what: str) -> str:
-        value = _text(value)
+        value = text(value)
         if value.startswith("./"):  # CRIU before 3.x: mount points relative to the root
             value = value[1:]
         elif value == ".":
@@ -131,7 +131,7 @@ def _entry(image: ImageReader, offset: int, raw) -> MountEntry:
     if fstype is None:
         raise image.error(f"mount {raw.mnt_id}: unknown fstype {raw.fstype}", offset)
     if fstype == "auto" and raw.HasField("fsname"):
-        fstype = _text(raw.fsname)
+        fstype = text(raw.fsname)
     if raw.flags & ~MOUNT_FLAGS:
         raise image.error(f"mount {raw.mnt_id}: unknown mount flags {raw.flags & ~MOUNT_FLAGS:#x}", offset)
     sb_flags = raw.sb_flags if raw.HasField("sb_flags") else 0
@@ -146,9 +146,9 @@ def _entry(image: ImageReader, offset: int, raw) -> MountEntry:
         sb_flags=sb_flags,
         root=path(raw.root, "root"),
         mountpoint=path(raw.mountpoint, "mount point"),
-        source=_text(raw.source),
-        options=_text(raw.options),
-        ext_key=_text(raw.ext_key) if raw.HasField("ext_key") else None,
+        source=text(raw.source),
+        options=text(raw.options),
+        ext_key=text(raw.ext_key) if raw.HasField("ext_key") else None,
         shared_id=raw.shared_id,
         master_id=raw.master_id,
         deleted=raw.deleted,
@@ -207,8 +207,3 @@ def _read_tmpfs(directory: Path, mounts: tuple[MountEntry, ...], budget: int) ->
             raise ImageError(str(directory / tmpfs_image_names(entry.root_dev, entry.mnt_id)[0]), 0,
                              f"missing: the contents of tmpfs mount {entry.describe()}")
     return tuple(found.items())
-
-
-def _text(value: str | bytes) -> str:
-    # The upb runtime hands out a proto2 string field that is not UTF-8 as bytes.
-    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value

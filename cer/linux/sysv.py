@@ -23,11 +23,11 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from cer.linux.libc import check, libc
+from cer.linux.namespaces import CLONE_NEWIPC, unshare
 
 if TYPE_CHECKING:
     from cer.criu.checkpoint import IpcContents, MessageQueue, SemaphoreSet, ShmSegment
 
-CLONE_NEWIPC = 0x08000000
 
 IPC_CREAT = 0o1000
 IPC_EXCL = 0o2000
@@ -142,7 +142,6 @@ _semctl = _libc_function("semctl", c_int, c_int, c_int, c_int, c_void_p)
 _msgget = _libc_function("msgget", c_int, c_int, c_int)
 _msgsnd = _libc_function("msgsnd", c_int, c_int, c_void_p, c_size_t, c_int)
 _msgctl = _libc_function("msgctl", c_int, c_int, c_int, POINTER(MsqidDs))
-_unshare = _libc_function("unshare", c_int, c_int)
 
 _SHMAT_FAILED = ctypes.c_void_p(-1).value
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -244,7 +243,7 @@ def fresh_ipc_sysctls() -> Mapping[str, SysctlValue | None]:
 
     def probe() -> None:
         try:
-            check(_unshare(CLONE_NEWIPC), "unshare(CLONE_NEWIPC)")
+            unshare(CLONE_NEWIPC)
             outcome.append(read_ipc_sysctls())
         except BaseException as e:  # handed to the caller's thread
             outcome.append(e)
