@@ -111,7 +111,7 @@ class Gateway:
         return self._wait(self._extractor.put(ref), "the checkpoint extractor")
 
     def lazy_server(self, ref: CheckpointRef, holder_pid: int | None = None) -> "LazyServer":
-        """A ready ``criu lazy-pages`` server for one lazy restore of ``ref``."""
+        """A ready lazy-pages server for one lazy restore of ``ref``."""
         pending = self._wait(self._lazy_servers().get(ref, holder_pid), "the lazy-pages servers")
         return self._wait(pending, f"a lazy-pages server for {ref}", self._lazy_ready_timeout + self._ask_timeout)
 
@@ -120,6 +120,9 @@ class Gateway:
 
     def put_lazy_server(self, server_id: str) -> str:
         return self._wait(self._lazy_servers().put(server_id), "the lazy-pages servers")
+
+    def forget_working_set(self, ref: CheckpointRef) -> bool:
+        return self._wait(self._lazy_servers().forget_working_set(ref), "the lazy-pages servers")
 
     def _lazy_servers(self) -> pykka.ActorProxy:
         if self._lazy is None:

@@ -91,12 +91,13 @@ def main(context: click.Context, debug: bool) -> None:
 @click.option("--legacy-timeout", default=30.0, show_default=True, type=click.FloatRange(0.1, 3600), help="Seconds a --legacy-socket client may stay idle, or take to send one request.")
 @click.option("--lazy-deadline", default=300.0, show_default=True, type=click.FloatRange(0.5, 86400), help="Seconds a lazy-pages server (checkpoint.lazy) may live after it is handed out; then it and its restored process are stopped.")
 @click.option("--lazy-spares", default=1, show_default=True, type=click.IntRange(0, 16), help="Ready lazy-pages servers kept per checkpoint once it has been restored lazily.")
-@click.option("--criu", default="criu", show_default=True, help="The CRIU that runs lazy-pages servers (the one the runtimes use).")
+@click.option("--criu", default="criu", show_default=True, help="The CRIU that lazy restores use (and that runs lazy-pages servers with --lazy-server criu).")
+@click.option("--lazy-server", default="cer", show_default=True, type=click.Choice(["cer", "criu"]), help="Whose lazy-pages server serves lazy restores: cer's own (records each checkpoint's working set and serves it first) or CRIU's `criu lazy-pages` (the fallback).")
 @click.pass_context
 def start(
     context, debug, root, config_path, endpoint, workers, cold_timeout, curve_keys, lease_timeout, containerd_address,
     containerd_timeout, http_port, http_address, http_allow_remote, legacy_socket, legacy_timeout, lazy_deadline,
-    lazy_spares, criu,
+    lazy_spares, criu, lazy_server,
 ) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
     from cer.config import load_config  # noqa: PLC0415
@@ -128,7 +129,7 @@ def start(
             http_port=http_port,
             http_address=http_address or "127.0.0.1",
             http_allow_remote=http_allow_remote,
-            lazy=LazySettings(deadline=lazy_deadline, spares=lazy_spares, criu=criu),
+            lazy=LazySettings(deadline=lazy_deadline, spares=lazy_spares, criu=criu, server=lazy_server),
         )
         run(config, settings)
     except CerError as error:
@@ -201,6 +202,28 @@ def checkpoint_put(endpoint, curve_keys, timeout, checkpoint, namespace) -> None
     _call(endpoint, timeout, curve_keys, CheckpointPut(_ref(checkpoint, namespace)))
 
 
+@checkpoint.command("lazy")
+@_endpoint_option
+@_ref_options
+@click.option("--holder-pid", type=click.IntRange(1), help="Stop the server when this process exits before a restore reached it.")
+def checkpoint_lazy(endpoint, curve_keys, timeout, checkpoint, namespace, holder_pid) -> None:
+    """Start a lazy-pages server for one lazy restore of CHECKPOINT; print where the restore finds it."""
+    from cer.protocol.methods import CheckpointLazy  # noqa: PLC0415
+
+    _print_json(_call(endpoint, timeout, curve_keys, CheckpointLazy(_ref(checkpoint, namespace), holder_pid)))
+
+
+@checkpoint.command("forget-working-set")
+@_endpoint_option
+@_ref_options
+def checkpoint_forget_working_set(endpoint, curve_keys, timeout, checkpoint, namespace) -> None:
+    """Forget the working set recorded for CHECKPOINT's lazy restores: the next one records it anew."""
+    from cer.protocol.methods import CheckpointLazyForget  # noqa: PLC0415
+
+    forgotten = _call(endpoint, timeout, curve_keys, CheckpointLazyForget(_ref(checkpoint, namespace)))["forgotten"]
+    click.echo("forgotten" if forgotten else "no working set was recorded")
+
+
 @main.command()
 @_endpoint_option
 @click.option("--json", "as_json", is_flag=True, help="Print the whole status as JSON.")
@@ -255,6 +278,36 @@ def _status_table(reply: dict):
                 name, state, ns_type, target, *(str(counts[key]) for key in ("idle", "in_use", "bound", "overdue", "building", "warm_gets", "cold_gets")),
                 "-" if build is None else f"{build * 1000:.1f}", error,
             )
+    lazy = reply.get("lazy")
+    if not lazy or not (lazy["servers"] or lazy.get("working_sets")):
+        return table
+    from rich.console import Group  # noqa: PLC0415
+
+    return Group(table, _lazy_table(lazy))
+
+
+def _lazy_table(lazy: dict):
+    """Lazy-pages servers, then the checkpoints with a recorded working set."""
+    from rich.table import Table  # noqa: PLC0415
+
+    table = Table(title=f"lazy-pages servers ({lazy.get('server', 'criu')})", title_justify="left", box=None,
+                  header_style="bold")
+    for column in ("CHECKPOINT", "SERVER", "STATE", "PID", "RESTORED PID", "AGE S", "DEADLINE S", "WORKING SET"):
+        table.add_column(column, justify="left" if column in ("CHECKPOINT", "SERVER", "STATE", "WORKING SET") else "right")
+    sets = lazy.get("working_sets") or {}
+
+    def described(ref: str) -> str:
+        found = sets.get(ref)
+        return "-" if found is None else f"{found['pages']} pages ({found['bytes'] / 2**20:.1f} MiB)"
+
+    shown = set()
+    for server in lazy["servers"]:
+        shown.add(server["ref"])
+        table.add_row(server["ref"], server["server_id"], server["state"], str(server["pid"]),
+                      str(server["restored_pid"] or "-"), f"{server['age_seconds']:.1f}",
+                      f"{server['deadline_in_seconds']:.0f}", described(server["ref"]))
+    for ref in sorted(set(sets) - shown):
+        table.add_row(ref, "-", "-", "-", "-", "-", "-", described(ref))
     return table
 
 
