@@ -14,6 +14,7 @@ import bisect
 import ctypes
 import mmap
 import os
+import stat
 from dataclasses import dataclass
 
 from cer.criu import images
@@ -39,13 +40,14 @@ class PagesFile:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
             st = os.fstat(fd)
-            if not os.path.stat.S_ISREG(st.st_mode):
+            if not stat.S_ISREG(st.st_mode):
                 raise ImageError(path, 0, "not a regular file")
             self.size = st.st_size
             if self.size == 0:
                 self.address = 0
                 return
-            address = libc.mmap(None, self.size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+            # MAP_POPULATE: the page tables are filled while the server waits as a spare, not during a restore.
+            address = libc.mmap(None, self.size, mmap.PROT_READ, mmap.MAP_SHARED | mmap.MAP_POPULATE, fd, 0)
             if address in (None, _MAP_FAILED):
                 raise ImageError(path, 0, f"cannot map: {os.strerror(ctypes.get_errno())}")
             self.address = address
@@ -84,6 +86,18 @@ class Ranges:
         index = bisect.bisect_right(self._starts, address) - 1
         if index >= 0 and address < self._items[index][1]:
             return tuple(self._items[index])
+        return None
+
+    def next_within(self, start: int, end: int) -> tuple[int, int] | None:
+        """The first part of ``[start, end)`` that one range here covers, or None."""
+        index = max(0, bisect.bisect_right(self._starts, start) - 1)
+        while index < len(self._items):
+            low, high, _image = self._items[index]
+            if low >= end:
+                return None
+            if high > start:
+                return max(low, start), min(high, end)
+            index += 1
         return None
 
     def take(self, start: int, end: int) -> list[tuple[int, int, int]]:

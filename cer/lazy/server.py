@@ -345,10 +345,9 @@ class LazyPagesServer:
             task, start, end = self.queue.pop(0)
             if task.exited:
                 continue
-            for low, high, image in task.ranges.take(start, end):
-                done = self._copy(task, low, high, image)
-                self.stats.pages_working_set += done // PAGE_SIZE
-                budget -= high - low
+            done = self._serve(task, start, end)
+            self.stats.pages_working_set += done // PAGE_SIZE
+            budget -= max(done, PAGE_SIZE)
         if not self.queue:
             self.stats.seconds_working_set = round(time.monotonic() - self.finished_at, 4)
             self.log(f"working set copied: {self.stats.pages_working_set} pages, "
@@ -443,8 +442,23 @@ class LazyPagesServer:
         image_address = image + address - low
         if self.recording is not None and not task.child:
             self.recording.append((task.pid, image_address))
-        for piece in task.ranges.take(address, address + PAGE_SIZE):
-            self.stats.pages_on_fault += self._copy(task, *piece) // PAGE_SIZE
+        self.stats.pages_on_fault += self._serve(task, address, address + PAGE_SIZE) // PAGE_SIZE
+
+    def _serve(self, task: Task, start: int, end: int) -> int:
+        """Copy whatever of ``[start, end)`` the task still lacks; the bytes copied.
+
+        One range at a time, taken out only while it is copied: a fork reported meanwhile (the copy then
+        fails with EAGAIN) must find every page the parent does not have yet still in its ranges."""
+        copied = 0
+        while not task.exited:
+            found = task.ranges.next_within(start, end)
+            if found is None:
+                break
+            low, high = found
+            for piece in task.ranges.take(low, high):
+                copied += self._copy(task, *piece)
+            start = high
+        return copied
 
     def _copy(self, task: Task, start: int, end: int, image: int) -> int:
         """Copy ``[start, end)`` (taken from ``task.ranges``) from the checkpoint; what the kernel did not take
@@ -466,10 +480,7 @@ class LazyPagesServer:
                 # A fork, mremap or munmap is pending on the userfaultfd: read it, then try the rest again.
                 task.ranges.insert(start, end, image)
                 self._read_events(task)
-                if task.exited:
-                    return copied
-                copied += sum(self._copy(task, *piece) for piece in task.ranges.take(start, end))
-                return copied
+                return copied + self._serve(task, start, end)
             elif err == errno.EEXIST:
                 start, image = start + PAGE_SIZE, image + PAGE_SIZE  # present already: not ours to overwrite
             elif err == errno.ENOENT:
@@ -482,10 +493,9 @@ class LazyPagesServer:
         budget = SLICE
         for task in list(self.tasks.values()):
             while budget > 0 and not task.exited and len(task.ranges):
-                low, high, image = task.ranges.first()
+                low, high, _image = task.ranges.first()
                 high = min(high, low + CHUNK)
-                for piece in task.ranges.take(low, high):
-                    self.stats.pages_background += self._copy(task, *piece) // PAGE_SIZE
+                self.stats.pages_background += self._serve(task, low, high) // PAGE_SIZE
                 budget -= high - low
 
     def _exited(self, task: Task) -> None:
