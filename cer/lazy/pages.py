@@ -90,6 +90,8 @@ class Ranges:
 
     def next_within(self, start: int, end: int) -> tuple[int, int] | None:
         """The first part of ``[start, end)`` that one range here covers, or None."""
+        if start >= end:
+            return None
         index = max(0, bisect.bisect_right(self._starts, start) - 1)
         while index < len(self._items):
             low, high, _image = self._items[index]

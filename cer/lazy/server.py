@@ -50,13 +50,18 @@ from cer.linux.userfaultfd import (EVENT_FORK, EVENT_PAGEFAULT, EVENT_REMAP, EVE
 SOCKET_NAME = "lazy-pages.socket"
 STATS_NAME = "lazy-pages.stats"
 RESTORE_FINISHED = 0x52535446  # "ReSTore Finished", criu/uffd.c
-CHUNK = 1 << 20
-"""Bytes per UFFDIO_COPY in the background: faults wait at most one chunk's copy."""
+CHUNK_MIN, CHUNK_MAX = 64 << 10, 4 << 20
+"""Bytes per UFFDIO_COPY in the background: back to the least after every fault (a fault waits for the chunk
+being copied), doubled after every chunk copied while the process faults nothing."""
 SLICE = 4 << 20
 """Background bytes between two looks at the userfaultfds."""
+PUSH_BATCH = 256
+"""Working-set copies between two looks at the userfaultfds."""
 GAP_PAGES = 4
 """Working-set runs closer than this many pages are copied as one, the missing pages between them included."""
+_READ_SIZE = MESSAGE_SIZE * 64
 _PID = struct.Struct("=i")
+_FAULT_ADDRESS = struct.Struct("<16xQ")  # struct uffd_msg: event, reserved, then the fault's flags and address
 _FINISHED = struct.Struct("=I")
 _MAX_FDS_PER_READ = 16
 
@@ -116,7 +121,9 @@ class LazyPagesServer:
         self.started = time.monotonic()
         self.recording: list[tuple[int, int]] | None = None
         self.last_fault = 0.0
-        self.queue: list[tuple[Task, int, int]] = []  # working-set runs to copy first: (task, start, end)
+        self.queue: list[tuple[Task, int, int, int]] = []  # working-set copies: (task, address, source, length)
+        self._queued = 0  # how far self.queue has been copied
+        self.chunk = CHUNK_MIN
         self.background = False
         self.fingerprint = ""
         self._pending_set: dict[int, list[int]] = {}  # the working set to copy first, by task
@@ -153,7 +160,7 @@ class LazyPagesServer:
                 continue
             if self.recording is not None and self._recording_over():
                 self._save_recording()
-            if self.queue:
+            if self._queued < len(self.queue):
                 self._copy_working_set()
             elif self.background:
                 self._copy_background()
@@ -163,7 +170,7 @@ class LazyPagesServer:
     def _timeout(self) -> float:
         if self.finished_at is None:
             return -1
-        if self.queue or self.background:
+        if self._queued < len(self.queue) or self.background:
             return 0
         if self.recording is not None:
             now = time.monotonic()
@@ -172,7 +179,7 @@ class LazyPagesServer:
         return 0
 
     def _done(self) -> bool:
-        if self.recording is not None or self.queue:
+        if self.recording is not None or self._queued < len(self.queue):
             return False
         return all(task.exited or not len(task.ranges) for task in self.tasks.values())
 
@@ -267,7 +274,9 @@ class LazyPagesServer:
             os.close(fd)
             raise ProtocolError(f"the restore sent a {kind} for task {pid}, not a userfaultfd")
         os.set_blocking(fd, False)
-        self._add_task(Task(pid, image, PageFiller(fd), image.ranges.copy()))
+        task = Task(pid, image, PageFiller(fd), image.ranges.copy())
+        self._add_task(task)
+        self._plan_working_set(task)
         self.stats.tasks += 1
         self.log(f"task {pid}: userfaultfd {fd}, {image.ranges.pages} lazy pages")
 
@@ -279,9 +288,8 @@ class LazyPagesServer:
         self.finished_at = time.monotonic()
         self.stats.seconds_to_finished = round(self.finished_at - self.started, 4)
         self.log(f"the restore finished ({self._announced} task(s))")
-        self._plan_working_set_of_tasks()
         if self.queue:
-            self.log(f"copying the working set first: {self.stats.working_set_pages} pages")
+            self.log(f"copying the working set first: {len(self.queue)} copies")
         if self.recording is None:
             self.background = True
 
@@ -323,37 +331,62 @@ class LazyPagesServer:
         self._pending_set = found.by_task()
 
     def _plan_working_set(self, task: Task) -> None:
-        """Queue the runs of ``task``'s recorded pages (addresses at dump time: nothing has moved yet)."""
+        """Queue the copies of ``task``'s recorded pages, worked out while the restore is still under way (its
+        address space is as the checkpoint has it: addresses at dump time are addresses now)."""
         addresses = sorted(set(self._pending_set.get(task.pid, ())))
-        run_start = run_end = None
+        runs: list[list[int]] = []
         for address in addresses:
             if address % PAGE_SIZE:
                 continue  # not a page: a garbled set costs nothing but this page
-            if run_end is not None and address <= run_end + GAP_PAGES * PAGE_SIZE:
-                run_end = address + PAGE_SIZE
-                continue
-            if run_start is not None:
-                self.queue.append((task, run_start, run_end))
-            run_start, run_end = address, address + PAGE_SIZE
-        if run_start is not None:
-            self.queue.append((task, run_start, run_end))
+            if runs and address <= runs[-1][1] + GAP_PAGES * PAGE_SIZE:
+                runs[-1][1] = address + PAGE_SIZE
+            else:
+                runs.append([address, address + PAGE_SIZE])
+        for start, end in runs:
+            while (found := task.ranges.next_within(start, end)) is not None:
+                low, high = found
+                source = task.image.source(low, high - low)
+                if source is not None:  # None: beyond what the pages file holds for it; the fault will say so
+                    self.queue.append((task, low, source, high - low))
+                start = high
 
     def _copy_working_set(self) -> None:
-        started = time.monotonic()
-        budget = SLICE
-        while self.queue and budget > 0:
-            task, start, end = self.queue.pop(0)
+        """The next batch of queued copies, as fast as the kernel takes them. The pages stay in their task's
+        ranges until the batch is done (a fault meanwhile then copies one itself, and the batch finds it
+        present); a copy that meets a pending event (EAGAIN) ends the batch, to go on once it is read."""
+        done_copies = []
+        index, end = self._queued, min(len(self.queue), self._queued + PUSH_BATCH)
+        while index < end:
+            task, address, source, length = self.queue[index]
             if task.exited:
+                index += 1
                 continue
-            done = self._serve(task, start, end)
-            self.stats.pages_working_set += done // PAGE_SIZE
-            budget -= max(done, PAGE_SIZE)
-        if not self.queue:
+            copied, err = task.filler.copy(address, source, length)
+            copied -= copied % PAGE_SIZE
+            if copied:
+                done_copies.append((task, address, address + copied))
+            if err == errno.EAGAIN:
+                self.queue[index] = (task, address + copied, source + copied, length - copied)
+                break
+            if err == errno.EEXIST and copied + PAGE_SIZE < length:
+                skip = copied + PAGE_SIZE  # that page came on a fault meanwhile
+                self.queue[index] = (task, address + skip, source + skip, length - skip)
+                continue
+            if err in (errno.ESRCH, errno.ENOSPC):
+                self._exited(task)
+            elif err not in (0, errno.EEXIST, errno.ENOENT):
+                raise ProtocolError(f"task {task.pid}: UFFDIO_COPY of its working set at {address:#x}: "
+                                    f"{os.strerror(err)}")
+            index += 1
+        self._queued = index
+        for task, low, high in done_copies:
+            if not task.exited:
+                task.ranges.take(low, high)
+                self.stats.pages_working_set += (high - low) // PAGE_SIZE
+        if self._queued == len(self.queue):
             self.stats.seconds_working_set = round(time.monotonic() - self.finished_at, 4)
             self.log(f"working set copied: {self.stats.pages_working_set} pages, "
                      f"{self.stats.seconds_working_set:.3f} s after the restore finished")
-        elif time.monotonic() - started > 0.5:
-            self.log("working set: slow copy")
 
     def _recording_over(self) -> bool:
         now = time.monotonic()
@@ -378,35 +411,39 @@ class LazyPagesServer:
     def _read_events(self, task: Task) -> None:
         while not task.exited:
             try:
-                raw = os.read(task.filler.fd, MESSAGE_SIZE * 64)
+                raw = os.read(task.filler.fd, _READ_SIZE)
             except BlockingIOError:
                 return
             except OSError as error:
                 raise ProtocolError(f"task {task.pid}: cannot read its userfaultfd: {error.strerror}") from None
-            if not raw:
-                return
             if len(raw) % MESSAGE_SIZE:
                 raise ProtocolError(f"task {task.pid}: a userfaultfd read of {len(raw)} bytes")
             for offset in range(0, len(raw), MESSAGE_SIZE):
+                if raw[offset] == EVENT_PAGEFAULT:  # the common case, without a Message
+                    self.stats.faults += 1
+                    self._fault(task, _FAULT_ADDRESS.unpack_from(raw, offset)[0] & ~(PAGE_SIZE - 1))
+                    continue
                 try:
                     message = parse_message(raw[offset:offset + MESSAGE_SIZE])
                 except ValueError as error:
                     raise ProtocolError(f"task {task.pid}: {error}") from None
                 self.stats.events[message.name] = self.stats.events.get(message.name, 0) + 1
                 self._handle(task, message)
+            if len(raw) < _READ_SIZE:
+                return  # read all there was (level-triggered epoll says if more comes)
 
     def _handle(self, task: Task, message) -> None:
-        if message.event == EVENT_PAGEFAULT:
-            self._fault(task, message.address & ~(PAGE_SIZE - 1))
-        elif message.event == EVENT_FORK:
+        if message.event == EVENT_FORK:
             child = Task(task.pid, task.image, PageFiller(message.fd), task.ranges.copy(), child=True)
             os.set_blocking(message.fd, False)
             self._add_task(child)
             self.stats.forks += 1
             self.log(f"task {task.pid} forked: {child.ranges.pages} pages still to serve to the child")
         elif message.event == EVENT_REMAP:
+            self._forget_queued(task)
             task.ranges.move(message.source, message.start, message.end - message.start)
         elif message.event in (EVENT_REMOVE, EVENT_UNMAP):
+            self._forget_queued(task)
             start, end = message.start & ~(PAGE_SIZE - 1), _page_up(message.end)
             # madvise(DONTNEED) keeps the VMA: unregistered, its next touch is an ordinary zero page, not ours.
             if message.event == EVENT_REMOVE and end > start:
@@ -417,11 +454,19 @@ class LazyPagesServer:
                 if err:
                     raise ProtocolError(f"task {task.pid}: cannot unregister {start:#x}-{end:#x}: {os.strerror(err)}")
             task.ranges.take(start, end)
-            # Working-set runs keep their addresses: a dropped range makes their copy find nothing there.
+
+    def _forget_queued(self, task: Task) -> None:
+        """The task's address space changed: working-set copies not done yet may now name the wrong place. The
+        pages they were for come on a fault or in the background instead."""
+        left = [entry for entry in self.queue[self._queued:] if entry[0] is not task]
+        if len(left) < len(self.queue) - self._queued:
+            self.log(f"task {task.pid} changed its mappings: {len(self.queue) - self._queued - len(left)} working-set "
+                     "copies left to faults")
+            self.queue[self._queued:] = left
 
     def _fault(self, task: Task, address: int) -> None:
-        self.stats.faults += 1
         self.last_fault = time.monotonic()
+        self.chunk = CHUNK_MIN
         found = task.ranges.find(address)
         if found is None:
             # Not a lazy page of the checkpoint (a zero page), or copied since the fault was queued.
@@ -494,9 +539,10 @@ class LazyPagesServer:
         for task in list(self.tasks.values()):
             while budget > 0 and not task.exited and len(task.ranges):
                 low, high, _image = task.ranges.first()
-                high = min(high, low + CHUNK)
+                high = min(high, low + self.chunk)
                 self.stats.pages_background += self._serve(task, low, high) // PAGE_SIZE
                 budget -= high - low
+                self.chunk = min(CHUNK_MAX, self.chunk * 2)
 
     def _exited(self, task: Task) -> None:
         if not task.exited:
@@ -516,10 +562,6 @@ class LazyPagesServer:
         except OSError as error:
             self.log(f"cannot write {STATS_NAME}: {error}")
 
-    def _plan_working_set_of_tasks(self) -> None:
-        for task in list(self.tasks.values()):
-            if not task.child:
-                self._plan_working_set(task)
 
 
 def _page_up(value: int) -> int:

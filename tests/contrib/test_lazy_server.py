@@ -221,8 +221,8 @@ def _send(client: socket.socket, pid: int, fd: int | None) -> None:
     ("two fds for one task", "file descriptor(s) more than it has tasks"),
 ])
 def test_bad_input_on_the_socket_ends_the_server_with_a_clear_error(small, tmp_path, case, expected):
-    server = Server(small.images, tmp_path / "work")
     pid = _task_pid(small)
+    server = Server(small.images, tmp_path / "work")
     try:
         client = server.connect()
         read_end, write_end = os.pipe()

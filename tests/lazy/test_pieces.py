@@ -35,6 +35,15 @@ def test_take_splits_ranges_and_keeps_where_each_page_came_from():
     assert ranges.find(12 * P) is None and ranges.find(13 * P) == (13 * P, 15 * P, 13 * P)
 
 
+def test_next_within_finds_pieces_and_nothing_in_an_empty_span():
+    ranges = Ranges([[10 * P, 20 * P, 10 * P], [30 * P, 40 * P, 30 * P]])
+    assert ranges.next_within(0, 15 * P) == (10 * P, 15 * P)
+    assert ranges.next_within(15 * P, 35 * P) == (15 * P, 20 * P)
+    assert ranges.next_within(20 * P, 35 * P) == (30 * P, 35 * P)
+    assert ranges.next_within(12 * P, 12 * P) is None  # an empty span inside a range: nothing, not (12, 12)
+    assert ranges.next_within(40 * P, 50 * P) is None
+
+
 def test_move_follows_mremap_and_drops_what_was_at_the_target():
     ranges = Ranges([[10 * P, 20 * P, 10 * P], [100 * P, 110 * P, 100 * P]])
     ranges.move(15 * P, 200 * P, 10 * P)  # pages 15..20 move, 20..25 were none of ours
