@@ -103,8 +103,18 @@ def test_first_restore_records_the_working_set_and_later_ones_get_it_first(cer_d
     assert ref not in working_sets(cer_daemon)
     again = cli(cer_daemon, "checkpoint", "forget-working-set", small.name)
     assert again.returncode == 0 and again.stdout.strip() == "no working set was recorded", again.stderr
+    # A server by hand (cer checkpoint lazy), shown in the status table, given back.
+    from cer.protocol.methods import CheckpointLazyPut
+
+    by_hand = cli(cer_daemon, "checkpoint", "lazy", small.name)
+    assert by_hand.returncode == 0, by_hand.stderr
+    reply = json.loads(by_hand.stdout)
+    assert Path(reply["socket"]).exists() and reply["images"] == str(small.images)
     table = cli(cer_daemon, "status")
     assert table.returncode == 0 and "lazy-pages servers (cer)" in table.stdout, table.stdout
+    assert reply["server_id"] in table.stdout and "waiting" in table.stdout, table.stdout
+    assert cer_daemon.call(CheckpointLazyPut(reply["server_id"]))["state"] == "released"
+    assert lazy_status(cer_daemon)["criu_kdat_cached"] in (True, False)
 
 
 @pytest.mark.timeout(300)
