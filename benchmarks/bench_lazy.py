@@ -51,6 +51,7 @@ lazy-criu; the request after a restore within 1.5x of the same request to a neve
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import select
@@ -212,12 +213,13 @@ def _server_stats(daemon, server_pid: int) -> dict | None:
     return next((entry["stats"] for entry in reversed(ended) if entry["pid"] == server_pid), None)
 
 
-def response_main(options, sizes: list[int]) -> None:
-    started = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix="cer-bench-response-", dir="/tmp"))
+@contextlib.contextmanager
+def checkpoints_served(prefix: str, sizes: list[int], *daemon_args: tuple[str, ...]):
+    """A checkpoint of the workload per size, and one cer daemon serving them per ``daemon_args`` entry (its
+    ``cer start`` options); yields (work directory, runc, sizes, daemons) and removes everything after."""
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     runc = runc_support.Runc(work / "runc")
     daemons = []
-    results: dict[int, dict[str, list[dict]]] = {}
     try:
         binary = containerd_support.build_static(WORKLOAD.read_text(), "lazy-workload", work / "build")
         prepared = []
@@ -225,11 +227,23 @@ def response_main(options, sizes: list[int]) -> None:
             print(f"checkpointing {mib} MiB ...", file=sys.stderr, flush=True)
             prepared.append(Size(mib, work, binary, runc))
         config = {"containerd_checkpoints": [{"name": s.name, "capacity": 1, "path": str(s.images)} for s in prepared]}
-        cer_daemon = start_daemon(config)
-        daemons.append(cer_daemon)
-        criu_daemon = start_daemon(config, "--lazy-server", "criu")
-        daemons.append(criu_daemon)
-        bench = ResponseBench(work, runc, cer_daemon, criu_daemon)
+        for args in daemon_args:
+            daemons.append(start_daemon(config, *args))
+        yield work, runc, prepared, daemons
+    finally:
+        runc.cleanup()
+        for daemon in daemons:
+            daemon.stop()
+            shutil.rmtree(daemon.root.parent, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def response_main(options, sizes: list[int]) -> None:
+    started = time.monotonic()
+    results: dict[int, dict[str, list[dict]]] = {}
+    with checkpoints_served("cer-bench-response-", sizes, (), ("--lazy-server", "criu")) as (work, runc, prepared,
+                                                                                             daemons):
+        bench = ResponseBench(work, runc, *daemons)
         for size in prepared:
             asker = Asker(size)
             never_stopped = f"never-{uuid.uuid4().hex[:6]}"
@@ -245,12 +259,6 @@ def response_main(options, sizes: list[int]) -> None:
             finally:
                 runc.delete(never_stopped)
                 asker.close()
-    finally:
-        runc.cleanup()
-        for daemon in daemons:
-            daemon.stop()
-            shutil.rmtree(daemon.root.parent, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
 
     cache = "page cache warm"
     print(f"\ntime to first response, median of {options.rounds} rounds, {cache}; seconds, ratios to eager "
@@ -387,21 +395,9 @@ def main() -> None:
         return
 
     started = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix="cer-bench-lazy-", dir="/tmp"))
-    runc = runc_support.Runc(work / "runc")
-    daemons = []
     results: dict[int, dict[str, list[tuple[float, float]]]] = {}
-    try:
-        binary = containerd_support.build_static(WORKLOAD.read_text(), "lazy-workload", work / "build")
-        prepared = []
-        for mib in sizes:
-            print(f"checkpointing {mib} MiB ...", file=sys.stderr, flush=True)
-            prepared.append(Size(mib, work, binary, runc))
-        config = {"containerd_checkpoints": [{"name": s.name, "capacity": 1, "path": str(s.images)} for s in prepared]}
-        daemon = start_daemon(config)
-        daemons.append(daemon)
-        nospare = start_daemon(config, "--lazy-spares", "0")
-        daemons.append(nospare)
+    with checkpoints_served("cer-bench-lazy-", sizes, (), ("--lazy-spares", "0")) as (work, runc, prepared, daemons):
+        daemon, nospare = daemons
         bench = Bench(work, runc, daemon, nospare, options.drop_caches)
         for size in prepared:
             times = results[size.mib] = {method: [] for method in METHODS}
@@ -411,12 +407,6 @@ def main() -> None:
                     measured = bench.round(method, size)
                     if round_number:
                         times[method].append(measured)
-    finally:
-        runc.cleanup()
-        for daemon in daemons:
-            daemon.stop()
-            shutil.rmtree(daemon.root.parent, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
 
     for title, index in (("restore to running", 0), ("time to all pages", 1)):
         cache = "page cache dropped before each restore" if options.drop_caches else "page cache warm"

@@ -30,6 +30,7 @@ What it does beyond CRIU's server:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -52,13 +53,17 @@ STATS_NAME = "lazy-pages.stats"
 RESTORE_FINISHED = 0x52535446  # "ReSTore Finished", criu/uffd.c
 CHUNK_MIN, CHUNK_MAX = 64 << 10, 4 << 20
 """Bytes per UFFDIO_COPY in the background: back to the least after every fault (a fault waits for the chunk
-being copied), doubled after every chunk copied while the process faults nothing."""
+being copied), one step larger after every chunk copied while the process faults nothing (as CRIU's)."""
 SLICE = 4 << 20
 """Background bytes between two looks at the userfaultfds."""
-PUSH_BATCH = 256
-"""Working-set copies between two looks at the userfaultfds."""
-GAP_PAGES = 4
-"""Working-set runs closer than this many pages are copied as one, the missing pages between them included."""
+PUSH_BATCH = 16
+"""Working-set copies between two looks at the userfaultfds: a fault meanwhile waits for at most these."""
+GAP_PAGES = 2
+"""Working-set runs closer than this many pages are copied as one, the missing pages between them included
+(a copy costs about as much as two pages more in it)."""
+BACKGROUND_NICE = 10
+EARLY_RETRY = 0.002
+"""Seconds between two tries of a working-set copy whose VMA the restore has not registered yet."""
 _READ_SIZE = MESSAGE_SIZE * 64
 _PID = struct.Struct("=i")
 _FAULT_ADDRESS = struct.Struct("<16xQ")  # struct uffd_msg: event, reserved, then the fault's flags and address
@@ -92,8 +97,8 @@ class Stats:
     working_set: str = "none"  # none, recording, recorded, used, ignored (stale or garbled)
     working_set_pages: int = 0
     working_set_reason: str | None = None
-    seconds_to_finished: float | None = None
-    seconds_working_set: float | None = None
+    seconds_to_finished: float | None = None  # from the restore's connect
+    seconds_working_set: float | None = None  # from the restore's connect until the working set was in
     seconds_total: float | None = None
     events: dict = field(default_factory=dict)
 
@@ -118,15 +123,19 @@ class LazyPagesServer:
         self._fds: list[int] = []
         self._announced = 0  # tasks whose pid the restore has sent
         self.finished_at: float | None = None
+        self.connected_at = 0.0
         self.started = time.monotonic()
         self.recording: list[tuple[int, int]] | None = None
         self.last_fault = 0.0
         self.queue: list[tuple[Task, int, int, int]] = []  # working-set copies: (task, address, source, length)
         self._queued = 0  # how far self.queue has been copied
+        self._early_retry = 0.0  # before the restore finishes: when to try the next working-set copy
         self.chunk = CHUNK_MIN
         self.background = False
         self.fingerprint = ""
-        self._pending_set: dict[int, list[int]] = {}  # the working set to copy first, by task
+        # The working set's copies by task, as (address, source, length), and which file they came from.
+        self._plans: dict[int, list[tuple[int, int, int]]] | None = None
+        self._set_identity: tuple | None = None
 
     # -- start-up: everything that can be done before a restore comes ---------------------------------
 
@@ -135,10 +144,11 @@ class LazyPagesServer:
         if self.working_set_path:
             files = sorted({task.pages.path for task in self.checkpoint.values()})
             self.fingerprint = ws.fingerprint(self.images, list(self.checkpoint), files)
+            self._load_working_set()
         # Bound under a temporary name and renamed once listening: whoever sees the socket can connect.
         temporary = f".{SOCKET_NAME}.{os.getpid()}"
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        with _suppress_missing():
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         listener.bind(temporary)
         listener.listen(1)
@@ -157,6 +167,8 @@ class LazyPagesServer:
             for fd, _mask in self.epoll.poll(timeout):
                 self._dispatch(fd)
             if self.finished_at is None:
+                if self._queued < len(self.queue) and time.monotonic() >= self._early_retry:
+                    self._copy_working_set(early=True)
                 continue
             if self.recording is not None and self._recording_over():
                 self._save_recording()
@@ -169,6 +181,8 @@ class LazyPagesServer:
 
     def _timeout(self) -> float:
         if self.finished_at is None:
+            if self._queued < len(self.queue):  # a working set waits for its VMAs: look again soon
+                return max(0.0, self._early_retry - time.monotonic())
             return -1
         if self._queued < len(self.queue) or self.background:
             return 0
@@ -204,6 +218,7 @@ class LazyPagesServer:
         self.listener = None
         client.setblocking(False)
         self.client = client
+        self.connected_at = time.monotonic()
         self.epoll.register(client.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
         self._load_working_set()
 
@@ -276,7 +291,7 @@ class LazyPagesServer:
         os.set_blocking(fd, False)
         task = Task(pid, image, PageFiller(fd), image.ranges.copy())
         self._add_task(task)
-        self._plan_working_set(task)
+        self.queue.extend((task, *copy) for copy in (self._plans or {}).get(pid, ()))
         self.stats.tasks += 1
         self.log(f"task {pid}: userfaultfd {fd}, {image.ranges.pages} lazy pages")
 
@@ -286,12 +301,12 @@ class LazyPagesServer:
 
     def _restore_finished(self) -> None:
         self.finished_at = time.monotonic()
-        self.stats.seconds_to_finished = round(self.finished_at - self.started, 4)
+        self.stats.seconds_to_finished = round(self.finished_at - self.connected_at, 4)
         self.log(f"the restore finished ({self._announced} task(s))")
-        if self.queue:
-            self.log(f"copying the working set first: {len(self.queue)} copies")
+        if self._queued < len(self.queue):
+            self.log(f"copying the working set first: {len(self.queue) - self._queued} copies left")
         if self.recording is None:
-            self.background = True
+            self._start_background()
 
     def _restore_closed(self) -> None:
         self.epoll.unregister(self.client.fileno())
@@ -305,13 +320,21 @@ class LazyPagesServer:
     # -- working sets ---------------------------------------------------------------------------------
 
     def _load_working_set(self) -> None:
-        """At the restore's connect, not at start-up: a spare may be older than the set it should use."""
+        """Read the working set and work out its copies: once as a spare (off the restore's path), and again
+        at the restore's connect only if the file changed meanwhile (a spare may be older than the set it
+        should use, or the set may have been forgotten)."""
         if not self.working_set_path:
             return
         try:
-            found = ws.read(self.working_set_path)
-        except FileNotFoundError:
-            found = None
+            identity = _identity(os.stat(self.working_set_path))
+        except OSError:
+            identity = None
+        if self._plans is not None and identity == self._set_identity:
+            return
+        self._set_identity, self._plans, self.recording = identity, {}, None
+        self.stats.working_set, self.stats.working_set_reason, self.stats.working_set_pages = "none", None, 0
+        try:
+            found = ws.read(self.working_set_path) if identity is not None else None
         except (OSError, ws.WorkingSetError) as error:
             self.stats.working_set, self.stats.working_set_reason = "ignored", str(error)
             self.log(f"working set ignored, recording anew: {error}")
@@ -328,32 +351,22 @@ class LazyPagesServer:
             return
         self.stats.working_set = "used"
         self.stats.working_set_pages = len(found.pages)
-        self._pending_set = found.by_task()
+        for pid, addresses in found.by_task().items():
+            if pid in self.checkpoint:
+                self._plans[pid] = _plan(self.checkpoint[pid], addresses)
+        self.log(f"working set of {len(found.pages)} pages: {sum(map(len, self._plans.values()))} copies planned")
 
-    def _plan_working_set(self, task: Task) -> None:
-        """Queue the copies of ``task``'s recorded pages, worked out while the restore is still under way (its
-        address space is as the checkpoint has it: addresses at dump time are addresses now)."""
-        addresses = sorted(set(self._pending_set.get(task.pid, ())))
-        runs: list[list[int]] = []
-        for address in addresses:
-            if address % PAGE_SIZE:
-                continue  # not a page: a garbled set costs nothing but this page
-            if runs and address <= runs[-1][1] + GAP_PAGES * PAGE_SIZE:
-                runs[-1][1] = address + PAGE_SIZE
-            else:
-                runs.append([address, address + PAGE_SIZE])
-        for start, end in runs:
-            while (found := task.ranges.next_within(start, end)) is not None:
-                low, high = found
-                source = task.image.source(low, high - low)
-                if source is not None:  # None: beyond what the pages file holds for it; the fault will say so
-                    self.queue.append((task, low, source, high - low))
-                start = high
-
-    def _copy_working_set(self) -> None:
+    def _copy_working_set(self, early: bool = False) -> None:
         """The next batch of queued copies, as fast as the kernel takes them. The pages stay in their task's
         ranges until the batch is done (a fault meanwhile then copies one itself, and the batch finds it
-        present); a copy that meets a pending event (EAGAIN) ends the batch, to go on once it is read."""
+        present); a copy that meets a pending event (EAGAIN) ends the batch, to go on once it is read.
+
+        ``early``: the restore has not finished. CRIU's restorer registers each lazy VMA with the userfaultfd
+        once it has moved the VMA to its final address (criu/pie/restorer.c, vma_remap), so a copy can land
+        nowhere else than where the checkpoint puts that page; until the VMA is registered the copy fails
+        with ENOENT, and the batch ends, to be tried again a moment later. Copying while CRIU still works
+        (the network unlock, runc's hooks) takes the working set off the path of the container's first
+        request."""
         done_copies = []
         index, end = self._queued, min(len(self.queue), self._queued + PUSH_BATCH)
         while index < end:
@@ -365,8 +378,10 @@ class LazyPagesServer:
             copied -= copied % PAGE_SIZE
             if copied:
                 done_copies.append((task, address, address + copied))
-            if err == errno.EAGAIN:
+            if err == errno.EAGAIN or (early and err == errno.ENOENT):
                 self.queue[index] = (task, address + copied, source + copied, length - copied)
+                if err == errno.ENOENT:
+                    self._early_retry = time.monotonic() + EARLY_RETRY
                 break
             if err == errno.EEXIST and copied + PAGE_SIZE < length:
                 skip = copied + PAGE_SIZE  # that page came on a fault meanwhile
@@ -384,9 +399,9 @@ class LazyPagesServer:
                 task.ranges.take(low, high)
                 self.stats.pages_working_set += (high - low) // PAGE_SIZE
         if self._queued == len(self.queue):
-            self.stats.seconds_working_set = round(time.monotonic() - self.finished_at, 4)
-            self.log(f"working set copied: {self.stats.pages_working_set} pages, "
-                     f"{self.stats.seconds_working_set:.3f} s after the restore finished")
+            self.stats.seconds_working_set = round(time.monotonic() - self.connected_at, 4)
+            self.log(f"working set copied: {self.stats.pages_working_set} pages"
+                     f"{' before the restore finished' if early else ''}")
 
     def _recording_over(self) -> bool:
         now = time.monotonic()
@@ -395,7 +410,7 @@ class LazyPagesServer:
 
     def _save_recording(self) -> None:
         pages, self.recording = self.recording, None
-        self.background = True
+        self._start_background()
         seconds = round(time.monotonic() - self.started, 3)
         recorded = ws.WorkingSet(self.ref, self.fingerprint, ws.now(), seconds, tuple(pages))
         try:
@@ -534,6 +549,14 @@ class LazyPagesServer:
                 raise ProtocolError(f"task {task.pid}: UFFDIO_COPY at {start:#x}: {os.strerror(err)}")
         return copied
 
+    def _start_background(self) -> None:
+        """From here on the server copies what is left while the container runs: at a lower priority, so that
+        on a busy host the container's own work comes first (a fault still gets the CPU the faulting process
+        gave up while it waits)."""
+        self.background = True
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, 0, BACKGROUND_NICE)
+
     def _copy_background(self) -> None:
         budget = SLICE
         for task in list(self.tasks.values()):
@@ -542,7 +565,7 @@ class LazyPagesServer:
                 high = min(high, low + self.chunk)
                 self.stats.pages_background += self._serve(task, low, high) // PAGE_SIZE
                 budget -= high - low
-                self.chunk = min(CHUNK_MAX, self.chunk * 2)
+                self.chunk = min(CHUNK_MAX, self.chunk + CHUNK_MIN)
 
     def _exited(self, task: Task) -> None:
         if not task.exited:
@@ -564,16 +587,40 @@ class LazyPagesServer:
 
 
 
+def _plan(image: TaskImage, addresses: list[int]) -> list[tuple[int, int, int]]:
+    """The copies that bring a task the recorded pages ``addresses`` (in the order they were first faulted),
+    as ``(address, source, length)``, worked out on the task's address space as the checkpoint has it (so
+    addresses at dump time are addresses now): runs of pages, within one range each, in the order the
+    recorded restore first needed them, so that what the process asks for first comes first."""
+    first_touch: dict[int, int] = {}
+    for order, address in enumerate(addresses):
+        if address % PAGE_SIZE == 0:  # not a page: a garbled set costs nothing but this entry
+            first_touch.setdefault(address, order)
+    runs: list[list[int]] = []  # [start, end, first touch of any page in it]
+    for address in sorted(first_touch):
+        if runs and address <= runs[-1][1] + GAP_PAGES * PAGE_SIZE:
+            runs[-1][1] = address + PAGE_SIZE
+            runs[-1][2] = min(runs[-1][2], first_touch[address])
+        else:
+            runs.append([address, address + PAGE_SIZE, first_touch[address]])
+    runs.sort(key=lambda run: run[2])
+    copies = []
+    for start, end, _order in runs:
+        while (found := image.ranges.next_within(start, end)) is not None:
+            low, high = found
+            source = image.source(low, high - low)
+            if source is not None:  # None: beyond what the pages file holds for it; a fault will say so
+                copies.append((low, source, high - low))
+            start = high
+    return copies
+
+
+def _identity(st: os.stat_result) -> tuple:
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _page_up(value: int) -> int:
     return -(-value // PAGE_SIZE) * PAGE_SIZE
-
-
-class _suppress_missing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, value, traceback):
-        return kind is not None and issubclass(kind, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -112,7 +112,10 @@ static uint64_t expected(size_t page, size_t w)
     return splitmix64(page * WORDS_PER_PAGE + w);
 }
 
-static size_t check_pages(const uint64_t *memory, size_t pages, size_t *first_bad)
+/* Checks every page still mapped; the number of bad ones. With a round, the first bad page is reported at once,
+ * as a program acting on what it read would: a hole seen for an instant is on record even if the process is
+ * killed before the check ends. */
+static size_t check_pages(const uint64_t *memory, size_t pages, size_t *first_bad, unsigned long round)
 {
     size_t bad_pages = 0;
     for (size_t page = 0; page < pages; page++) {
@@ -121,8 +124,15 @@ static size_t check_pages(const uint64_t *memory, size_t pages, size_t *first_ba
         const uint64_t *words = page_at(memory, page);
         for (size_t w = 0; w < WORDS_PER_PAGE; w++) {
             if (words[w] != expected(page, w)) {
-                if (bad_pages++ == 0)
+                if (bad_pages++ == 0) {
                     *first_bad = page;
+                    if (round) {
+                        char early[128];
+                        snprintf(early, sizeof(early), "FAIL %lu pages=%zu first_bad=%zu (checking on)\n", round,
+                                 pages, page);
+                        report(early);
+                    }
+                }
                 break;
             }
         }
@@ -133,26 +143,8 @@ static size_t check_pages(const uint64_t *memory, size_t pages, size_t *first_ba
 static void check(const uint64_t *memory, size_t pages, unsigned long round)
 {
     double started = now();
-    size_t bad_pages = 0, first_bad = 0;
-    for (size_t page = 0; page < pages; page++) {
-        if (page >= unmapped_from && page < unmapped_from + unmapped_pages)
-            continue;
-        const uint64_t *words = page_at(memory, page);
-        for (size_t w = 0; w < WORDS_PER_PAGE; w++) {
-            if (words[w] != expected(page, w)) {
-                if (bad_pages++ == 0) {
-                    /* Said at once, as a program acting on what it read would: a hole seen for an instant
-                     * is on record even if the process is killed before the check ends. */
-                    char early[128];
-                    first_bad = page;
-                    snprintf(early, sizeof(early), "FAIL %lu pages=%zu first_bad=%zu (checking on)\n", round, pages,
-                             page);
-                    report(early);
-                }
-                break;
-            }
-        }
-    }
+    size_t first_bad = 0;
+    size_t bad_pages = check_pages(memory, pages, &first_bad, round);
     char text[160];
     if (bad_pages == 0)
         snprintf(text, sizeof(text), "OK %lu pages=%zu seconds=%.3f\n", round, pages, now() - started);
@@ -188,7 +180,7 @@ static void exercise_events(uint64_t *memory, size_t pages, unsigned long round)
     /* fork: the child reads every page through its own userfaultfd. */
     pid_t child = fork();
     if (child == 0)
-        _exit(check_pages(memory, pages, &first_bad) == 0 ? 0 : 1);
+        _exit(check_pages(memory, pages, &first_bad, 0) == 0 ? 0 : 1);
     int status = 0;
     if (child < 0 || waitpid(child, &status, 0) != child || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
         snprintf(text, sizeof(text), "EVENTS %lu FAIL fork: the child found bad pages (status %d)\n", round, status);
@@ -224,7 +216,7 @@ static void exercise_events(uint64_t *memory, size_t pages, unsigned long round)
         write_file("lazy-events", text);
         return;
     }
-    size_t bad = check_pages(memory, pages, &first_bad);
+    size_t bad = check_pages(memory, pages, &first_bad, 0);
     if (bad == 0)
         snprintf(text, sizeof(text), "EVENTS %lu OK pages=%zu\n", round, pages);
     else
