@@ -118,3 +118,22 @@ def test_a_working_set_header_that_cer_did_not_write_is_refused(tmp_path, header
     path.write_bytes(b"CER-WORKING-SET\n" + struct.pack("<I", len(raw)) + raw)
     with pytest.raises(ws.WorkingSetError):
         ws.read(str(path))
+
+
+def test_a_working_set_is_planned_in_runs_first_needed_first():
+    from types import SimpleNamespace
+
+    from cer.lazy.pages import TaskImage
+    from cer.lazy.server import GAP_PAGES, _plan
+
+    # Two VMAs' worth of lazy pages: [10, 20) and [20, 30) (one pagemap entry split at a VMA end), [40, 50).
+    image = TaskImage(1, Ranges([[10 * P, 20 * P, 10 * P], [20 * P, 30 * P, 20 * P], [40 * P, 50 * P, 40 * P]]),
+                      SimpleNamespace(address=1 << 40), [10 * P, 40 * P], [(10 * P, 30 * P, 0), (40 * P, 50 * P, 20 * P)])
+    recorded = [45 * P, 11 * P, 12 * P + 5, 12 * P, (13 + GAP_PAGES) * P, 19 * P, 20 * P, 60 * P, 0]
+    plan = _plan(image, recorded)
+    source = 1 << 40
+    # 45 was needed first; then the run 11..13 and 13 + the gap (the pages between come along, 12 + 5 is no
+    # page); 19..21 crosses a VMA end and becomes two copies; 60 and 0 are no lazy pages: nothing.
+    assert plan[0] == (45 * P, source + 25 * P, P)
+    assert plan[1] == (11 * P, source + 1 * P, (3 + GAP_PAGES) * P)
+    assert plan[2:] == [(19 * P, source + 9 * P, P), (20 * P, source + 10 * P, P)]
