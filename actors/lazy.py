@@ -535,6 +535,10 @@ class LazyPagesServers(pykka.ThreadingActor):
                 continue
             self._server_exited(server)
         shutil.rmtree(self._base, ignore_errors=True)
+        try:  # kept only when it holds a working set
+            os.rmdir(os.path.join(self._root, working_set.DIRECTORY))
+        except OSError:
+            pass
 
 
 # -- helpers, run in the actor or in threads of their own ------------------------------------------------
