@@ -4,6 +4,7 @@ Unlike a pid, a pidfd cannot be recycled for a new process, so watching one is r
 """
 
 import ctypes
+import errno
 
 from cer.linux.libc import check, libc
 
@@ -13,8 +14,18 @@ libc.syscall.restype = ctypes.c_long
 
 
 def pidfd_open(pid: int) -> int:
-    """Open a pidfd for ``pid``; OSError(ESRCH) when no such process runs."""
-    return check(libc.syscall(_SYS_PIDFD_OPEN, ctypes.c_int(pid), ctypes.c_uint(0)), f"pidfd_open {pid}")
+    """Open a pidfd for ``pid``; ProcessLookupError (ESRCH) when no process has that id.
+
+    A pid comes from outside: a thread's id (the kernel answers ENOENT: a pidfd names a whole process) and
+    ids that cannot name a process (0, negative: EINVAL; past a C int, which ctypes would silently wrap onto
+    another pid) are no process either, not an internal error.
+    """
+    if not 0 < pid < 2**31:
+        raise ProcessLookupError(errno.ESRCH, f"pidfd_open {pid}: not a process id")
+    try:
+        return check(libc.syscall(_SYS_PIDFD_OPEN, ctypes.c_int(pid), ctypes.c_uint(0)), f"pidfd_open {pid}")
+    except FileNotFoundError:
+        raise ProcessLookupError(errno.ESRCH, f"pidfd_open {pid}: a thread, not a process") from None
 
 
 _SYS_PIDFD_GETFD = 438  # Linux 5.6
