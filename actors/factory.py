@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import pykka
 from loguru import logger
 
-from cer.namespaces import Namespace, Recipe, build, remove_bundle, tear_down_mounts
+from cer.namespaces import Namespace, Recipe, build, destroy
 
 # Namespace fds are placed at or above this number, rising with every creation (see namespaces.build).
 FD_BASE = 1024
@@ -110,11 +110,14 @@ class NamespaceFactory(pykka.ThreadingActor):
     def job_finished(self, job: _Job) -> None:
         self._running.discard(job)
         job.reported = True
-        if job.kind == "create":
-            self._deliver(job)
-        elif job.error is not None:
-            logger.error("tearing down mount namespace {} failed: {}", job.namespace.namespace_id, job.error)
-        self._run_queued()
+        try:
+            if job.kind == "create":
+                self._deliver(job)
+            elif job.error is not None:
+                logger.error("tearing down mount namespace {} failed: {}", job.namespace.namespace_id, job.error)
+        finally:
+            # The slot is free whatever delivering did: the queue must never wait for a message that is gone.
+            self._run_queued()
 
     def _deliver(self, job: _Job) -> None:
         namespace = job.namespace
@@ -171,23 +174,20 @@ def _create(job: _Job, factory: pykka.ActorProxy) -> None:
         job.namespace = build(job.ns_type, job.recipe, job.bundle, job.fd_floor)
         job.seconds = time.monotonic() - started
     except BaseException as error:  # noqa: BLE001 - whatever went wrong is the pool's to report; the thread ends here anyway
-        job.error = error
-        if job.bundle is not None:
-            # The half-built namespace dies with this thread; its bundle on disk does not.
-            remove_bundle(job.bundle)
-    _report(job, factory)
+        job.error = error  # build removed the half-built bundle (or noted on the error why it could not)
+    finally:
+        _report(job, factory)
 
 
 def _tear_down(job: _Job, factory: pykka.ActorProxy | None) -> None:
-    namespace = job.namespace
+    # This thread never enters the namespace (see cer.namespaces.destroy), and the factory hears of it
+    # whatever happens: a job never reported would hold one of its creation slots for good.
     try:
-        tear_down_mounts(namespace)
-    except Exception as error:  # noqa: BLE001
+        destroy(job.namespace)
+    except BaseException as error:  # noqa: BLE001 - logged by the factory; the thread ends here anyway
         job.error = error
     finally:
-        os.close(namespace.namespace_id)
-        remove_bundle(namespace.bundle)
-    _report(job, factory)
+        _report(job, factory)
 
 
 def _report(job: _Job, factory: pykka.ActorProxy | None) -> None:

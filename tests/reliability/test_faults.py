@@ -3,6 +3,7 @@
 import os
 import resource
 
+import mounts_support
 import pykka
 import pytest
 from conftest import SAMPLE, host_mounts, wait_for
@@ -93,6 +94,27 @@ def test_a_creation_thread_that_dies_still_answers_its_pool(factory):
     assert namespace is None and "mount overlay" in str(error)
     assert os.listdir(bundles) == []  # the half-built bundle went with the failure
     assert host_mounts() == mounts_before
+
+
+def test_a_mount_namespace_that_fails_after_changing_its_root_leaves_no_bundle(factory):
+    """As a build that pivots into the rootfs (issue 12) and fails after: the bundle is removed from the
+    daemon's mount namespace, not looked for under the thread's new root."""
+    proxy, bundles = factory
+
+    class PivotsThenFails:
+        """A mount plan that, once the overlay is up, moves the thread's root into it and fails."""
+
+        def __getattr__(self, name):
+            os.chroot(os.path.join(str(bundles), os.listdir(bundles)[0], "rootfs"))
+            raise OSError(5, "failed after the root moved")
+
+    mounts_before = mounts_support.host_mounts()
+    namespace, error = build_one(proxy, "mnt", Recipe(rootfs=str(SAMPLE / "rootfs"), mounts=PivotsThenFails()))
+    assert namespace is None and "failed after the root moved" in str(error)
+    assert os.listdir(bundles) == []
+    assert mounts_support.host_mount_changes(mounts_before, bundles) == []
+    namespace, error = build_one(proxy, "mnt", Recipe(rootfs=str(SAMPLE / "rootfs")))
+    assert error is None and namespace is not None
 
 
 def test_a_crashed_pool_is_started_again_and_the_others_are_unaffected(tmp_path):
