@@ -90,11 +90,12 @@ def mount_namespace_exists(namespace_id: int) -> bool:
 
 
 def hostile(reply: dict, mode: str, stay: bool = False) -> subprocess.Popen:
+    """A process that joins the namespace at ``reply["path"]`` and does what ``mode`` says; it has done it
+    when this returns. With ``stay`` it stays in there until its stdin is closed."""
     info = reply["info"]
-    process = subprocess.Popen(
-        [sys.executable, "-I", "-c", HOSTILE, reply["path"], info["rootfs"], info["bundle"], mode + ("-stay" if stay else "")],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
+    arguments = [reply["path"], info["rootfs"], info["bundle"], mode + ("-stay" if stay else "")]
+    process = subprocess.Popen([sys.executable, "-I", "-c", HOSTILE, *arguments],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     line = process.stdout.readline()
     if line != b"ready\n":
         process.kill()
@@ -112,7 +113,7 @@ def test_a_container_that_pivots_never_keeps_its_bundle_nor_wedges_the_factory(d
     for _ in range(MAX_CONCURRENT_CREATIONS + 1):
         reply = daemon.call(NamespaceGet("mnt", SAMPLE_REF))
         put.append((reply["info"]["bundle"], mount_namespace_id(reply["path"])))
-        hostile(reply, mode).wait(30)
+        hostile(reply, mode).communicate(timeout=30)
         daemon.call(NamespacePut("mnt", reply["namespace_id"], reply["pid"]))
     daemon.wait_full("sample")
     for bundle, namespace_id in put:
@@ -135,8 +136,7 @@ def test_a_namespace_put_while_a_process_is_still_in_it(daemon):
         assert mounts_support.host_mount_changes(before, daemon.root) == []
         assert mount_namespace_exists(namespace_id)
     finally:
-        process.stdin.close()
-        process.wait(10)
+        process.communicate(timeout=10)
     wait_for(lambda: not mount_namespace_exists(namespace_id), 10, what="the namespace to go with its process")
     daemon.wait_full("sample")
     assert mounts_support.host_mount_changes(before, daemon.root) == []
