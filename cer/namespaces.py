@@ -241,10 +241,10 @@ def _empty_tree(top: str, device: int, mount_points: set[str]) -> bool:
     try:
         if os.fstat(fd).st_dev != device:
             return True
-        # From ``top`` down to ``fd``: each directory's name, identity and subdirectories still to visit.
-        path = [(top, _identity(os.fstat(fd)), _unlink_files(fd, top, device, mount_points))]
+        # From ``top`` down to ``fd``: each directory's name, path, identity and subdirectories still to visit.
+        path = [(top, top, _identity(os.fstat(fd)), _unlink_files(fd, top, device, mount_points))]
         while True:
-            name, _, pending = path[-1]
+            name, where, _, pending = path[-1]
             if pending:
                 child = pending.pop()
                 try:
@@ -257,8 +257,8 @@ def _empty_tree(top: str, device: int, mount_points: set[str]) -> bool:
                     continue
                 os.close(fd)
                 fd = child_fd
-                where = os.path.join(*(entry[0] for entry in path), child)
-                path.append((child, _identity(info), _unlink_files(fd, where, device, mount_points)))
+                below = os.path.join(where, child)
+                path.append((child, below, _identity(info), _unlink_files(fd, below, device, mount_points)))
                 continue
             if len(path) == 1:
                 return True
@@ -266,7 +266,7 @@ def _empty_tree(top: str, device: int, mount_points: set[str]) -> bool:
             os.close(fd)
             fd = parent_fd
             path.pop()
-            if _identity(os.fstat(fd)) != path[-1][1]:
+            if _identity(os.fstat(fd)) != path[-1][2]:
                 return False
             _quietly(os.rmdir, name, dir_fd=fd)
     finally:
