@@ -53,7 +53,8 @@ class NamespaceFactory(pykka.ThreadingActor):
         self._bundles_dir = bundles_dir
         self._on_created = on_created
         self._max_concurrent = max_concurrent
-        self._queue: deque[_Job] = deque()
+        self._queue: deque[_Job] = deque()  # creations waiting for a slot
+        self._tear_downs: deque[_Job] = deque()  # tear-downs waiting for one of theirs
         self._running: set[_Job] = set()
         self._owners: dict[tuple[str, int], pykka.ActorProxy] = {}
         self._live: dict[tuple[str, int], Namespace] = {}
@@ -82,7 +83,7 @@ class NamespaceFactory(pykka.ThreadingActor):
         self._owners.pop(key, None)
         self._counts["destroyed"] += 1
         if namespace.ns_type == "mnt":
-            self._queue.append(_Job("tear_down", "mnt", namespace=namespace))
+            self._tear_downs.append(_Job("tear_down", "mnt", namespace=namespace))
             self._run_queued()
         else:
             os.close(namespace.namespace_id)
@@ -92,7 +93,8 @@ class NamespaceFactory(pykka.ThreadingActor):
         return self._owners.get((ns_type, namespace_id))
 
     def status(self) -> dict:
-        return {"running": len(self._running), "queued": len(self._queue), "live": len(self._live), **self._counts}
+        queued = len(self._queue) + len(self._tear_downs)
+        return {"running": len(self._running), "queued": queued, "live": len(self._live), **self._counts}
 
     def _allocate_fd_floor(self) -> int:
         floor = self._next_fd
@@ -100,12 +102,15 @@ class NamespaceFactory(pykka.ThreadingActor):
         return floor
 
     def _run_queued(self) -> None:
-        while self._queue and len(self._running) < self._max_concurrent:
-            job = self._queue.popleft()
-            target = _create if job.kind == "create" else _tear_down
-            job.thread = threading.Thread(target=target, args=(job, self._self), name=f"cer-{job.kind}-{job.ns_type}", daemon=True)
-            self._running.add(job)
-            job.thread.start()
+        # Creations and tear-downs have slots of their own: how long removing a bundle takes depends on what
+        # the container left in it, and must never hold up the creations.
+        for queue in (self._queue, self._tear_downs):
+            while queue and sum(job.kind == queue[0].kind for job in self._running) < self._max_concurrent:
+                job = queue.popleft()
+                target = _create if job.kind == "create" else _tear_down
+                job.thread = threading.Thread(target=target, args=(job, self._self), name=f"cer-{job.kind}-{job.ns_type}", daemon=True)
+                self._running.add(job)
+                job.thread.start()
 
     def job_finished(self, job: _Job) -> None:
         self._running.discard(job)
@@ -146,10 +151,9 @@ class NamespaceFactory(pykka.ThreadingActor):
 
     def on_stop(self) -> None:
         # Let the threads still at work end; what they built and never reported is destroyed here.
-        while self._queue:
-            job = self._queue.popleft()
-            if job.kind == "tear_down":
-                self._tear_down_now(job)
+        self._queue.clear()
+        while self._tear_downs:
+            self._tear_down_now(self._tear_downs.popleft())
         for job in list(self._running):
             job.thread.join(_JOIN_TIMEOUT)
             if not job.reported and job.kind == "create" and job.namespace is not None:
