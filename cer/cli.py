@@ -91,12 +91,14 @@ def main(context: click.Context, debug: bool) -> None:
 @click.option("--legacy-timeout", default=30.0, show_default=True, type=click.FloatRange(0.1, 3600), help="Seconds a --legacy-socket client may stay idle, or take to send one request.")
 @click.option("--lazy-deadline", default=300.0, show_default=True, type=click.FloatRange(0.5, 86400), help="Seconds a lazy-pages server (checkpoint.lazy) may live after it is handed out; then it and its restored process are stopped.")
 @click.option("--lazy-spares", default=1, show_default=True, type=click.IntRange(0, 16), help="Ready lazy-pages servers kept per checkpoint once it has been restored lazily.")
+@click.option("--lazy-max-servers", default=64, show_default=True, type=click.IntRange(1, 4096), help="Lazy-pages servers alive at once, spares included; checkpoint.lazy beyond is answered `exhausted`.")
+@click.option("--lazy-max-per-checkpoint", default=16, show_default=True, type=click.IntRange(1, 4096), help="Lazy-pages servers of one checkpoint handed out at once.")
 @click.option("--criu", default="criu", show_default=True, help="The CRIU that runs lazy-pages servers (the one the runtimes use).")
 @click.pass_context
 def start(
     context, debug, root, config_path, endpoint, workers, cold_timeout, curve_keys, lease_timeout, containerd_address,
     containerd_timeout, http_port, http_address, http_allow_remote, legacy_socket, legacy_timeout, lazy_deadline,
-    lazy_spares, criu,
+    lazy_spares, lazy_max_servers, lazy_max_per_checkpoint, criu,
 ) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
     from cer.config import load_config  # noqa: PLC0415
@@ -128,7 +130,8 @@ def start(
             http_port=http_port,
             http_address=http_address or "127.0.0.1",
             http_allow_remote=http_allow_remote,
-            lazy=LazySettings(deadline=lazy_deadline, spares=lazy_spares, criu=criu),
+            lazy=LazySettings(deadline=lazy_deadline, spares=lazy_spares, criu=criu, max_servers=lazy_max_servers,
+                              max_per_checkpoint=lazy_max_per_checkpoint),
         )
         run(config, settings)
     except CerError as error:
