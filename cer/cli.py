@@ -81,6 +81,7 @@ def main(context: click.Context, debug: bool) -> None:
 @click.option("--workers", default=8, show_default=True, type=click.IntRange(1, 256), help="Requests served at once.")
 @click.option("--cold-timeout", default=10.0, show_default=True, type=click.FloatRange(0.1, 600), help="Longest wait, in seconds, for a namespace built on demand.")
 @click.option("--curve-keys", type=click.Path(file_okay=False, exists=True), help="Keys directory (see `cer keys`): tcp:// clients must present an authorized key.")
+@click.option("--insecure-tcp-any-local-user", "insecure_tcp", is_flag=True, help="Serve a loopback tcp:// --endpoint without --curve-keys. EVERY LOCAL USER then has the whole API (get and put anyone's namespaces, lazy restores, status): only for a host with no other users.")
 @click.option("--lease-timeout", default=300.0, show_default=True, type=click.FloatRange(1), help="Seconds after which a namespace neither put nor bound to a process is reported overdue.")
 @click.option("--containerd-address", default="/run/containerd/containerd.sock", show_default=True, help="containerd's socket, for entries without a path.")
 @click.option("--containerd-timeout", default=10.0, show_default=True, type=click.FloatRange(0.1, 600), help="Seconds a containerd call may take before containerd counts as unavailable.")
@@ -96,7 +97,7 @@ def main(context: click.Context, debug: bool) -> None:
 @click.option("--criu", default="criu", show_default=True, help="The CRIU that runs lazy-pages servers (the one the runtimes use).")
 @click.pass_context
 def start(
-    context, debug, root, config_path, endpoint, workers, cold_timeout, curve_keys, lease_timeout, containerd_address,
+    context, debug, root, config_path, endpoint, workers, cold_timeout, curve_keys, insecure_tcp, lease_timeout, containerd_address,
     containerd_timeout, http_port, http_address, http_allow_remote, legacy_socket, legacy_timeout, lazy_deadline,
     lazy_spares, lazy_max_servers, lazy_max_per_checkpoint, criu,
 ) -> None:
@@ -123,6 +124,7 @@ def start(
             workers=workers,
             pool=PoolSettings(cold_timeout=cold_timeout, lease_timeout=lease_timeout),
             curve_keys=curve_keys,
+            insecure_tcp=insecure_tcp,
             containerd_address=containerd_address,
             containerd_timeout=containerd_timeout,
             legacy_socket=legacy_socket,

@@ -68,11 +68,63 @@ def test_a_non_loopback_tcp_endpoint_needs_curve_keys():
     assert not os.path.exists(base / "root" / "bundles")
 
 
-def test_loopback_tcp_serves_without_keys():
+def as_unprivileged(code: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    """Run Python ``code`` as a uid nobody uses (setpriv makes it exist for the run), with cer importable."""
+    return subprocess.run(
+        ["setpriv", f"--reuid={UNPRIVILEGED_UID}", f"--regid={UNPRIVILEGED_UID}", "--clear-groups",
+         sys.executable, "-c", code],
+        capture_output=True, text=True, timeout=timeout, cwd="/",
+    )
+
+
+def test_tcp_without_curve_keys_is_refused_unless_asked_for_by_name():
+    """Issue 15, finding 2: with a loopback tcp endpoint and no keys, an unprivileged user had the whole API."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    daemon = start_daemon(sample_config(), "--endpoint", endpoint, wait=False)
+    base = short_tempdir()
+    config = base / "c.json"
+    config.write_text('{"containerd_checkpoints": []}')
+    result = subprocess.run(
+        [sys.executable, "-m", "cer", "start", "--root", str(base / "root"), "--config", str(config), "--endpoint", endpoint],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode != 0
+    assert "would give every local user the whole API" in result.stderr and "--curve-keys" in result.stderr
+    assert not os.path.exists(base / "root"), "refused only after the daemon had made things"
+
+    # Asked for by its name, it is served, to every local user, and the log says so.
+    daemon = start_daemon(sample_config(), "--endpoint", endpoint, "--insecure-tcp-any-local-user", wait=False)
     try:
-        with Client(endpoint, timeout=20) as client:
+        probe = (
+            "from cer.protocol.client import Client\n"
+            "from cer.protocol.methods import AdminStatus\n"
+            f"with Client({endpoint!r}, timeout=20) as client:\n"
+            "    print(client.call(AdminStatus())['pid'])\n"
+        )
+        unprivileged = as_unprivileged(probe)
+        assert unprivileged.stdout.strip() == str(daemon.process.pid), unprivileged.stderr
+        assert "EVERY LOCAL USER" in daemon.output()
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_with_curve_keys_an_unprivileged_user_without_a_key_gets_nothing():
+    keys = short_tempdir() / "keys"
+    subprocess.run([sys.executable, "-m", "cer", "keys", str(keys)], check=True, capture_output=True, timeout=30)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    daemon = start_daemon(sample_config(), "--endpoint", endpoint, "--curve-keys", str(keys), wait=False)
+    try:
+        probe = (
+            "from cer.errors import Unavailable\n"
+            "from cer.protocol.client import Client\n"
+            "from cer.protocol.methods import AdminStatus\n"
+            f"with Client({endpoint!r}, timeout=2) as client:\n"
+            "    try:\n"
+            "        client.call(AdminStatus())\n"
+            "    except Unavailable:\n"
+            "        raise SystemExit(7)\n"
+        )
+        assert as_unprivileged(probe).returncode == 7
+        with Client(endpoint, timeout=20, curve_keys=str(keys)) as client:
             assert client.call(AdminStatus())["pid"] == daemon.process.pid
     finally:
         assert daemon.stop() == 0
