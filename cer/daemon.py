@@ -32,6 +32,7 @@ from cer.protocol.legacy import DEFAULT_TIMEOUT as DEFAULT_LEGACY_TIMEOUT
 from cer.protocol.legacy import SOCKET_NAME as LEGACY_SOCKET_NAME
 from cer.protocol.legacy import LegacyFrontend
 from cer.protocol.http import DEFAULT_ADDRESS as DEFAULT_HTTP_ADDRESS
+from cer.protocol.http import TOKEN_NAME as HTTP_TOKEN_NAME
 from cer.protocol.http import HttpServer, check_address
 from cer.protocol.security import EndpointRefused, check_endpoint
 
@@ -57,6 +58,8 @@ class Settings:
     """Serve /namespace/update and /metrics over HTTP on this port (off when None)."""
     http_address: str = DEFAULT_HTTP_ADDRESS
     http_allow_remote: bool = False
+    http_unauthenticated_updates: bool = False
+    """Serve HTTP updates without the token of ROOT/http.token, to whoever reaches the port (the original's way)."""
     lazy: LazySettings = LazySettings()
     """The lazy-pages servers of lazy restores (checkpoint.lazy)."""
 
@@ -113,7 +116,8 @@ def run(config: Config, settings: Settings) -> None:
                 legacy.start()
             metrics.watch_pools(gateway.status)
             if settings.http_port is not None:
-                http = HttpServer(settings.http_address, settings.http_port, gateway, metrics, settings.http_allow_remote)
+                token = None if settings.http_unauthenticated_updates else os.path.join(root.root, HTTP_TOKEN_NAME)
+                http = HttpServer(settings.http_address, settings.http_port, gateway, metrics, settings.http_allow_remote, token)
                 http.start()
             frontend = Frontend(
                 settings.endpoint, gateway, settings.workers, settings.debug, settings.curve_keys, metrics.request_answered,
