@@ -21,7 +21,7 @@ from loguru import logger
 from cer.actors.gateway import Gateway
 from cer.errors import CerError, InternalError, Unavailable
 from cer.protocol.methods import find_method
-from cer.protocol.security import INSECURE_TCP_FLAG, CurveServer, EndpointRefused, check_endpoint
+from cer.protocol.security import INSECURE_TCP_FLAG, CurveServer, EndpointRefused, bind_ipc, check_endpoint
 from cer.protocol.wire import MAX_REQUEST_BYTES, decode_request, encode_error, encode_result
 
 # Larger messages make libzmq drop the connection before anything reads them; up to this size a
@@ -83,9 +83,10 @@ class Frontend:
                 self._curve = CurveServer(self._context, self._curve_keys)
                 self._curve.start()
                 self._curve.secure(router)
-            router.bind(self.endpoint)
             if self.endpoint.startswith("ipc://"):
-                os.chmod(self.endpoint[len("ipc://"):], 0o600)  # whatever the umask made it
+                bind_ipc(router, self.endpoint[len("ipc://"):])
+            else:
+                router.bind(self.endpoint)
         except (zmq.ZMQError, EndpointRefused, OSError) as error:
             router.close()
             if self._curve is not None:

@@ -1,8 +1,10 @@
 """Who may talk to the daemon.
 
-- ``ipc://``: libzmq does not set the socket file's mode, so the frontend makes it 0600 right after
-  binding; the default endpoint is also in a directory only root can enter (the daemon makes ROOT
-  0700), which closes the moment between bind and chmod. Abstract sockets (``ipc://@name``) have no
+- ``ipc://``: libzmq creates the socket file with whatever mode the umask gives, and replaces whatever
+  file is at the path. ``bind_ipc`` binds in a fresh directory only root can enter, makes the socket 0600
+  there and only then moves it to the endpoint's path, so no other user can connect in between wherever
+  the endpoint is; a path that holds anything but a socket is refused, never replaced. The default
+  endpoint is also in ROOT, which only root can enter. Abstract sockets (``ipc://@name``) have no
   permissions at all and are refused.
 - ``tcp://``: only with CURVE keys: every connection must present a client key listed in the keys
   directory (the ZeroMQ "ironhouse" pattern). Loopback is no access control on a shared host (every local
@@ -16,7 +18,10 @@ makes one with a first client key pair, ``client.key_secret``.
 
 import ipaddress
 import os
+import shutil
 import socket
+import stat
+import tempfile
 from urllib.parse import urlsplit
 
 import zmq
@@ -54,6 +59,24 @@ def check_endpoint(endpoint: str, curve_keys: str | None, insecure_tcp: bool = F
             f"control): make keys with `cer keys DIR` and pass --curve-keys DIR, use an ipc:// endpoint, or accept "
             f"exactly that with {INSECURE_TCP_FLAG}"
         )
+
+
+def bind_ipc(server: zmq.Socket, path: str) -> None:
+    """Bind ``server`` to the unix socket ``path``, reachable by root alone from its first moment on."""
+    try:
+        existing = os.lstat(path).st_mode
+    except FileNotFoundError:
+        existing = None
+    if existing is not None and not stat.S_ISSOCK(existing):
+        raise EndpointRefused(f"{path} exists and is not a socket: it is not replaced")
+    private = tempfile.mkdtemp(prefix=".cer-", dir=os.path.dirname(path) or ".")  # 0700
+    try:
+        staged = os.path.join(private, "s")
+        server.bind(f"ipc://{staged}")
+        os.chmod(staged, 0o600)
+        os.rename(staged, path)  # the bound socket goes with its file
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def _is_loopback(host: str) -> bool:

@@ -164,3 +164,46 @@ def test_an_abstract_ipc_socket_is_refused():
     )
     assert result.returncode != 0
     assert "abstract socket, which any local user can reach" in result.stderr
+
+
+def test_an_ipc_endpoint_replaces_no_file_and_is_root_only_whatever_the_umask():
+    """libzmq replaces whatever file is at an ipc:// path, and creates the socket with the umask's mode: an
+    endpoint outside ROOT was open to every local user until the chmod that followed the bind."""
+    base = short_tempdir()
+    os.chmod(base, 0o755)
+    config = base / "c.json"
+    config.write_text('{"containerd_checkpoints": []}')
+    precious = base / "precious"
+    precious.write_text("not a socket")
+    result = subprocess.run(
+        [sys.executable, "-m", "cer", "start", "--root", str(base / "root"), "--config", str(config),
+         "--endpoint", f"ipc://{precious}"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode != 0
+    assert "exists and is not a socket: it is not replaced" in result.stderr
+    assert precious.read_text() == "not a socket"
+
+    endpoint = base / "cer.sock"
+    old = os.umask(0)
+    try:
+        daemon = start_daemon(sample_config(), "--endpoint", f"ipc://{endpoint}", wait=False)
+    finally:
+        os.umask(old)
+    try:
+        with Client(f"ipc://{endpoint}", timeout=20) as client:
+            assert client.call(AdminStatus())["pid"] == daemon.process.pid
+        assert stat.S_IMODE(os.stat(endpoint).st_mode) == 0o600
+        assert not [path for path in base.iterdir() if path.name.startswith(".cer-")], "the bind left its directory"
+        probe = (
+            "import socket, sys\n"
+            "s = socket.socket(socket.AF_UNIX)\n"
+            "try:\n"
+            f"    s.connect({str(endpoint)!r})\n"
+            "except PermissionError:\n"
+            "    sys.exit(13)\n"
+        )
+        assert as_unprivileged(probe).returncode == 13
+    finally:
+        assert daemon.stop() == 0
+    assert not endpoint.exists()
