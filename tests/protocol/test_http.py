@@ -13,7 +13,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import sample_config, short_tempdir, start_daemon, wait_for
+from conftest import as_unprivileged, sample_config, short_tempdir, start_daemon, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from cer.errors import CerError
@@ -30,17 +30,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-UNPRIVILEGED_UID = 54321  # a uid nobody uses: setpriv makes it exist for the run
-
-
-def as_unprivileged(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["setpriv", f"--reuid={UNPRIVILEGED_UID}", f"--regid={UNPRIVILEGED_UID}", "--clear-groups", sys.executable,
-         "-c", code],
-        capture_output=True, text=True, timeout=timeout, cwd="/",
-    )
 
 
 class Http:
@@ -471,11 +460,7 @@ def test_slow_clients_of_another_user_keep_nobody_out(in_process, monkeypatch):
     server, gateway, web = in_process
     monkeypatch.setattr(http_module._Handler, "timeout", http_module._SOCKET_TIMEOUT)  # the daemon's own
     attack_seconds = 3 * http_module._REQUEST_DEADLINE + 6
-    attacker = subprocess.Popen(
-        ["setpriv", f"--reuid={UNPRIVILEGED_UID}", f"--regid={UNPRIVILEGED_UID}", "--clear-groups", sys.executable,
-         "-c", SLOWLORIS, str(web.port), "32", str(attack_seconds)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/",
-    )
+    attacker = as_unprivileged(SLOWLORIS, str(web.port), "32", str(attack_seconds), wait=False)
     try:
         wait_for(lambda: server._server.open_connections >= http_module._MAX_PER_PEER, 10, what="the slow clients")
         served = 0
