@@ -234,10 +234,15 @@ class LazyPagesServers(pykka.ThreadingActor):
             raise NotFound(f"process {pid} is not running") from None
         try:
             self._hold_uffds(server)
-            self._check_restored_by(server, pid, restored_pidfd)
+            state = self._restored_state(server, pid, restored_pidfd)
         except BaseException:
             os.close(restored_pidfd)
             raise
+        if state == "completed":
+            os.close(restored_pidfd)
+            logger.info("lazy-pages server {}: process {} waits on no userfaultfd and the server serves none any more: "
+                        "nothing to protect", server_id, pid)
+            return state
         _close(server.restored_pidfd)
         server.restored_pid, server.restored_pidfd = pid, restored_pidfd
         if server.holder_pid is not None:
@@ -419,17 +424,26 @@ class LazyPagesServers(pykka.ThreadingActor):
             except OSError as error:  # closed meanwhile, or the server is gone: nothing to hold
                 logger.debug("lazy-pages server {}: cannot hold fd {}: {}", server.server_id, fd, error)
 
-    def _check_restored_by(self, server: _Server, pid: int, pidfd: int) -> None:
-        """Refuse (BadRequest) a process that is not provably the restore of ``server``."""
-        if not server.uffds:
-            raise BadRequest(f"no restore has reached lazy-pages server {server.server_id} yet: bind the process its "
-                             f"restore made, once the restore has returned")
+    def _restored_state(self, server: _Server, pid: int, pidfd: int) -> str:
+        """``serving`` when process ``pid`` is provably what ``server``'s restore made: its memory that waits on a
+        userfaultfd is the memory one of the server's serves, or (when nothing of its own waits any more, its
+        children's pages may still be on their way) it is the init of the pid namespace of a process whose is.
+        ``completed`` when nothing of it waits on a userfaultfd and the server, reached by its restore, has none
+        left (it has delivered all and is about to exit). Anything else is refused (BadRequest)."""
         mappings = _uffd_mappings(pid)
-        if not _exited(pidfd, 0) and mappings and any(_serves_all(uffd, mappings) for uffd in server.uffds):
-            return
-        # Read after the pidfd was opened and checked alive after: the mappings were this very process's.
+        tasks = [pid] if mappings else _tasks_of_namespace_led_by(pid)
+        tied = any(_serves_all(uffd, _uffd_mappings(task) if task != pid else mappings)
+                   for task in tasks for uffd in server.uffds)
+        # Read after the pidfd was opened and checked alive after: what was read was this very process's.
         if _exited(pidfd, 0):
             raise NotFound(f"process {pid} is not running")
+        if tied:
+            return "serving"
+        if _listening(server.socket):
+            raise BadRequest(f"no restore has reached lazy-pages server {server.server_id} yet: bind the process its "
+                             f"restore made, once the restore has returned")
+        if not mappings and not _uffd_fds(server.process.pid):
+            return "completed"
         raise BadRequest(
             f"process {pid} is not the restore of lazy-pages server {server.server_id}: "
             + ("none of its memory waits on a userfaultfd" if not mappings else
@@ -645,9 +659,47 @@ def _uffd_mappings(pid: int) -> list[tuple[int, int]]:
     return mappings
 
 
+def _tasks_of_namespace_led_by(pid: int) -> list[int]:
+    """The processes of the pid namespace whose init is ``pid`` (a container's), none when ``pid`` is no such
+    init or its namespace is the daemon's own: killing an init kills its namespace, nothing outside it."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            nspid = next((line.split()[1:] for line in status if line.startswith("NSpid:")), [])
+        namespace = os.stat(f"/proc/{pid}/ns/pid").st_ino
+        if len(nspid) < 2 or nspid[-1] != "1" or namespace == os.stat("/proc/self/ns/pid").st_ino:
+            return []
+    except OSError:
+        return []
+    tasks = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if int(name) != pid and os.stat(f"/proc/{name}/ns/pid").st_ino == namespace:
+                tasks.append(int(name))
+        except OSError:
+            continue
+    return tasks
+
+
+def _listening(path: str) -> bool:
+    """Whether a unix socket still listens at ``path`` (a lazy-pages server stops listening once its restore
+    has connected)."""
+    try:
+        with open("/proc/net/unix") as table:
+            next(table)
+            for line in table:
+                fields = line.split(None, 7)
+                if len(fields) == 8 and fields[7].rstrip("\n") == path and int(fields[3], 16) & 0x10000:
+                    return True
+    except (OSError, ValueError, StopIteration):
+        pass
+    return False
+
+
 def _serves_all(uffd: int, mappings: list[tuple[int, int]]) -> bool:
     """Whether every one of ``mappings`` (the first and last page of each) is registered in the memory that
     ``uffd`` serves: true of the process that memory is, and of no process whose layout differs."""
+    if not mappings:
+        return False
     try:
         return all(registered_page(uffd, start) and registered_page(uffd, end - 1)
                    for start, end in mappings[:_MAX_CHECKED_MAPPINGS])
