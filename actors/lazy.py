@@ -46,6 +46,7 @@ with SIGKILL (they outlive it) are found by their work directory at the next sta
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import select
@@ -439,7 +440,7 @@ class LazyPagesServers(pykka.ThreadingActor):
             raise NotFound(f"process {pid} is not running")
         if tied:
             return "serving"
-        if _listening(server.socket):
+        if _listening(server.process.pid):
             raise BadRequest(f"no restore has reached lazy-pages server {server.server_id} yet: bind the process its "
                              f"restore made, once the restore has returned")
         if not mappings and not _uffd_fds(server.process.pid):
@@ -680,15 +681,21 @@ def _tasks_of_namespace_led_by(pid: int) -> list[int]:
     return tasks
 
 
-def _listening(path: str) -> bool:
-    """Whether a unix socket still listens at ``path`` (a lazy-pages server stops listening once its restore
-    has connected)."""
+def _listening(pid: int) -> bool:
+    """Whether process ``pid`` holds a listening unix socket: a lazy-pages server stops listening once its
+    restore has connected. (Told by inode: CRIU binds its socket by a name relative to its work directory.)"""
+    inodes = set()
     try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:["):-1])
         with open("/proc/net/unix") as table:
             next(table)
             for line in table:
-                fields = line.split(None, 7)
-                if len(fields) == 8 and fields[7].rstrip("\n") == path and int(fields[3], 16) & 0x10000:
+                fields = line.split()
+                if len(fields) >= 7 and fields[6] in inodes and int(fields[3], 16) & 0x10000:
                     return True
     except (OSError, ValueError, StopIteration):
         pass

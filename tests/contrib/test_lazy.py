@@ -660,3 +660,30 @@ def test_lazy_servers_of_unknown_checkpoints_and_holders_are_refused(daemon):
         daemon.call(CheckpointLazy(CheckpointRef("sample"), holder_pid=gone.pid))
     status = daemon.status()
     assert status["lazy"]["servers"] == [] and status["checkpoints"]["default/sample"]["users"] == 0
+
+
+@pytest.mark.timeout(30)
+def test_only_the_init_of_a_pid_namespace_other_than_the_daemons_leads_its_tasks():
+    """What a bind of a container's init may be tied through (its namespace's restored tasks): never the
+    host's init, never a process that is no namespace's init."""
+    from cer.actors.lazy import _tasks_of_namespace_led_by
+
+    container = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "sh", "-c", "sleep 60 & sleep 60 & wait"])
+    try:
+        def init_and_tasks():
+            children = Path(f"/proc/{container.pid}/task/{container.pid}/children").read_text().split()
+            if not children:
+                return None
+            init = int(children[0])
+            tasks = _tasks_of_namespace_led_by(init)
+            # Until they have exec'ed, the children are copies of sh.
+            sleeping = all(Path(f"/proc/{task}/cmdline").read_bytes().startswith(b"sleep") for task in tasks)
+            return (init, tasks) if len(tasks) == 2 and sleeping else None
+
+        init, tasks = wait_for(init_and_tasks, 10, 0.02, "the namespace's init and its two sleeping tasks")
+        assert _tasks_of_namespace_led_by(tasks[0]) == []  # not an init
+        assert _tasks_of_namespace_led_by(1) == []  # the daemon's own namespace
+        assert _tasks_of_namespace_led_by(os.getpid()) == []
+    finally:
+        container.kill()
+        container.wait(10)
