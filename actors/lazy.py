@@ -19,14 +19,15 @@ What a server is for, and how it ends:
   stopped (``abandoned``) when the holder exits before any restore reached the server.
 - **serving**: ``bind`` told it the restored process, and the actor checked that it is: every mapping of
   that process registered with a userfaultfd is registered in the memory one of the server's userfaultfds
-  serves (probed through the actor's copy without touching memory, ``registered_page``), so no client can
-  name some other process for the actor to kill. The actor then holds one duplicate of each of the server's
-  userfaultfds (``pidfd_getfd``; one it holds already is recognised with kcmp and not taken twice). This matters because when the last fd of a userfaultfd closes, the
-  kernel fills every page not delivered yet with zeros and the process runs on with holes. With cer's
-  copies open, a fault on a missing page waits instead, and if the server ends any other way than by
-  finishing its work, the actor kills the restored process (SIGKILL through a pidfd: a container's
-  init takes its whole pid namespace with it) before it lets go of them. The restored process fails
-  loudly; it never runs with holes.
+  serves (probed through the actor's copy without touching memory, ``registered_page``), or it is the
+  init of the pid namespace of such a process; so no client can name some other process for the actor to
+  kill. The actor holds one duplicate of each of the server's userfaultfds (``pidfd_getfd``; one it holds
+  already is recognised with kcmp and not taken twice). This matters because when the last fd of a
+  userfaultfd closes, the kernel fills every page not delivered yet with zeros and the process runs on
+  with holes. With cer's copies open, a fault on a missing page waits instead, and if the server ends any
+  other way than by finishing its work, the actor kills the restored process (SIGKILL through a pidfd: a
+  container's init takes its whole pid namespace with it) before it lets go of them. The restored
+  process fails loudly; it never runs with holes.
 - At most ``max_per_checkpoint`` servers per checkpoint and ``max_servers`` in all (spares included; a
   spare of another checkpoint gives way to a request) live at once; a request beyond is ``exhausted``.
 - Every server ends by ``deadline`` seconds after it was handed out (``expired``: killed, and so is its
@@ -211,7 +212,7 @@ class LazyPagesServers(pykka.ThreadingActor):
 
         The daemon kills only a process it has tied to this server's restore itself: every mapping the
         process has registered with a userfaultfd must be registered, at the same address, in the memory
-        that one of this server's userfaultfds serves (``_restored_by``). Nothing else is ever killed, not
+        that one of this server's userfaultfds serves (``_restored_state``). Nothing else is ever killed, not
         even for a server that has ended: such a bind is ``unavailable`` and the client removes its container.
         """
         server = self._servers.get(server_id)
