@@ -5,6 +5,7 @@ Unlike a pid, a pidfd cannot be recycled for a new process, so watching one is r
 
 import ctypes
 import errno
+import os
 
 from cer.linux.libc import check, libc
 
@@ -41,3 +42,19 @@ def pidfd_getfd(pidfd: int, target_fd: int) -> int:
         libc.syscall(_SYS_PIDFD_GETFD, ctypes.c_int(pidfd), ctypes.c_int(target_fd), ctypes.c_uint(0)),
         f"pidfd_getfd {target_fd}",
     )
+
+
+_SYS_KCMP = {"x86_64": 312, "aarch64": 272, "ppc64le": 354, "s390x": 343}
+_KCMP_FILE = 0
+
+
+def same_open_file(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
+    """Whether fd ``fd1`` of ``pid1`` and fd ``fd2`` of ``pid2`` are the same open file (kcmp(2)), e.g. a
+    duplicate this process took earlier; OSError when either is gone."""
+    number = _SYS_KCMP[os.uname().machine]
+    result = check(
+        libc.syscall(number, ctypes.c_int(pid1), ctypes.c_int(pid2), ctypes.c_int(_KCMP_FILE),
+                     ctypes.c_ulong(fd1), ctypes.c_ulong(fd2)),
+        f"kcmp {pid1}:{fd1} {pid2}:{fd2}",
+    )
+    return result == 0
