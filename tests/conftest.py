@@ -34,14 +34,25 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str
 
 
 UNPRIVILEGED_UID = 54321
-"""A uid nobody uses, for tests that play another local user: setpriv makes it exist for one run."""
+"""A uid nobody uses, for tests that play another local user."""
+
+# The interpreter and its site-packages may sit where another user cannot read (pyenv under /root): the
+# child imports what the tests' code needs as root, then drops to the unprivileged uid for good (setuid from
+# root clears every capability) before that code runs, so every access check it meets is another user's.
+_DROP_PRIVILEGES = f"""
+import encodings.idna, http.client, json, os, socket, sys, time
+import zmq
+import cer.errors, cer.protocol.client, cer.protocol.methods
+os.setgroups([])
+os.setgid({UNPRIVILEGED_UID})
+os.setuid({UNPRIVILEGED_UID})
+"""
 
 
 def as_unprivileged(code: str, *args: str, timeout: float = 60, wait: bool = True):
     """Run Python ``code`` (with cer importable, ``args`` as sys.argv[1:]) as UNPRIVILEGED_UID, no groups: the
     CompletedProcess, or with ``wait=False`` the running Popen (output piped)."""
-    argv = ["setpriv", f"--reuid={UNPRIVILEGED_UID}", f"--regid={UNPRIVILEGED_UID}", "--clear-groups", sys.executable,
-            "-c", code, *args]
+    argv = [sys.executable, "-c", _DROP_PRIVILEGES + code, *args]
     if not wait:
         return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd="/")

@@ -50,6 +50,7 @@ def test_ids_that_name_no_process_are_not_found(thread_id):
 
 def test_a_holder_pid_naming_a_thread_is_not_found(daemon, thread_id):
     sample = CheckpointRef("sample")
+    daemon.wait_full("sample", ("uts",))  # a get before the pool loaded answers unavailable
     with pytest.raises(NotFound, match=f"process {thread_id}"):
         daemon.call(NamespaceGet("uts", sample, holder_pid=thread_id))
     reply = daemon.call(NamespaceGet("uts", sample))
