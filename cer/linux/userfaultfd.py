@@ -1,10 +1,9 @@
 """userfaultfd(2) for lazy restores: whether this kernel gives them what they need, and what a page server uses.
 
-``lazy_pages_unsupported`` asks whether userfaultfd has the non-cooperative events CRIU needs;
-``parse_message`` and ``PageFiller`` are what cer's lazy-pages server (cer.lazy.server) reads and answers.
-
-The same test as ``criu check --feature uffd-noncoop`` (CRIU's kerndat: the kernel must report the fork,
-remap, remove and unmap events), done in-process with two syscalls instead of a CRIU run.
+``lazy_pages_unsupported`` asks whether userfaultfd has the non-cooperative events CRIU needs (the same test
+as ``criu check --feature uffd-noncoop``, done in-process with two syscalls instead of a CRIU run);
+``parse_message`` and ``PageFiller`` are what cer's lazy-pages server (cer.lazy.server) reads and answers;
+``registered_page`` asks whether an address lies in a mapping registered with a userfaultfd.
 """
 
 import ctypes
@@ -66,6 +65,8 @@ _UFFDIO_UNREGISTER = 0x8010AA01  # _IOR(0xAA, 0x01, struct uffdio_range)
 _UFFDIO_WAKE = 0x8010AA02  # _IOR(0xAA, 0x02, struct uffdio_range)
 _UFFDIO_COPY = 0xC028AA03  # _IOWR(0xAA, 0x03, struct uffdio_copy)
 _UFFDIO_ZEROPAGE = 0xC020AA04  # _IOWR(0xAA, 0x04, struct uffdio_zeropage)
+_UFFDIO_COPY_MODE_DONTWAKE = 1
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 _MESSAGE = struct.Struct("<B7x24s")
 _PAGEFAULT = struct.Struct("<QQ8x")  # flags, address (then the thread id, with a feature CRIU does not ask for)
 _FORK = struct.Struct("<I20x")
@@ -168,3 +169,24 @@ class PageFiller:
         if self._ioctl(self.fd, ctypes.c_ulong(_UFFDIO_WAKE), ctypes.byref(self._range)) == 0:
             return 0
         return ctypes.get_errno()
+
+
+def registered_page(uffd: int, address: int) -> bool:
+    """Whether the page at ``address`` of the memory ``uffd`` serves (another process's) lies in a mapping
+    registered with a userfaultfd, asked without touching that memory.
+
+    A UFFDIO_COPY from source address 0, which is never mapped here: the kernel looks the destination up
+    first (ENOENT: no registered mapping there) and only then reads the source, which fails (EFAULT) before
+    any page is installed. OSError for anything else (ESRCH: that memory is gone; EAGAIN: it is being
+    remapped right now).
+    """
+    request = _Copy(dst=address - address % _PAGE, src=0, len=_PAGE, mode=_UFFDIO_COPY_MODE_DONTWAKE)
+    if libc.ioctl(uffd, ctypes.c_ulong(_UFFDIO_COPY), ctypes.byref(request)) == 0:
+        raise OSError(errno.EIO, "UFFDIO_COPY from address 0 copied a page")
+    err = ctypes.get_errno()
+    if err == errno.EFAULT:
+        return True
+    if err in (errno.ENOENT, errno.EINVAL):
+        return False
+    raise OSError(err, f"UFFDIO_COPY probe at {address:#x}: {os.strerror(err)}")
+
