@@ -17,7 +17,6 @@ instead of crashing, hanging or allocating what a garbled length claims.
 from __future__ import annotations
 
 import os
-import stat
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from google.protobuf.message import DecodeError, Message
 
 from cer.criu import criu_pb2 as pb
 from cer.errors import ImageError
+from cer.files import UnsafePathError, open_regular_file
 
 IMG_COMMON_MAGIC = 0x54564319
 IMG_SERVICE_MAGIC = 0x55105940
@@ -72,14 +72,13 @@ class RawImage:
         self.path = str(path)
         self.offset = 0
         try:
-            # O_NONBLOCK: a FIFO planted in an image directory must not block the open.
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            # CRIU writes regular files, never links: a FIFO or a link planted in an image directory is refused.
+            fd = open_regular_file(self.path)
+        except UnsafePathError as e:
+            raise ImageError(self.path, 0, e.strerror) from e
         except OSError as e:
             raise ImageError(self.path, 0, f"cannot open: {e.strerror}") from e
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            raise ImageError(self.path, 0, "not a regular file")
         # Buffered: read(n) returns n bytes unless the file ends, however large n (one read(2)
         # stops at 2 GiB), into one allocation.
         self._file = os.fdopen(fd, "rb")
