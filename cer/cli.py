@@ -15,6 +15,23 @@ from cer.references import CheckpointRef
 NAMESPACE_TYPE = click.Choice(NAMESPACE_TYPES)
 
 
+class _Size(click.ParamType):
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        from cer.budget import parse_size  # noqa: PLC0415
+
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
+
+
+_SIZE = _Size()
+
+
 def _endpoint_option(command):
     command = click.option(
         "--timeout",
@@ -92,11 +109,12 @@ def main(context: click.Context, debug: bool) -> None:
 @click.option("--lazy-deadline", default=300.0, show_default=True, type=click.FloatRange(0.5, 86400), help="Seconds a lazy-pages server (checkpoint.lazy) may live after it is handed out; then it and its restored process are stopped.")
 @click.option("--lazy-spares", default=1, show_default=True, type=click.IntRange(0, 16), help="Ready lazy-pages servers kept per checkpoint once it has been restored lazily.")
 @click.option("--criu", default="criu", show_default=True, help="The CRIU that runs lazy-pages servers (the one the runtimes use).")
+@click.option("--prefill-budget", type=_SIZE, help="Most SysV memory (shm pages, queued messages) pre-filled into pooled IPC namespaces, all pools together, e.g. 8G; a pool that would pass it is refused.  [default: a quarter of the machine's memory]")
 @click.pass_context
 def start(
     context, debug, root, config_path, endpoint, workers, cold_timeout, curve_keys, lease_timeout, containerd_address,
     containerd_timeout, http_port, http_address, http_allow_remote, legacy_socket, legacy_timeout, lazy_deadline,
-    lazy_spares, criu,
+    lazy_spares, criu, prefill_budget,
 ) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
     from cer.config import load_config  # noqa: PLC0415
@@ -129,6 +147,7 @@ def start(
             http_address=http_address or "127.0.0.1",
             http_allow_remote=http_allow_remote,
             lazy=LazySettings(deadline=lazy_deadline, spares=lazy_spares, criu=criu),
+            prefill_budget=prefill_budget,
         )
         run(config, settings)
     except CerError as error:

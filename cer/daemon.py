@@ -20,6 +20,7 @@ from cer.actors.lazy import LAZY_DIRECTORY, LazyPagesServers, LazySettings
 from cer.actors.pool import PoolPeers, PoolSettings
 from cer.actors.supervisor import Supervisor
 from cer.actors.watcher import ProcessWatcher
+from cer.budget import PrefillBudget, describe_bytes
 from cer.config import Config
 from cer.containerd.client import DEFAULT_ADDRESS as DEFAULT_CONTAINERD_ADDRESS
 from cer.containerd.client import DEFAULT_TIMEOUT as DEFAULT_CONTAINERD_TIMEOUT
@@ -56,6 +57,8 @@ class Settings:
     http_allow_remote: bool = False
     lazy: LazySettings = LazySettings()
     """The lazy-pages servers of lazy restores (checkpoint.lazy)."""
+    prefill_budget: int | None = None
+    """Bytes of SysV memory all pools together may pre-fill into IPC namespaces (None: a quarter of the memory)."""
 
 
 BUNDLES_DIRECTORY = "bundles"
@@ -98,7 +101,9 @@ def run(config: Config, settings: Settings) -> None:
             # After the watcher, which tells it when its servers exit; stopped before it, after the pools.
             lazy = LazyPagesServers.start(root.root, extractor.proxy(), watcher.proxy(), settings.lazy, settings.ask_timeout)
             actors.append(lazy)
-            peers = PoolPeers(factory.proxy(), extractor.proxy(), watcher.proxy())
+            budget = PrefillBudget(settings.prefill_budget)
+            logger.info("IPC pre-fill budget: {}", describe_bytes(budget.limit))
+            peers = PoolPeers(factory.proxy(), extractor.proxy(), watcher.proxy(), budget)
             supervisor = Supervisor.start(config, peers, settings.pool)
             actors.append(supervisor)
             gateway = Gateway(supervisor.proxy(), peers, settings.ask_timeout, settings.pool.cold_timeout, config.path,

@@ -1,4 +1,4 @@
-"""Issue 15, findings 5 and 6, against a real daemon: what a planted file or a ROOT that
+"""Issue 15, findings 4-6, against a real daemon: what a checkpoint image, a planted file or a ROOT that
 someone else can change may cost or make cer do."""
 
 import os
@@ -8,11 +8,13 @@ import threading
 import time
 from pathlib import Path
 
+import criu_support
 import pytest
 from conftest import SAMPLE, sample_config, short_tempdir, start_daemon, wait_for
 
 from cer.errors import BadRequest
-from cer.protocol.methods import AdminReload, AdminStatus
+from cer.protocol.methods import AdminReload, AdminStatus, NamespaceGet, NamespacePut, NamespaceUpdate
+from cer.references import CheckpointRef
 
 # A uid no account uses; setpriv runs the attacker's commands as it.
 UNPRIVILEGED_UID = 54321
@@ -21,6 +23,59 @@ UNPRIVILEGED_UID = 54321
 def as_unprivileged(*command: str) -> None:
     subprocess.run(["setpriv", f"--reuid={UNPRIVILEGED_UID}", f"--regid={UNPRIVILEGED_UID}", "--clear-groups",
                     *command], check=True, timeout=30)
+
+
+def shm_of(namespace_path: str) -> list[tuple[int, int, int]]:
+    """(id, size, resident bytes) of each shm segment of the IPC namespace at ``namespace_path``."""
+    table = subprocess.run(["nsenter", f"--ipc={namespace_path}", "cat", "/proc/sysvipc/shm"],
+                           capture_output=True, text=True, check=True, timeout=30).stdout.splitlines()
+    header = table[0].split()
+    rows = [dict(zip(header, line.split())) for line in table[1:]]
+    return [(int(row["shmid"]), int(row["size"]), int(row["rss"])) for row in rows]
+
+
+# -- finding 4: what an image may cost ------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_pages_absent_from_an_image_cost_nothing_and_pools_share_one_budget(tmp_path):
+    """A 52-byte image declaring a 1 GiB segment with no pages once made every pooled IPC namespace hold
+    1 GiB. Now it costs nothing; a checkpoint whose pages do cost is held to the daemon's pre-fill budget,
+    which refuses a pool (status) and a resize (reply) that would pass it, and lets one in that fits."""
+    huge = criu_support.sparse_shm_checkpoint(tmp_path / "huge", 1 << 30)
+    assert sum(p.stat().st_size for p in (huge / "ipcns-shm-10.img", huge / "pagemap-shmem-7.img")) < 64
+    paged = criu_support.sparse_shm_checkpoint(tmp_path / "paged", 1 << 20, {n: bytes([n]) * 4096 for n in range(16)})
+    config = {"containerd_checkpoints": [
+        {"name": "huge", "capacity": 3, "path": str(huge)},
+        {"name": "paged", "capacity": 2, "path": str(paged)},
+    ]}
+    daemon = start_daemon(config, "--prefill-budget", "100K")
+    try:
+        pool = daemon.wait_full("huge", types=("ipc",), timeout=30)
+        message_bytes = pool["ipc_prefill_bytes"]  # the sample's queued messages, the only cost left
+        assert message_bytes < 1024
+        lease = daemon.call(NamespaceGet("ipc", CheckpointRef("huge")))
+        assert shm_of(lease["path"]) == [(7, 1 << 30, 0)]
+        daemon.call(NamespacePut("ipc", lease["namespace_id"]))
+
+        # 2 x (64 KiB + messages) does not fit in 100 KiB: the pool says why and builds nothing.
+        paged_pool = wait_for(lambda: (p := daemon.pool("paged"))["state"] == "failed" and p, 20, 0.05, "paged to fail")
+        assert "pre-fill budget" in paged_pool["last_error"] and "cer start --prefill-budget" in paged_pool["last_error"]
+        assert paged_pool["types"]["ipc"]["idle"] == 0 and paged_pool["types"]["ipc"]["building"] == 0
+
+        # One fits: the pool recovers and fills, with only its 16 pages resident.
+        daemon.call(NamespaceUpdate(CheckpointRef("paged"), 1))
+        daemon.wait_full("paged", types=("ipc",), timeout=30)
+        lease = daemon.call(NamespaceGet("ipc", CheckpointRef("paged")))
+        assert shm_of(lease["path"]) == [(7, 1 << 20, 16 * 4096)]
+        daemon.call(NamespacePut("ipc", lease["namespace_id"]))
+
+        # Growing past the budget is refused in the reply, and the pool keeps its size.
+        with pytest.raises(BadRequest, match="pre-fill budget"):
+            daemon.call(NamespaceUpdate(CheckpointRef("paged"), 3))
+        assert daemon.pool("paged")["capacity"] == 1 and daemon.pool("paged")["state"] == "ready"
+    finally:
+        assert daemon.stop() == 0, daemon.output()
 
 
 # -- finding 5: files that are not files ------------------------------------------------------------------------
