@@ -1,6 +1,7 @@
 """Issue 15, findings 4-6, against a real daemon: what a checkpoint image, a planted file or a ROOT that
 someone else can change may cost or make cer do."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -74,6 +75,13 @@ def test_pages_absent_from_an_image_cost_nothing_and_pools_share_one_budget(tmp_
         with pytest.raises(BadRequest, match="pre-fill budget"):
             daemon.call(NamespaceUpdate(CheckpointRef("paged"), 3))
         assert daemon.pool("paged")["capacity"] == 1 and daemon.pool("paged")["state"] == "ready"
+
+        # So is a reload that would: the reply says why.
+        config["containerd_checkpoints"][1]["capacity"] = 3
+        daemon.config.write_text(json.dumps(config))
+        with pytest.raises(BadRequest, match="pre-fill budget"):
+            daemon.call(AdminReload())
+        assert daemon.pool("paged")["capacity"] == 1 and daemon.pool("huge")["state"] == "ready"
     finally:
         assert daemon.stop() == 0, daemon.output()
 
