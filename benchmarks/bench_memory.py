@@ -36,6 +36,9 @@ from cer.protocol.methods import AdminStatus  # noqa: E402
 
 SAMPLE = REPO / "contrib" / "sample"
 TYPES = ("ipc", "uts", "mnt")
+# The kernel frees a stopped daemon's IPC namespaces (and their shm) in a work queue of its own: let it
+# finish before the next run is timed.
+SETTLE_SECONDS = 5.0
 
 
 def package_tree(source: Path, into: Path) -> Path:
@@ -101,6 +104,7 @@ def run_daemon(count: int, capacity: int, python_path: str | None, timeout: floa
             process.wait(30)
         log.close()
         shutil.rmtree(base, ignore_errors=True)
+        time.sleep(SETTLE_SECONDS)
 
 
 def main() -> None:
