@@ -91,6 +91,12 @@ class ShmPages:
     source: ImageFile | None
     runs: tuple[tuple[int, int, int], ...] = ()
 
+    def __post_init__(self) -> None:
+        if self.runs and self.source is None:
+            raise ValueError("pages to copy need the file they lie in")
+        if any(start < 0 or length <= 0 or offset < 0 for start, length, offset in self.runs):
+            raise ValueError(f"runs must have non-negative offsets and positive lengths: {self.runs}")
+
     @property
     def nbytes(self) -> int:
         """The bytes a fill writes."""
