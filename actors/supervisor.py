@@ -50,8 +50,9 @@ class Supervisor(pykka.ThreadingActor):
         entry = replace(self._entries.get(ref) or CheckpointEntry(ref=ref, capacity=capacity), capacity=capacity)
         actor = self._pools.get(ref)
         if actor is not None and actor.is_alive():
-            self._entries[ref] = entry
+            # The pool may refuse (the pre-fill budget): then nothing changed, here either.
             actor.proxy().set_capacity(capacity).get(timeout=10)
+            self._entries[ref] = entry
             return False
         if actor is None:
             configured = {entry.ref for entry in self._config.checkpoints}
@@ -85,8 +86,8 @@ class Supervisor(pykka.ThreadingActor):
                 summary["added"].append(str(ref))
             elif replace(current, capacity=entry.capacity, max_capacity=entry.max_capacity) == entry and self._pools[ref].is_alive():
                 if (current.capacity, current.max_capacity) != (entry.capacity, entry.max_capacity):
-                    self._entries[ref] = entry
                     self._pools[ref].proxy().set_capacity(entry.capacity, entry.max_capacity).get(timeout=10)
+                    self._entries[ref] = entry
                     summary["resized"].append(str(ref))
             else:
                 self._retire_pool(ref)
