@@ -212,15 +212,19 @@ def test_seed_flow_restores_into_cers_namespaces_through_containerd(setup, cer, 
 
 
 def test_ipc_objects_are_intact_after_a_restore_through_cer(setup, cer, container):
-    """A checkpoint whose IPC namespace holds objects: after `ctr c restore` through cer-runc every segment
-    byte, semaphore value and message is as it was in the live container; the UTS namespace is cer's."""
+    """A checkpoint whose IPC namespace holds objects, restored by plain `ctr c restore` (the runtime handler's
+    path: no wrapper): the container runs in cer's pre-filled IPC namespace and cer's UTS namespace
+    (inodes), and every segment byte, semaphore value and message is as it was in the live container."""
     checkpoint = setup["full"]
     setup["containerd"].ctr("containers", "restore", "--live", container, checkpoint.name, namespace=NAMESPACE)
     pid = setup["containerd"].task_pid(container, NAMESPACE)
     seen = containerd_support.stable_description(
         criu_support.inspect_namespaces(f"/proc/{pid}/ns/ipc", f"/proc/{pid}/ns/uts"))
     assert seen == checkpoint.live
-    assert held(cer, checkpoint.name)["uts"] == (1, 1)
+    assert held(cer, checkpoint.name) == {"ipc": (1, 1), "uts": (1, 1), "mnt": (0, 0)}
+    done = json.loads((setup["base"] / "cer-runc.log").read_text().splitlines()[-1].split("restored through cer: ", 1)[1])
+    for ns_type in ("ipc", "uts"):
+        assert os.stat(f"/proc/{pid}/ns/{ns_type}").st_ino == os.stat(done["namespaces"][ns_type]).st_ino
 
 
 def _plain_restore_says_why(setup, container: str, why: str) -> None:
