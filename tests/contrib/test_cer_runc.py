@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from conftest import REPO, short_tempdir, start_daemon, wait_for
+from conftest import REPO, SAMPLE, short_tempdir, start_daemon, wait_for
 
 import containerd_support
 import criu_support
@@ -67,6 +67,23 @@ def test_the_shims_restore_is_parsed_and_only_the_image_path_changes():
 def test_what_is_not_a_restore_with_an_id_is_refused_by_the_parser(argv):
     with pytest.raises(ValueError):
         _load_restore_module().RestoreArgs(argv)
+
+
+@pytest.mark.parametrize("checkpoint", ["checkpoint", "checkpoint-empty-ipc"])
+def test_the_images_digest_is_cers(checkpoint, tmp_path):
+    """cer-runc computes cer's digest without importing cer.criu: the two must name a checkpoint alike, and
+    differ between checkpoints."""
+    from cer.criu.views import images_digest
+
+    module = _load_restore_module()
+    directory = SAMPLE / checkpoint
+    assert module.images_digest(str(directory)) == images_digest(directory)
+    other = SAMPLE / ({"checkpoint", "checkpoint-empty-ipc"} - {checkpoint}).pop()
+    assert module.images_digest(str(directory)) != module.images_digest(str(other))
+    assert module.images_digest(str(tmp_path)) is None  # no identity images: not a checkpoint
+    os.mkfifo(tmp_path / "inventory.img")
+    (tmp_path / "pstree.img").write_bytes(b"")
+    assert module.images_digest(str(tmp_path)) is None  # a FIFO neither blocks nor counts
 
 
 # --------------------------------------------------------------------------- pass-through, on runc itself
