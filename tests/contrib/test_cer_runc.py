@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -126,7 +127,8 @@ def test_every_other_command_goes_to_runc_unchanged(tmp_path):
 def setup():
     """A private containerd whose shims run cer-runc with cer's endpoint fixed in advance (the daemon comes
     and goes per test), and two checkpoints of containers run with --runc-binary cer-runc: one of a workload
-    with an empty IPC namespace, one whose IPC namespace holds a segment, a semaphore set and a queue."""
+    with an empty IPC namespace, one whose IPC namespace holds a segment, a semaphore set and a queue; and a
+    checkpoint of a container run with plain runc."""
     missing = containerd_support.require_tools()
     if missing:
         pytest.fail(missing)
@@ -144,7 +146,9 @@ def setup():
         workload = containerd_support.container_ipc_workload(containerd.dir / "build")
         full = containerd_support.make_checkpoint(containerd, "full-ipc", NAMESPACE, hostname="cer-runc-full",
                                                   workload=workload, runc_binary=str(CER_RUNC))
-        yield {"base": base, "containerd": containerd, "empty": empty, "full": full, "env": env}
+        plain = containerd_support.make_checkpoint(
+            containerd, "plain-runc", NAMESPACE, args=(f"/{containerd_support.WORKLOAD_PATH}", "--empty-ipc"))
+        yield {"base": base, "containerd": containerd, "empty": empty, "full": full, "plain": plain, "env": env}
     finally:
         containerd.close()
         for name, value in saved.items():
@@ -158,11 +162,11 @@ def setup():
 @pytest.fixture
 def cer(setup):
     """cer serving both checkpoints from containerd, with the seed's config format, at the fixed endpoint."""
-    config = {"containerd_checkpoints": [{"name": "empty-ipc", "namespace": NAMESPACE, "capacity": 1},
-                                         {"name": "full-ipc", "namespace": NAMESPACE, "capacity": 1}]}
+    config = {"containerd_checkpoints": [{"name": name, "namespace": NAMESPACE, "capacity": 1}
+                                         for name in ("empty-ipc", "full-ipc", "plain-runc")]}
     daemon = start_daemon(config, "--containerd-address", setup["containerd"].address, root=setup["base"] / "root")
     try:
-        for name in ("empty-ipc", "full-ipc"):
+        for name in ("empty-ipc", "full-ipc", "plain-runc"):
             daemon.wait_full(name, ("ipc", "uts"), timeout=60)
         yield daemon
     finally:
@@ -226,6 +230,18 @@ def test_seed_flow_restores_into_cers_namespaces_through_containerd(setup, cer, 
     setup["containerd"].ctr("tasks", "kill", "--signal", "SIGKILL", container, namespace=NAMESPACE)
     wait_for(lambda: held(cer, checkpoint.name) == {"ipc": (0, 0), "uts": (0, 0), "mnt": (0, 0)}, 15,
              what="cer to have its namespaces back")
+
+
+def test_a_checkpoint_whose_runtime_is_not_cer_runc_restores_plainly_and_the_wrapper_says_so(setup, cer, container):
+    """`ctr c restore` takes the runtime options the checkpoint carries (it has no --runc-binary): a container
+    that ran with plain runc is restored by plain runc, which the wrapper reports instead of failing."""
+    result = run_wrapper(setup, "--external-ns", "ipc", "--external-ns", "uts", "plain-runc", container)
+    assert result.returncode == 0, result.stderr
+    done = json.loads(result.stdout)
+    assert done["cer"] is False and done["namespaces"] == {}
+    assert "do not name cer-runc" in result.stderr
+    assert done["pid"] == setup["containerd"].task_pid(container, NAMESPACE)
+    assert held(cer, "plain-runc") == {"ipc": (0, 0), "uts": (0, 0), "mnt": (0, 0)}
 
 
 def test_ipc_objects_are_intact_after_a_restore_through_cer(setup, cer, container):
@@ -297,3 +313,89 @@ def test_cer_answering_errors_restores_plainly(setup, container):
         stop = True
         thread.join(5)
         socket.close()
+
+
+# --------------------------------------------------------------------------- runc restores, without containerd
+
+@pytest.fixture(scope="module")
+def runc_checkpoint():
+    """A runc container of the sample workload (empty IPC namespace) checkpointed by `runc checkpoint`, and a
+    cer daemon serving that image directory."""
+    runc_support.require("runc", "criu", "gcc", "nsenter")
+    base = short_tempdir("cer-runc-direct-")
+    bundle = runc_support.make_bundle(base / "bundles" / "bundle", criu_support.build_workload(), ["--empty-ipc"])
+    images = base / "images"
+    images.mkdir()
+    with runc_support.private_runc() as runc:
+        container_id = f"d-{uuid.uuid4().hex[:8]}"
+        runc.run_detached(bundle, container_id)
+        runc.checkpoint(container_id, images)
+    daemon = start_daemon({"containerd_checkpoints": [{"name": "direct", "capacity": 1, "path": str(images)}]})
+    try:
+        daemon.wait_full("direct", ("ipc", "uts"), timeout=60)
+        yield {"base": base, "bundle": bundle, "images": images, "daemon": daemon}
+    finally:
+        code = daemon.stop()
+        subprocess.run(["rm", "-rf", str(base), str(daemon.root.parent)], timeout=60)
+    assert code == 0, daemon.output()
+
+
+def direct_restore(setup: dict, runc, bundle: Path, container_id: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """cer-runc restore as containerd's shim calls it, on a private runc root; runc's log is returned too."""
+    work = setup["base"] / f"work-{container_id}"
+    work.mkdir()
+    runc_log = work / "log.json"
+    env = {**runc_support.runtime_env(), "CER_ENDPOINT": setup["daemon"].endpoint, "CER_RUNC_PYTHON": sys.executable,
+           "CER_RUNC_LOG": str(setup["base"] / "cer-runc.log"), "CER_RUNC_WORKDIR": str(setup["base"] / "run")}
+    argv = [str(CER_RUNC), "--root", str(runc.root), "--log", str(runc_log), "--log-format", "json", "restore",
+            "--image-path", str(setup["images"]), "--work-path", str(work), "--detach", "--pid-file",
+            str(work / "init.pid"), "-no-subreaper", "--bundle", str(bundle), container_id]
+    with open(work / "stdio", "w") as stdio:  # the restored init keeps runc's stdio: a file, not a pipe
+        result = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=stdio, stderr=stdio, timeout=120, env=env)
+    return result, runc_log
+
+
+def test_a_runc_restore_through_cer_runc_joins_cers_namespaces_and_leaves_the_bundle_as_it_was(runc_checkpoint):
+    setup = runc_checkpoint
+    before = setup["bundle"].config_path.read_bytes()
+    images_before = runc_support.tree_digest(setup["images"])
+    with runc_support.private_runc() as runc:
+        container_id = f"ok-{uuid.uuid4().hex[:8]}"
+        result, _ = direct_restore(setup, runc, setup["bundle"].path, container_id)
+        assert result.returncode == 0
+        pid = runc.pid(container_id)
+        assert held(setup["daemon"], "direct") == {"ipc": (1, 1), "uts": (1, 1)}
+        assert runc_support.hostname_of(pid) == "cer-sample-empty"
+        assert setup["bundle"].config_path.read_bytes() == before
+        assert runc_support.tree_digest(setup["images"]) == images_before  # CRIU wrote nothing into them
+        runc.delete(container_id)
+    wait_for(lambda: held(setup["daemon"], "direct") == {"ipc": (0, 0), "uts": (0, 0)}, 15,
+             what="cer to have its namespaces back")
+    assert list((setup["base"] / "run").glob("restore-*")) == []
+
+
+def test_a_failed_restore_puts_everything_back(runc_checkpoint):
+    """runc restore fails for real (CRIU cannot find the workload's executable in the bundle's rootfs): its
+    status is runc's, config.json is as it was, cer has every namespace and the checkpoint back, and runc's
+    log says what happened."""
+    setup = runc_checkpoint
+    broken = setup["base"] / "bundles" / f"broken-{uuid.uuid4().hex[:6]}"
+    shutil.copytree(setup["bundle"].path, broken, symlinks=True)
+    for path in (broken / "rootfs").iterdir():
+        if path.is_file():  # the workload's executable (runc made the directories)
+            path.unlink()
+    config = json.loads((broken / "config.json").read_text())
+    config["root"]["path"] = str(broken / "rootfs")
+    (broken / "config.json").write_text(json.dumps(config))
+    before = (broken / "config.json").read_bytes()
+    with runc_support.private_runc() as runc:
+        container_id = f"bad-{uuid.uuid4().hex[:8]}"
+        result, runc_log = direct_restore(setup, runc, broken, container_id)
+        assert result.returncode == 1
+        assert runc.state(container_id) is None
+    assert (broken / "config.json").read_bytes() == before
+    assert held(setup["daemon"], "direct") == {"ipc": (0, 0), "uts": (0, 0)}
+    assert setup["daemon"].status()["checkpoints"]["default/direct"]["users"] == 0
+    messages = [json.loads(line)["msg"] for line in runc_log.read_text().splitlines()]
+    assert any("they went back to cer" in message for message in messages), messages
+    assert list((setup["base"] / "run").glob("restore-*")) == []
