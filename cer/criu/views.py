@@ -26,14 +26,15 @@ import errno
 import hashlib
 import os
 import shutil
+import stat
 import struct
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from cer.criu.checkpoint import attached_shm_ids, root_ipc_namespace_id
-from cer.criu.images import IMG_COMMON_MAGIC, IPCNS_MSG, IPCNS_SEM, IPCNS_SHM, ImageReader, ImageType, RawImage
-from cer.errors import CerError
+from cer.criu.images import IMG_COMMON_MAGIC, IPCNS_MSG, IPCNS_SEM, IPCNS_SHM, ImageReader, ImageType
+from cer.errors import CerError, ImageError
 
 VIEWS_DIRECTORY = "views"
 """Where, under ROOT, views are made: ``views/<checkpoint key>/<view key>/``."""
@@ -125,13 +126,26 @@ def images_digest(directory: str | os.PathLike[str]) -> str:
     """
     digest = hashlib.sha256()
     for name in IDENTITY_IMAGES:
-        with RawImage(os.path.join(directory, name)) as image:
-            if image.size > _MAX_IDENTITY_IMAGE:
-                raise image.error(f"{image.size} bytes, more than an identity image holds ({_MAX_IDENTITY_IMAGE})")
-            data = image.read_exact(image.size, name)
+        data = _read_identity_image(os.path.join(directory, name))
         digest.update(f"{name}\0{len(data)}\0".encode())
         digest.update(data)
     return f"sha256:{digest.hexdigest()}"
+
+
+def _read_identity_image(path: str) -> bytes:
+    # Not through a link (a view holds none, so the digest of one would name other files), nor a FIFO.
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        problem = "a symlink, not a regular file" if error.errno == errno.ELOOP else f"cannot open: {error.strerror}"
+        raise ImageError(path, 0, problem) from None
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError(path, 0, "not a regular file")
+        if info.st_size > _MAX_IDENTITY_IMAGE:
+            raise ImageError(path, 0, f"{info.st_size} bytes, more than an identity image holds ({_MAX_IDENTITY_IMAGE})")
+        return file.read(_MAX_IDENTITY_IMAGE + 1)[:_MAX_IDENTITY_IMAGE]
 
 
 def make_view(source: str | os.PathLike[str], target: str | os.PathLike[str], kinds: Iterable[str]) -> None:
