@@ -32,9 +32,16 @@ import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-from cer.criu.checkpoint import attached_shm_ids, root_ipc_namespace_id
-from cer.criu.images import IMG_COMMON_MAGIC, IPCNS_MSG, IPCNS_SEM, IPCNS_SHM, ImageReader, ImageType
+from typing import TYPE_CHECKING
+
 from cer.errors import CerError, ImageError
+
+if TYPE_CHECKING:
+    from cer.criu.images import ImageType
+
+# Runtime wrappers import this module on every restore for images_digest and view_kinds: it must stay
+# light. The image reader (protobuf and the CRIU schema, tens of ms to import) is loaded by the
+# transforms, which only the daemon runs.
 
 VIEWS_DIRECTORY = "views"
 """Where, under ROOT, views are made: ``views/<checkpoint key>/<view key>/``."""
@@ -55,6 +62,8 @@ class ViewError(CerError):
 
 def image_header(image_type: ImageType) -> bytes:
     """The magic an image of ``image_type`` starts with: an image of that type holding no entry."""
+    from cer.criu.images import IMG_COMMON_MAGIC
+
     if image_type.common_magic:
         return struct.pack("<II", IMG_COMMON_MAGIC, image_type.magic)
     return struct.pack("<I", image_type.magic)
@@ -69,6 +78,9 @@ def ipc_transform(directory: Path) -> dict[str, bytes]:
     ``IpcContents.prefill``), with their pagemaps untouched. ``ipcns-var`` stays: CRIU writes the
     same sysctls cer did.
     """
+    from cer.criu.checkpoint import attached_shm_ids, root_ipc_namespace_id
+    from cer.criu.images import IPCNS_MSG, IPCNS_SEM
+
     ns_id = root_ipc_namespace_id(directory)
     if ns_id is None:
         return {}
@@ -85,6 +97,8 @@ def ipc_transform(directory: Path) -> dict[str, bytes]:
 def _shm_entries(path: Path, keep: frozenset[int]) -> bytes:
     """An ipcns-shm image with only the segments in ``keep``, each entry (and its inline payload, in
     images of CRIU before 3.x) copied byte for byte."""
+    from cer.criu.images import IPCNS_SHM, ImageReader
+
     parts = [image_header(IPCNS_SHM)]
     with ImageReader(path, IPCNS_SHM) as image:
         while True:
@@ -101,7 +115,7 @@ def _shm_entries(path: Path, keep: frozenset[int]) -> bytes:
 
 
 TRANSFORMS: dict[str, Transform] = {"ipc": ipc_transform}
-"""The transform of each kind of view; restore-mnt's ``mnt`` joins ``ipc`` here."""
+"""The transform of each kind of view (import what a transform reads with inside it: see above)."""
 
 
 def view_key(kinds: Iterable[str]) -> str:

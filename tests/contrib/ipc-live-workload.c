@@ -6,8 +6,8 @@
  *
  * In its (the container's) IPC namespace it sets kernel.msgmnb to 65536 and kernel.msgmax to 16384, then
  * makes:
- *   - segment A (key 0x4c495601), ATTACHED_MIB MiB, filled with a pattern and left attached: the
- *     process reads it through its own mapping, the one a restore must give back (CRIU creates it);
+ *   - segment A (key 0x4c495601), ATTACHED_MIB MiB (0: none), filled with a pattern and left attached:
+ *     the process reads it through its own mapping, the one a restore must give back (CRIU creates it);
  *   - segment U (key 0x4c495602), UNATTACHED_MIB MiB (0: none), and segment S (key 0x4c495603), 10000
  *     bytes (not a whole page), filled and detached again;
  *   - SEMAPHORES semaphores in sets of at most 100 (keys 0x4c495610 on), semaphore i of set s valued
@@ -282,7 +282,7 @@ int main(int argc, char **argv)
     s.semaphores = atoi(argv[3]);
     s.messages = atoi(argv[4]);
     s.sets = (s.semaphores + SEMS_PER_SET - 1) / SEMS_PER_SET;
-    if (s.attached_bytes == 0 || s.semaphores < 0 || s.sets > 1024 || s.messages < 0) {
+    if (s.semaphores < 0 || s.sets > 1024 || s.messages < 0) {
         fprintf(stderr, "ipc-live-workload: bad sizes\n");
         return 2;
     }
@@ -292,7 +292,8 @@ int main(int argc, char **argv)
 
     write_sysctl("msgmnb", MSGMNB);
     write_sysctl("msgmax", MSGMAX);
-    s.attached_id = make_segment(KEY_ATTACHED, s.attached_bytes, 1, 1, &s.attached);
+    if (s.attached_bytes)
+        s.attached_id = make_segment(KEY_ATTACHED, s.attached_bytes, 1, 1, &s.attached);
     if (s.unattached_bytes)
         s.unattached_id = make_segment(KEY_UNATTACHED, s.unattached_bytes, 2, 0, NULL);
     s.small_id = make_segment(KEY_SMALL, SMALL_BYTES, 3, 0, NULL);
