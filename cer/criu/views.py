@@ -26,14 +26,22 @@ import errno
 import hashlib
 import os
 import shutil
+import stat
 import struct
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-from cer.criu.checkpoint import attached_shm_ids, root_ipc_namespace_id
-from cer.criu.images import IMG_COMMON_MAGIC, IPCNS_MSG, IPCNS_SEM, IPCNS_SHM, ImageReader, ImageType, RawImage
-from cer.errors import CerError
+from typing import TYPE_CHECKING
+
+from cer.errors import CerError, ImageError
+
+if TYPE_CHECKING:
+    from cer.criu.images import ImageType
+
+# Runtime wrappers import this module on every restore for images_digest and view_kinds: it must stay
+# light. The image reader (protobuf and the CRIU schema, tens of ms to import) is loaded by the
+# transforms, which only the daemon runs.
 
 VIEWS_DIRECTORY = "views"
 """Where, under ROOT, views are made: ``views/<checkpoint key>/<view key>/``."""
@@ -54,6 +62,8 @@ class ViewError(CerError):
 
 def image_header(image_type: ImageType) -> bytes:
     """The magic an image of ``image_type`` starts with: an image of that type holding no entry."""
+    from cer.criu.images import IMG_COMMON_MAGIC
+
     if image_type.common_magic:
         return struct.pack("<II", IMG_COMMON_MAGIC, image_type.magic)
     return struct.pack("<I", image_type.magic)
@@ -68,6 +78,9 @@ def ipc_transform(directory: Path) -> dict[str, bytes]:
     ``IpcContents.prefill``), with their pagemaps untouched. ``ipcns-var`` stays: CRIU writes the
     same sysctls cer did.
     """
+    from cer.criu.checkpoint import attached_shm_ids, root_ipc_namespace_id
+    from cer.criu.images import IPCNS_MSG, IPCNS_SEM
+
     ns_id = root_ipc_namespace_id(directory)
     if ns_id is None:
         return {}
@@ -84,6 +97,8 @@ def ipc_transform(directory: Path) -> dict[str, bytes]:
 def _shm_entries(path: Path, keep: frozenset[int]) -> bytes:
     """An ipcns-shm image with only the segments in ``keep``, each entry (and its inline payload, in
     images of CRIU before 3.x) copied byte for byte."""
+    from cer.criu.images import IPCNS_SHM, ImageReader
+
     parts = [image_header(IPCNS_SHM)]
     with ImageReader(path, IPCNS_SHM) as image:
         while True:
@@ -100,7 +115,7 @@ def _shm_entries(path: Path, keep: frozenset[int]) -> bytes:
 
 
 TRANSFORMS: dict[str, Transform] = {"ipc": ipc_transform}
-"""The transform of each kind of view; restore-mnt's ``mnt`` joins ``ipc`` here."""
+"""The transform of each kind of view (import what a transform reads with inside it: see above)."""
 
 
 def view_key(kinds: Iterable[str]) -> str:
@@ -125,13 +140,26 @@ def images_digest(directory: str | os.PathLike[str]) -> str:
     """
     digest = hashlib.sha256()
     for name in IDENTITY_IMAGES:
-        with RawImage(os.path.join(directory, name)) as image:
-            if image.size > _MAX_IDENTITY_IMAGE:
-                raise image.error(f"{image.size} bytes, more than an identity image holds ({_MAX_IDENTITY_IMAGE})")
-            data = image.read_exact(image.size, name)
+        data = _read_identity_image(os.path.join(directory, name))
         digest.update(f"{name}\0{len(data)}\0".encode())
         digest.update(data)
     return f"sha256:{digest.hexdigest()}"
+
+
+def _read_identity_image(path: str) -> bytes:
+    # Not through a link (a view holds none, so the digest of one would name other files), nor a FIFO.
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        problem = "a symlink, not a regular file" if error.errno == errno.ELOOP else f"cannot open: {error.strerror}"
+        raise ImageError(path, 0, problem) from None
+    with os.fdopen(fd, "rb") as file:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageError(path, 0, "not a regular file")
+        if info.st_size > _MAX_IDENTITY_IMAGE:
+            raise ImageError(path, 0, f"{info.st_size} bytes, more than an identity image holds ({_MAX_IDENTITY_IMAGE})")
+        return file.read(_MAX_IDENTITY_IMAGE + 1)[:_MAX_IDENTITY_IMAGE]
 
 
 def make_view(source: str | os.PathLike[str], target: str | os.PathLike[str], kinds: Iterable[str]) -> None:

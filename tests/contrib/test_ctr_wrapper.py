@@ -236,7 +236,10 @@ def test_runc_restore_runs_in_cers_namespaces_from_cers_images(runc_cer, empty_c
                                    "--external-checkpoint", "empty", container_id))
     pid = result["pid"]
     assert runc.pid(container_id) == pid
-    assert result["checkpoint"] == str(images)
+    # cer's view of the checkpoint: its own files, hard-linked, IPC images emptied of what cer's namespace holds.
+    view = Path(result["checkpoint"])
+    assert view.parent.parent == runc_cer.root / "views" and view.name == "ipc"
+    assert os.stat(view / "pstree.img").st_ino == os.stat(images / "pstree.img").st_ino
     assert result["ipc_declined"] is False
     # cer holds its fds of these namespaces until the container exits, so its paths still name them.
     for ns_type in ("ipc", "uts"):
@@ -322,22 +325,25 @@ def test_failed_restore_gives_namespaces_back_at_once(runc_cer, empty_checkpoint
 # --------------------------------------------------------------------------- (3) IPC objects
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("asked", [("uts",), ("uts", "ipc")], ids=["uts", "uts+ipc"])
-def test_checkpoint_with_ipc_objects_keeps_them(runc_cer, ipc_checkpoint, runc, asked):
-    """CRIU re-creates the IPC objects itself: the wrapper uses cer's UTS namespace only, declining IPC."""
+@pytest.mark.parametrize("images_from", ["cer", "image-path"])
+def test_a_checkpoint_with_ipc_objects_runs_in_cers_prefilled_namespace(runc_cer, ipc_checkpoint, runc, images_from):
+    """Stock runc and CRIU restore into cer's IPC namespace, which already holds the checkpoint's objects:
+    the restore reads cer's view, so CRIU creates none of them, and the process finds every one intact."""
     images, bundle = ipc_checkpoint
     images_before = runc_support.tree_digest(images)
     container_id = _unique("ipc")
-    options = [option for ns_type in asked for option in ("--external-ns", ns_type)]
-    result = run_wrapper(runc_cer, *runc_args(runc, bundle), *options, "--external-checkpoint", "ipc", container_id)
+    source = ["--external-checkpoint"] if images_from == "cer" else ["--image-path", str(images)]
+    result = run_wrapper(runc_cer, *runc_args(runc, bundle), "--external-ns", "uts", "--external-ns", "ipc", *source,
+                         "ipc", container_id)
     restored = succeeded(result)
     pid = restored["pid"]
-    assert set(restored["namespaces"]) == {"uts"}
-    assert restored["ipc_declined"] is ("ipc" in asked)
-    if "ipc" in asked:
-        assert "not using cer's IPC namespace" in result.stderr
-    assert runc_support.namespace_inode(f"/proc/{pid}/ns/uts") == runc_support.namespace_inode(restored["namespaces"]["uts"])
-    assert held(runc_cer, "ipc") == {"ipc": (0, 0), "uts": (1, 1)}
+    assert set(restored["namespaces"]) == {"ipc", "uts"} and restored["ipc_declined"] is False
+    for ns_type in ("ipc", "uts"):
+        assert runc_support.namespace_inode(f"/proc/{pid}/ns/{ns_type}") == \
+            runc_support.namespace_inode(restored["namespaces"][ns_type]), f"{ns_type} is not cer's namespace"
+    assert Path(restored["checkpoint"]).parent.parent == runc_cer.root / "views"
+    assert held(runc_cer, "ipc") == {"ipc": (1, 1), "uts": (1, 1)}
+    assert checkpoint_users(runc_cer, "ipc") == 0
 
     inside = criu_support.inspect_namespaces(f"/proc/{pid}/ns/ipc", f"/proc/{pid}/ns/uts")
     assert criu_support.differences(inside, criu_support.expected_namespace()) == []
@@ -346,6 +352,18 @@ def test_checkpoint_with_ipc_objects_keeps_them(runc_cer, ipc_checkpoint, runc, 
 
     runc.delete(container_id)
     wait_all_back(runc_cer, "ipc")
+
+
+@pytest.mark.timeout(120)
+def test_image_path_of_another_dump_is_refused_for_cers_ipc(runc_cer, ipc_checkpoint, empty_checkpoint, runc):
+    """cer's IPC namespace goes with cer's images: --image-path naming another dump is refused, nothing kept."""
+    _, bundle = ipc_checkpoint
+    result = run_wrapper(runc_cer, *runc_args(runc, bundle), "--external-ns", "ipc", "--image-path",
+                         str(empty_checkpoint[0]), "ipc", _unique("other"))
+    assert result.returncode == 3, result.stderr
+    assert "is not the dump in" in result.stderr
+    assert held(runc_cer, "ipc") == {"ipc": (0, 0), "uts": (0, 0)}
+    assert checkpoint_users(runc_cer, "ipc") == 0
 
 
 # --------------------------------------------------------------------------- what stock runtimes cannot do
