@@ -244,6 +244,17 @@ def test_a_checkpoint_whose_runtime_is_not_cer_runc_restores_plainly_and_the_wra
     assert held(cer, "plain-runc") == {"ipc": (0, 0), "uts": (0, 0), "mnt": (0, 0)}
 
 
+def test_the_types_the_wrapper_asks_for_are_the_ones_taken(setup, cer, container):
+    """--external-ns reaches cer-runc through its request directory: asking for mnt alone (which cer-runc
+    leaves to CRIU for now) takes nothing from cer, and the restore is a plain one that says why."""
+    result = run_wrapper(setup, "--external-ns", "mnt", setup["empty"].name, container)
+    assert result.returncode == 0, result.stderr
+    done = json.loads(result.stdout)
+    assert done["cer"] is False and "no namespace of this container" in result.stderr
+    assert held(cer, setup["empty"].name) == {"ipc": (0, 0), "uts": (0, 0), "mnt": (0, 0)}
+    assert runc_support.hostname_of(done["pid"]) == setup["empty"].live["hostname"]
+
+
 def test_ipc_objects_are_intact_after_a_restore_through_cer(setup, cer, container):
     """A checkpoint whose IPC namespace holds objects, restored by plain `ctr c restore` (the runtime handler's
     path: no wrapper): the container runs in cer's pre-filled IPC namespace and cer's UTS namespace
