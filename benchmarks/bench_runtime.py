@@ -240,12 +240,22 @@ def bench_containerd(work: Path, binary: Path, sizes: list[int], rounds: int) ->
                 order = RESTORE_METHODS[round_number % 3:] + RESTORE_METHODS[:round_number % 3]
                 for method in order:
                     results[size.mib][method].append(restore_round(method, size, containerd, daemon, log, runc_times))
+    except BaseException:
+        # what was measured before the failure is still worth seeing: the sizes every round of which ran
+        complete = {mib: r for mib, r in results.items() if all(len(v) == rounds for v in r.values())}
+        if complete:
+            report_restores(complete, rounds)
+        raise
     finally:
         if daemon is not None:
             daemon.stop()
         containerd.close()
         shutil.rmtree(base, ignore_errors=True)
 
+    report_restores(results, rounds)
+
+
+def report_restores(results: dict[int, dict[str, list[dict]]], rounds: int) -> None:
     print(f"\ncontainerd restore: median of {rounds} rounds, seconds (ratio = ctr-stock / method)")
     print(f"{'size':>8}  " + "  ".join(f"{method:>10}" for method in RESTORE_METHODS) + "  " +
           "  ".join(f"{'stock/' + method:>16}" for method in RESTORE_METHODS[1:]))

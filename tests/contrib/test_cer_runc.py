@@ -205,11 +205,13 @@ def run_wrapper(setup, *args: str) -> subprocess.CompletedProcess:
                           env={**runc_support.runtime_env(), "CER_WRAPPER_WORKDIR": str(setup["base"] / "wrapper")})
 
 
-def test_seed_flow_restores_into_cers_namespaces_through_containerd(setup, cer, container):
+@pytest.mark.parametrize("which", ["empty", "full"], ids=["empty-ipc", "ipc-objects"])
+def test_seed_flow_restores_into_cers_namespaces_through_containerd(setup, cer, container, which):
     """The original's command line, through stock containerd: the container runs in cer's UTS and IPC
-    namespaces (inodes), with its host name; mnt is left to CRIU with a logged reason; the bundle's
-    config.json is the shim's own again; everything goes back to cer when the container exits."""
-    checkpoint = setup["empty"]
+    namespaces (inodes), with its host name and its IPC objects as they were (segment bytes, semaphore
+    values, messages); mnt is left to CRIU with a logged reason; the bundle's config.json is the shim's own
+    again; everything goes back to cer when the container exits."""
+    checkpoint = setup[which]
     result = run_wrapper(setup, "--external-ns", "ipc", "--external-ns", "uts", "--external-ns", "mnt",
                          "--external-checkpoint", checkpoint.name, container)
     assert result.returncode == 0, result.stderr
@@ -220,6 +222,8 @@ def test_seed_flow_restores_into_cers_namespaces_through_containerd(setup, cer, 
     for ns_type, path in done["namespaces"].items():
         assert os.stat(f"/proc/{pid}/ns/{ns_type}").st_ino == cer_namespace_inode(path)
     assert runc_support.hostname_of(pid) == checkpoint.live["hostname"]
+    seen = criu_support.inspect_namespaces(f"/proc/{pid}/ns/ipc", f"/proc/{pid}/ns/uts")
+    assert containerd_support.stable_description(seen) == checkpoint.live
     assert done["checkpoint"].startswith(str(cer.root))  # cer's images, not containerd's copy
     assert held(cer, checkpoint.name) == {"ipc": (1, 1), "uts": (1, 1), "mnt": (0, 0)}
     assert "mnt left out" in (setup["base"] / "cer-runc.log").read_text()
