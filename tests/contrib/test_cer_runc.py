@@ -259,6 +259,25 @@ def test_the_types_the_wrapper_asks_for_are_the_ones_taken(setup, cer, container
     assert runc_support.hostname_of(done["pid"]) == setup["empty"].live["hostname"]
 
 
+def test_a_request_left_by_a_killed_wrapper_is_replaced_and_a_live_one_refused(setup, cer, container):
+    requests = setup["base"] / "run" / "requests" / NAMESPACE
+    requests.mkdir(parents=True, exist_ok=True)
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        (requests / container).mkdir()
+        (requests / container / "request.json").write_text(json.dumps({"types": ["uts"], "client_pid": sleeper.pid}))
+        refused = run_wrapper(setup, "--external-ns", "uts", setup["empty"].name, container)
+        assert refused.returncode == 2 and "already under way" in refused.stderr
+        assert container not in setup["containerd"].tasks(NAMESPACE)
+    finally:
+        sleeper.kill()
+        sleeper.wait(10)
+    result = run_wrapper(setup, "--external-ns", "uts", setup["empty"].name, container)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["cer"] is True
+    assert list(requests.iterdir()) == []
+
+
 def test_ipc_objects_are_intact_after_a_restore_through_cer(setup, cer, container):
     """A checkpoint whose IPC namespace holds objects, restored by plain `ctr c restore` (the runtime handler's
     path: no wrapper): the container runs in cer's pre-filled IPC namespace and cer's UTS namespace
