@@ -64,6 +64,26 @@ def test_the_shims_restore_is_parsed_and_only_the_image_path_changes():
                                                                           "--work-path", "/w", "c2"]
 
 
+@pytest.mark.parametrize("annotation", [None, "own", ""], ids=["runc.conf", "spec's own", "none"])
+def test_a_per_restore_criu_config_keeps_what_runc_would_have_read(tmp_path, monkeypatch, annotation):
+    """cer's CRIU options go into a file of the restore's own, after the options runc would have read for the
+    container: the spec's org.criu.config file, /etc/criu/runc.conf without one, nothing if it is empty."""
+    module = _load_restore_module()
+    own = tmp_path / "own.conf"
+    own.write_text("tcp-established\n")
+    host = tmp_path / "runc.conf"
+    host.write_text("file-locks\n")
+    monkeypatch.setattr(module, "RUNC_CRIU_CONFIG", str(host))
+    restore = module.Restore(module.RestoreArgs(["restore", "--bundle", str(tmp_path), "c1"]),
+                             module.Logs("c1", None, "json"))
+    restore.work = str(tmp_path)
+    restore.cer = type("Reply", (), {"criu_config": ["action-script /x/complete-mounts"]})()
+    spec = {} if annotation is None else {"annotations": {"org.criu.config": str(own) if annotation else ""}}
+    written = Path(restore._write_criu_config(spec)).read_text().splitlines()
+    before = {None: ["file-locks"], "own": ["tcp-established"], "": []}[annotation]
+    assert written == [*before, "action-script /x/complete-mounts"]
+
+
 @pytest.mark.parametrize("argv", [["restore"], ["restore", "--bundle"], ["state", "c1"], []])
 def test_what_is_not_a_restore_with_an_id_is_refused_by_the_parser(argv):
     with pytest.raises(ValueError):
