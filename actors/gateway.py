@@ -104,8 +104,38 @@ class Gateway:
         config = load_config(self._config_path)
         return self._wait(self._supervisor.reload(config), "the supervisor", 6 * self._ask_timeout)
 
-    def get_checkpoint(self, ref: CheckpointRef) -> str:
-        return self._wait(self._extractor.get(ref), "the checkpoint extractor")
+    def get_checkpoint(self, ref: CheckpointRef, view: tuple[str, ...] = ()) -> str:
+        """The image directory of ``ref``, or its view for ``view`` (kinds of cer.criu.views); counts a user."""
+        if not view:
+            return self._wait(self._extractor.get(ref), "the checkpoint extractor")
+        pending = self._wait(self._extractor.get_view(ref, view), "the checkpoint extractor")
+        return self._wait(pending, f"the {'+'.join(view)} view of {ref}", self._cold_timeout + self._ask_timeout)
+
+    def find_checkpoint(self, images_digest: str) -> CheckpointRef:
+        return self._wait(self._extractor.find(images_digest), "the checkpoint extractor")
+
+    def prepare_restore(self, ref: CheckpointRef, ns_types: tuple[str, ...], view: tuple[str, ...],
+                        holder_pid: int) -> tuple[str, dict[str, Lease]]:
+        """Everything one restore of ``ref`` takes from cer: the images (its view for ``view``) and a
+        namespace of each of ``ns_types`` bound to ``holder_pid``. All or nothing: what was taken before a
+        failure is given back."""
+        images = self.get_checkpoint(ref, view)
+        leases: dict[str, Lease] = {}
+        try:
+            for ns_type in ns_types:
+                leases[ns_type] = self.get_namespace(ns_type, ref, holder_pid)
+        except BaseException:
+            for ns_type, lease in leases.items():
+                try:
+                    self.put_namespace(ns_type, lease.namespace.namespace_id)
+                except CerError as error:
+                    logger.error("giving back {} namespace {} of a failed restore: {}", ns_type, lease.namespace.namespace_id, error)
+            try:
+                self.put_checkpoint(ref)
+            except CerError as error:
+                logger.error("releasing checkpoint {} of a failed restore: {}", ref, error)
+            raise
+        return images, leases
 
     def put_checkpoint(self, ref: CheckpointRef) -> int:
         return self._wait(self._extractor.put(ref), "the checkpoint extractor")

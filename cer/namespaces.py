@@ -61,6 +61,23 @@ class Recipe:
         """Whether the checkpoint's IPC namespace holds nothing a fresh one lacks (no objects, default sysctls)."""
         return self.ipc is None or self.ipc.is_default
 
+    def ipc_info(self) -> dict | None:
+        """What a pooled IPC namespace of this checkpoint holds, for a get's ``info.ipc``: the ids of the
+        SysV objects in it (``shm``, ``sem``, ``msg``), the segments left for the restore to create
+        (``left_to_restore``: those attached at dump time), and the image view a stock CRIU restore
+        joining it must use (``view``; None: the images as they are will do)."""
+        if self.ipc is None:
+            return None
+        held = self.ipc.prefill()
+        holds_objects = bool(held.shm or held.sem or held.msg)
+        return {
+            "shm": sorted(segment.id for segment in held.shm),
+            "sem": sorted(sem_set.id for sem_set in held.sem),
+            "msg": sorted(queue.id for queue in held.msg),
+            "left_to_restore": sorted(self.ipc.attached_shm),
+            "view": "ipc" if holds_objects else None,
+        }
+
     def supports(self, ns_type: str) -> bool:
         return ns_type != "mnt" or self.rootfs is not None
 
@@ -103,7 +120,8 @@ def build(ns_type: str, recipe: Recipe, bundle: str | None, fd_floor: int,
             ns.sethostname(recipe.uts.nodename)
             ns.setdomainname(recipe.uts.domainname)
         elif ns_type == "ipc" and recipe.ipc is not None:
-            populate_ipc_namespace(recipe.ipc)
+            # Segments attached at dump time are left to the restore: stock CRIU maps only those it creates.
+            populate_ipc_namespace(recipe.ipc.prefill())
         elif ns_type == "mnt":
             assert bundle is not None and recipe.rootfs is not None
             _build_mounts(recipe, bundle, timings)

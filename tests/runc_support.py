@@ -263,3 +263,40 @@ def _state(pid: int) -> str | None:
     except OSError:
         return None
     return match.group(1) if match else None
+
+
+# --------------------------------------------------------------------------- workloads that report
+
+def bundle_with_results(directory: str | os.PathLike, binary: Path, args: list[str]) -> Bundle:
+    """``make_bundle`` in directory/bundle, with directory/results (a host directory) bound at /results: a
+    self-checking workload writes its reports there, where they outlive the process."""
+    directory = Path(directory)
+    results = directory / "results"
+    results.mkdir(parents=True)
+    bundle = make_bundle(directory / "bundle", binary, args)
+    (bundle.rootfs / "results").mkdir()
+    config = bundle.config()
+    config["mounts"].append({"destination": "/results", "type": "bind", "source": str(results), "options": ["rbind", "rw"]})
+    bundle.config_path.write_text(json.dumps(config, indent=2))
+    return bundle
+
+
+def restore_bundle(bundle: Bundle, directory: str | os.PathLike, namespace_paths: dict[str, str] | None = None) -> tuple[Path, Path]:
+    """A bundle to restore ``bundle``'s checkpoint with, in directory: a copy of its root filesystem (runc
+    prepares a restore's bind mounts inside it, so two restores must not share one), /results bound to a
+    fresh directory of its own, and the ``linux.namespaces`` entries of ``namespace_paths`` (runc's type
+    names: ipc, uts, mount) joined at those paths. Returns (bundle directory, results directory)."""
+    directory = Path(directory)
+    results = directory / "results"
+    results.mkdir(parents=True)
+    shutil.copytree(bundle.rootfs, directory / "rootfs", symlinks=True)
+    config = bundle.config()
+    config["root"]["path"] = str(directory / "rootfs")
+    for mount in config["mounts"]:
+        if mount["destination"] == "/results":
+            mount["source"] = str(results)
+    for entry in config["linux"]["namespaces"]:
+        if namespace_paths and entry["type"] in namespace_paths:
+            entry["path"] = namespace_paths[entry["type"]]
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return directory, results

@@ -60,8 +60,9 @@ IPCNS_SEM = ImageType("IPCNS_SEM", 0x59573019, pb.ipc_sem_entry)
 # The first entry of a pagemap is a pagemap_head; every later one a pagemap_entry.
 PAGEMAP = ImageType("PAGEMAP", 0x56084025, pb.pagemap_entry)
 MNTS = ImageType("MNTS", 0x55563928, pb.mnt_entry)
+MM = ImageType("MM", 0x57492820, pb.mm_entry)
 
-IMAGE_TYPES = (INVENTORY, PSTREE, IDS, UTSNS, IPC_VAR, IPCNS_SHM, IPCNS_MSG, IPCNS_SEM, PAGEMAP, MNTS)
+IMAGE_TYPES = (INVENTORY, PSTREE, IDS, UTSNS, IPC_VAR, IPCNS_SHM, IPCNS_MSG, IPCNS_SEM, PAGEMAP, MNTS, MM)
 _BY_MAGIC = {t.magic: t for t in IMAGE_TYPES}
 
 
