@@ -57,7 +57,7 @@ from cer.criu.tmpfs import TmpfsContents
 from cer.mounting import ALLOWED_DEVICES, MountError, allowed_device, mount_tree, restore_contents, unmount_tree
 
 __all__ = ["MountError", "MountPlan", "MountStep", "mount_tree", "plan_document", "plan_mounts", "restore_contents",
-           "unmount_tree"]
+           "restore_plan_document", "unmount_tree"]
 
 NAMESPACE_BOUND = {
     "proc": "a proc mount shows the PID namespace of whoever mounts it (here: every process of the host); "
@@ -248,6 +248,14 @@ def _join(base: str, path: str) -> str:
 
 def _below(path: str, directory: str) -> bool:
     return directory == "/" or path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def restore_plan_document(tree: MountTree) -> dict:
+    """What a restore into a pooled mount namespace of ``tree``'s checkpoint mounts itself, as JSON-ready data
+    (:func:`plan_document`). External binds are the pool's to make, whatever their host paths: they are planned
+    with placeholders here, so that only what a restore can meet stays a problem."""
+    placeholders = {entry.ext_key: "/" for entry in tree.mounts if entry.ext_key is not None}
+    return plan_document(plan_mounts(tree, placeholders))
 
 
 def plan_document(plan: MountPlan, *, deferred_only: bool = True) -> dict:

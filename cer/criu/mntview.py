@@ -12,17 +12,21 @@ namespaces are pivoted into theirs). Every other image stays the checkpoint's ow
 The transform is pure (bytes in, bytes out) so that the daemon's view machinery
 (:mod:`cer.criu.views`) can run it once per checkpoint and share the result: :func:`share_mount_namespace`
 rewrites inventory.img given the root task's ids image; :func:`mnt_view` does the whole view from a reader of
-the checkpoint's image files.
+the checkpoint's image files. The view also carries ``restore-mounts.json`` (CRIU ignores files it does not
+know): what the restore's action script mounts (:mod:`cer.restore_mounts`), read from the checkpoint's mount
+tree, so that the script reads JSON, not images.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 from cer.criu.images import IDS, INVENTORY, PSTREE, ImageReader, encode_image, read_single_entry
 from cer.errors import ImageError
 
 INVENTORY_NAME = "inventory.img"
+RESTORE_PLAN_NAME = "restore-mounts.json"
 
 
 def share_mount_namespace(inventory: bytes, root_ids: bytes) -> bytes:
@@ -47,8 +51,12 @@ def root_task_pid(pstree: bytes) -> int:
         return root.pid
 
 
-def mnt_view(read: Callable[[str], bytes]) -> dict[str, bytes]:
+def mnt_view(read: Callable[[str], bytes], restore_plan: dict | None = None) -> dict[str, bytes]:
     """The files of the "mnt" view that differ from the checkpoint's: ``{"inventory.img": bytes}``, given
-    ``read(name)`` returning the bytes of a checkpoint image file."""
+    ``read(name)`` returning the bytes of a checkpoint image file; with ``restore_plan``
+    (:func:`cer.mounts.restore_plan_document`) also ``restore-mounts.json``."""
     pid = root_task_pid(read("pstree.img"))
-    return {INVENTORY_NAME: share_mount_namespace(read(INVENTORY_NAME), read(f"ids-{pid}.img"))}
+    files = {INVENTORY_NAME: share_mount_namespace(read(INVENTORY_NAME), read(f"ids-{pid}.img"))}
+    if restore_plan is not None:
+        files[RESTORE_PLAN_NAME] = json.dumps(restore_plan).encode()
+    return files
