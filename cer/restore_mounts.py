@@ -13,13 +13,16 @@ restore), with the restored init's PID, network, IPC and cgroup namespaces:
    the child makes the plan's deferred steps with :func:`cer.mounting.mount_tree` (``restore=True``), the
    container's cgroup directories bound in as detached mounts taken where the host's paths are.
 
-Per restore, :func:`write_action_script` writes the plan (JSON) and a small shell script into a private
-directory and gives the CRIU configuration line that names it (runc reads that file when the spec's
-``org.criu.config`` annotation names it). CRIU runs an action script for every action (pre-restore,
-setup-namespaces, ..., post-resume) and CRIU 4.1.1 runs each one twice (it parses the configuration twice):
-the shell script passes over every other action without starting Python, and over a second ``post-restore`` run
-(a marker directory; a run that finds the tree complete does nothing either). Python starts once per restore, with ``-I -S`` and importing only
-:mod:`cer.mounting` (no protobuf, no tar reader): that start-up is most of the script's cost.
+The plan comes with the images: the "mnt" view holds ``restore-mounts.json`` beside them (:mod:`cer.criu.mntview`),
+and CRIU tells the script where its images are (CRTOOLS_IMAGE_DIR). So one script serves every restore: the
+daemon installs it under ROOT (:func:`install_action_script`) and ``checkpoint.restore`` answers the CRIU
+configuration line naming it (:func:`criu_config_lines`), which a runtime wrapper puts in the restore's own
+configuration file (runc reads the file the spec's ``org.criu.config`` annotation names). CRIU runs an action
+script for every action (pre-restore, setup-namespaces, ..., post-resume) and CRIU 4.1.1 runs each one twice
+(it parses the configuration twice): the shell script passes over every other action without starting Python,
+and over a second ``post-restore`` run too (the first mounted the container's proc, where its init is pid 1; a
+Python run that finds the tree complete does nothing either). Python starts once per restore, with ``-I -S``
+and importing only :mod:`cer.mounting` (no protobuf, no tar reader): that start-up is most of the script's cost.
 """
 
 from __future__ import annotations
@@ -32,35 +35,38 @@ from cer.linux import namespaces as ns
 from cer.mounting import MountError, mount_tree, plan_from_document, unmount_tree
 
 ACTION = "post-restore"
-PLAN_NAME = "restore-mounts.json"
+PLAN_NAME = "restore-mounts.json"  # in the "mnt" view (cer.criu.mntview.RESTORE_PLAN_NAME)
 SCRIPT_NAME = "restore-mounts"
-STARTED_NAME = "restore-mounts.started"
 # The namespaces a restore-only mount shows (proc: PID; sysfs: network; mqueue: IPC; cgroup2: cgroup), in the
 # order they are entered: the mount namespace last (it changes the root, after which /proc/PID/ns is out of reach).
 _NAMESPACES = (("pid", ns.CLONE_NEWPID), ("net", ns.CLONE_NEWNET), ("ipc", ns.CLONE_NEWIPC),
                ("cgroup", ns.CLONE_NEWCGROUP))
 
 
-def write_action_script(directory: str, plan_document: dict, python: str = sys.executable) -> str:
-    """Write the plan and the action script for one restore into ``directory`` (private, the restore's own);
-    returns the script's path, for CRIU's ``action-script`` option."""
-    plan_path = os.path.join(directory, PLAN_NAME)
+def install_action_script(directory: str, python: str = sys.executable) -> str:
+    """Write the action script into ``directory`` (root's own: CRIU runs it as root), replacing one left there;
+    returns its path, for :func:`criu_config_lines`."""
     script_path = os.path.join(directory, SCRIPT_NAME)
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.open(plan_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), "w") as file:
-        json.dump(plan_document, file)
     launcher = ("import sys; sys.path.insert(0, sys.argv[1]); from cer.restore_mounts import main; "
                 "sys.exit(main(sys.argv[2:]))")
     script = (
         "#!/bin/sh\n"
-        "# Written by cer for one restore: completes its mounts once CRIU restored the tasks, before they run.\n"
+        "# cer: completes a restore's mounts in a pooled mount namespace once CRIU restored the tasks, before they\n"
+        "# run (a CRIU action script; see cer/restore_mounts.py).\n"
         f'[ "$CRTOOLS_SCRIPT_ACTION" = {ACTION} ] || exit 0\n'
-        "# CRIU 4.1.1 runs each action script twice: only the first run starts Python.\n"
-        f"mkdir {_quote(os.path.join(directory, STARTED_NAME))} 2>/dev/null || exit 0\n"
-        f"exec {_quote(python)} -I -S -c {_quote(launcher)} {_quote(package_parent)} {_quote(plan_path)}\n"
+        f'plan="$CRTOOLS_IMAGE_DIR/{PLAN_NAME}"\n'
+        '[ -f "$plan" ] || { echo "cer restore-mounts: no $plan: these are not cer\'s images for a mount namespace" >&2;'
+        " exit 1; }\n"
+        "# CRIU 4.1.1 runs each action script twice: a first run mounted the container's proc (its init is pid 1 there).\n"
+        '[ -e "/proc/$CRTOOLS_INIT_PID/root/proc/1" ] && exit 0\n'
+        f'exec {_quote(python)} -I -S -c {_quote(launcher)} {_quote(package_parent)} "$plan"\n'
     )
-    with open(os.open(script_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o700), "w") as file:
+    temporary = f"{script_path}.{os.getpid()}.tmp"
+    with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o700),
+              "w") as file:
         file.write(script)
+    os.replace(temporary, script_path)
     return script_path
 
 

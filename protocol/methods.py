@@ -348,7 +348,7 @@ class CheckpointRestore(Method):
             "ref": ref.to_wire(),
             "images": images,
             "namespaces": {ns_type: _namespace_reply(lease, ref) for ns_type, lease in leases.items()},
-            "criu_config": [],
+            "criu_config": gateway.criu_config(self.types),
         }
 
 

@@ -1,6 +1,7 @@
 """Pooled mount namespaces built from a real runc + CRIU 4 checkpoint, compared with what the container saw."""
 
 import functools
+import json
 import os
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ from cer.criu.checkpoint import read_checkpoint  # noqa: E402
 from cer.linux import namespaces as ns  # noqa: E402
 from cer.mounts import MountError, plan_document, plan_mounts  # noqa: E402
 from cer.namespaces import Recipe, remove_bundle  # noqa: E402
-from cer.restore_mounts import write_action_script  # noqa: E402
+from cer.restore_mounts import PLAN_NAME, install_action_script  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -97,15 +98,13 @@ def test_the_action_script_completes_the_tree_in_the_restored_inits_namespaces(c
     before = host_mounts()
     recipe = recipe_for(container_checkpoint)
     namespace = built.build(recipe)
-    kit = tmp_path / "kit"
-    kit.mkdir(mode=0o700)
-    script = write_action_script(str(kit), plan_document(recipe.mounts))
+    script, images = action_script(tmp_path, recipe)
     init = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "--net", "--ipc", "--cgroup", "--",
                              "nsenter", f"--mount={namespace.path}", "/mount-workload", "wait"])
     try:
         init_pid = wait_for_child(init.pid)
         environment = {"PATH": "/usr/bin:/bin", "CRTOOLS_SCRIPT_ACTION": "post-restore",
-                       "CRTOOLS_INIT_PID": str(init_pid)}
+                       "CRTOOLS_INIT_PID": str(init_pid), "CRTOOLS_IMAGE_DIR": str(images)}
         for run in range(2):
             result = subprocess.run([script], env=environment, capture_output=True, text=True, timeout=60)
             assert result.returncode == 0, result.stderr
@@ -128,13 +127,23 @@ def test_the_action_script_completes_the_tree_in_the_restored_inits_namespaces(c
 
 
 def test_the_action_script_fails_loudly_and_mounts_nothing_for_a_wrong_init(container_checkpoint, built, tmp_path):
-    recipe = recipe_for(container_checkpoint)
-    kit = tmp_path / "kit"
-    kit.mkdir(mode=0o700)
-    script = write_action_script(str(kit), plan_document(recipe.mounts))
-    environment = {"PATH": "/usr/bin:/bin", "CRTOOLS_SCRIPT_ACTION": "post-restore", "CRTOOLS_INIT_PID": "0"}
+    script, images = action_script(tmp_path, recipe_for(container_checkpoint))
+    environment = {"PATH": "/usr/bin:/bin", "CRTOOLS_SCRIPT_ACTION": "post-restore", "CRTOOLS_INIT_PID": "0",
+                   "CRTOOLS_IMAGE_DIR": str(images)}
     result = subprocess.run([script], env=environment, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "cer restore-mounts: " in result.stderr
+    # Images without the plan (not cer's "mnt" view): refused before anything is mounted.
+    result = subprocess.run([script], env={**environment, "CRTOOLS_IMAGE_DIR": str(tmp_path)}, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1 and "not cer's images for a mount namespace" in result.stderr
+
+
+def action_script(directory: Path, recipe: Recipe) -> tuple[str, Path]:
+    """The installed action script, and an image directory holding the restore's plan as the "mnt" view does."""
+    images = directory / "view"
+    images.mkdir()
+    (images / PLAN_NAME).write_text(json.dumps(plan_document(recipe.mounts)))
+    return install_action_script(str(directory)), images
 
 
 def wait_for_child(parent: int, timeout: float = 10) -> int:
