@@ -112,9 +112,10 @@ class ContainerCheckpoint:
         return {"/data": str(self.hostdata)} if self.hostdata else {}
 
 
-def make_container_checkpoint(directory: str | os.PathLike, *, host_bind: bool = True,
+def make_container_checkpoint(directory: str | os.PathLike, *, host_bind: bool = True, extra_tmpfs: int = 0,
                               timeout: float = 120) -> ContainerCheckpoint:
-    """Run the mount workload with runc in a bundle under ``directory``, record what it sees, checkpoint it."""
+    """Run the mount workload with runc in a bundle under ``directory``, record what it sees, checkpoint it.
+    ``extra_tmpfs``: that many more (empty) tmpfs mounts at /extra/NN, for a mount-heavy checkpoint."""
     require()
     directory = Path(directory)
     bundle = runc_support.make_bundle(directory / "bundle", build_workload(), [])
@@ -126,6 +127,8 @@ def make_container_checkpoint(directory: str | os.PathLike, *, host_bind: bool =
          "options": ["nosuid", "nodev", "mode=755", "size=16m"]},
         {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "noexec"]},
     ]
+    config["mounts"] += [{"destination": f"/extra/{number:02d}", "type": "tmpfs", "source": "tmpfs",
+                          "options": ["nosuid", "nodev", "size=1m"]} for number in range(extra_tmpfs)]
     hostdata = None
     if host_bind:
         hostdata = directory / "hostdata"
