@@ -5,7 +5,7 @@ thread's mount namespace, and restores each tmpfs's contents into it; :func:`unm
 again. This module imports nothing of the CRIU image reader (protobuf, tar): the action script that completes a
 restore's mounts (:mod:`cer.restore_mounts`) starts a fresh Python for every restore, and what it imports is
 what the container waits for. Plans, steps, mount entries and tmpfs contents are used by their attributes only,
-so the script's plan can come from JSON (:func:`plan_from_document`).
+so the script's plan can come from a file of plain data (:func:`encode_plan`, :func:`decode_plan`).
 
 Paths inside the rootfs are resolved as if the rootfs were ``/``: a symbolic link in the container's image
 never leads a mount, a created mount point or a file outside it.
@@ -13,8 +13,8 @@ never leads a mount, a created mount point or a file outside it.
 
 from __future__ import annotations
 
-import binascii
 import errno
+import marshal
 import os
 import stat
 import time
@@ -27,9 +27,10 @@ from cer.linux import namespaces as ns
 from cer.linux.namespaces import MOUNT_FLAGS, MS_BIND, MS_RDONLY, MS_RELATIME, MS_REMOUNT
 
 __all__ = ["ALLOWED_DEVICES", "MountError", "allowed_device", "enter_root", "mount_restore_sysctls", "mount_tree",
-           "plan_from_document", "restore_contents", "unmount_tree"]
+           "decode_plan", "encode_plan", "plan_from_document", "restore_contents", "unmount_tree"]
 
 _MAX_SYMLINKS = 40
+_PLAN_MAGIC = b"cer mount plan 1\n"
 _MAX_DETACH = 64
 
 # The device nodes a container runtime makes in a container's /dev, by (major, minor): the only ones cer creates.
@@ -300,9 +301,29 @@ class _Described(SimpleNamespace):
         return self.description
 
 
+def encode_plan(document: Mapping) -> bytes:
+    """A plan document (:func:`cer.mounts.plan_document`: dicts, lists, strings, numbers, bytes) as a file.
+
+    marshal, not JSON: decoding JSON imports ``re`` and more, and the action script that reads it starts a fresh
+    Python on every restore. marshal's format 4 is stable across Python 3 versions; the file is cer's own
+    (written by the daemon into a view under ROOT), never a client's."""
+    return _PLAN_MAGIC + marshal.dumps(dict(document), 4)
+
+
+def decode_plan(data: bytes) -> SimpleNamespace:
+    """The plan in a file :func:`encode_plan` wrote; ValueError for anything else."""
+    if not data.startswith(_PLAN_MAGIC):
+        raise ValueError("not a plan of cer's mounts (no header)")
+    try:
+        document = marshal.loads(data[len(_PLAN_MAGIC):])
+        return plan_from_document(document)
+    except (EOFError, ValueError, TypeError, KeyError, AttributeError) as error:
+        raise ValueError(f"a damaged plan of cer's mounts: {error!r}") from None
+
+
 def plan_from_document(document: Mapping) -> SimpleNamespace:
-    """A plan for :func:`mount_tree` from what :func:`cer.mounts.plan_document` wrote (JSON), without the
-    CRIU reader's types: the same attributes, read-only by convention."""
+    """A plan for :func:`mount_tree` from what :func:`cer.mounts.plan_document` gives, without the CRIU
+    reader's types: the same attributes, read-only by convention."""
     def contents(found: Mapping | None) -> SimpleNamespace | None:
         if found is None:
             return None
@@ -310,7 +331,7 @@ def plan_from_document(document: Mapping) -> SimpleNamespace:
             if item is None:
                 return None
             device = item.get("device")
-            return SimpleNamespace(**{**item, "data": binascii.a2b_base64(item.get("data", "")),
+            return SimpleNamespace(**{**item, "data": bytes(item.get("data", b"")),
                                       "device": tuple(device) if device is not None else None})
         return SimpleNamespace(image=found["image"], root=entry(found["root"]),
                                entries=tuple(entry(item) for item in found["entries"]), size=found["size"])

@@ -45,7 +45,6 @@ image never leads a mount, a created mount point or a file outside it.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import heapq
 import os
@@ -251,7 +250,7 @@ def _below(path: str, directory: str) -> bool:
 
 
 def restore_plan_document(tree: MountTree) -> dict:
-    """What a restore into a pooled mount namespace of ``tree``'s checkpoint mounts itself, as JSON-ready data
+    """What a restore into a pooled mount namespace of ``tree``'s checkpoint mounts itself, as plain data
     (:func:`plan_document`). External binds are the pool's to make, whatever their host paths: they are planned
     with placeholders here, so that only what a restore can meet stays a problem."""
     placeholders = {entry.ext_key: "/" for entry in tree.mounts if entry.ext_key is not None}
@@ -259,15 +258,15 @@ def restore_plan_document(tree: MountTree) -> dict:
 
 
 def plan_document(plan: MountPlan, *, deferred_only: bool = True) -> dict:
-    """``plan`` as JSON-ready data for :func:`cer.mounting.plan_from_document`: by default only the steps a
-    restore makes (what a restore's action script needs), tmpfs bytes in base64."""
+    """``plan`` as plain data for :func:`cer.mounting.plan_from_document`: by default only the steps a
+    restore makes (what a restore's action script needs); plain data (:func:`cer.mounting.encode_plan`)."""
     def contents(found: TmpfsContents | None) -> dict | None:
         if found is None:
             return None
         def entry(item) -> dict | None:
             if item is None:
                 return None
-            return {**dataclasses.asdict(item), "data": base64.b64encode(item.data).decode()}
+            return dataclasses.asdict(item)
         return {"image": found.image, "root": entry(found.root), "entries": [entry(item) for item in found.entries],
                 "size": found.size}
 

@@ -13,7 +13,7 @@ restore), with the restored init's PID, network, IPC and cgroup namespaces:
    the child makes the plan's deferred steps with :func:`cer.mounting.mount_tree` (``restore=True``), the
    container's cgroup directories bound in as detached mounts taken where the host's paths are.
 
-The plan comes with the images: the "mnt" view holds ``restore-mounts.json`` beside them (:mod:`cer.criu.mntview`),
+The plan comes with the images: the "mnt" view holds ``restore-mounts.plan`` beside them (:mod:`cer.criu.mntview`),
 and CRIU tells the script where its images are (CRTOOLS_IMAGE_DIR). So one script serves every restore: the
 daemon installs it under ROOT (:func:`install_action_script`) and ``checkpoint.restore`` answers the CRIU
 configuration line naming it (:func:`criu_config_lines`), which a runtime wrapper puts in the restore's own
@@ -22,20 +22,20 @@ script for every action (pre-restore, setup-namespaces, ..., post-resume) and CR
 (it parses the configuration twice): the shell script passes over every other action without starting Python,
 and over a second ``post-restore`` run too (the first mounted the container's proc, where its init is pid 1; a
 Python run that finds the tree complete does nothing either). Python starts once per restore, with ``-I -S``
-and importing only :mod:`cer.mounting` (no protobuf, no tar reader): that start-up is most of the script's cost.
+and importing only :mod:`cer.mounting` (no protobuf, no tar reader, no json): that start-up is most of the
+script's cost.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 from cer.linux import namespaces as ns
-from cer.mounting import MountError, mount_tree, plan_from_document, unmount_tree
+from cer.mounting import MountError, decode_plan, mount_tree, unmount_tree
 
 ACTION = "post-restore"
-PLAN_NAME = "restore-mounts.json"  # in the "mnt" view (cer.criu.mntview.RESTORE_PLAN_NAME)
+PLAN_NAME = "restore-mounts.plan"  # in the "mnt" view (cer.criu.mntview.RESTORE_PLAN_NAME)
 SCRIPT_NAME = "restore-mounts"
 # The namespaces a restore-only mount shows (proc: PID; sysfs: network; mqueue: IPC; cgroup2: cgroup), in the
 # order they are entered: the mount namespace last (it changes the root, after which /proc/PID/ns is out of reach).
@@ -88,8 +88,8 @@ def main(argv: list[str]) -> int:
     try:
         (plan_path,) = argv
         init_pid = int(os.environ["CRTOOLS_INIT_PID"])
-        with open(plan_path) as file:
-            plan = plan_from_document(json.load(file))
+        with open(plan_path, "rb") as file:
+            plan = decode_plan(file.read())
         complete_mounts(plan, init_pid)
     except (MountError, OSError, ValueError, KeyError) as error:
         print(f"cer restore-mounts: {error}", file=sys.stderr, flush=True)

@@ -12,21 +12,21 @@ namespaces are pivoted into theirs). Every other image stays the checkpoint's ow
 The transform is pure (bytes in, bytes out) so that the daemon's view machinery
 (:mod:`cer.criu.views`) can run it once per checkpoint and share the result: :func:`share_mount_namespace`
 rewrites inventory.img given the root task's ids image; :func:`mnt_view` does the whole view from a reader of
-the checkpoint's image files. The view also carries ``restore-mounts.json`` (CRIU ignores files it does not
+the checkpoint's image files. The view also carries ``restore-mounts.plan`` (CRIU ignores files it does not
 know): what the restore's action script mounts (:mod:`cer.restore_mounts`), read from the checkpoint's mount
-tree, so that the script reads JSON, not images.
+tree, so that the script reads plain data (:func:`cer.mounting.encode_plan`), not images.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 from cer.criu.images import IDS, INVENTORY, PSTREE, ImageReader, encode_image, read_single_entry
 from cer.errors import ImageError
+from cer.mounting import encode_plan
 
 INVENTORY_NAME = "inventory.img"
-RESTORE_PLAN_NAME = "restore-mounts.json"
+RESTORE_PLAN_NAME = "restore-mounts.plan"
 
 
 def share_mount_namespace(inventory: bytes, root_ids: bytes) -> bytes:
@@ -54,9 +54,9 @@ def root_task_pid(pstree: bytes) -> int:
 def mnt_view(read: Callable[[str], bytes], restore_plan: dict | None = None) -> dict[str, bytes]:
     """The files of the "mnt" view that differ from the checkpoint's: ``{"inventory.img": bytes}``, given
     ``read(name)`` returning the bytes of a checkpoint image file; with ``restore_plan``
-    (:func:`cer.mounts.restore_plan_document`) also ``restore-mounts.json``."""
+    (:func:`cer.mounts.restore_plan_document`) also ``restore-mounts.plan``."""
     pid = root_task_pid(read("pstree.img"))
     files = {INVENTORY_NAME: share_mount_namespace(read(INVENTORY_NAME), read(f"ids-{pid}.img"))}
     if restore_plan is not None:
-        files[RESTORE_PLAN_NAME] = json.dumps(restore_plan).encode()
+        files[RESTORE_PLAN_NAME] = encode_plan(restore_plan)
     return files

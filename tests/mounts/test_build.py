@@ -1,7 +1,6 @@
 """Pooled mount namespaces built from a real runc + CRIU 4 checkpoint, compared with what the container saw."""
 
 import functools
-import json
 import os
 import shutil
 import subprocess
@@ -22,6 +21,7 @@ from cer.criu.checkpoint import read_checkpoint  # noqa: E402
 from cer.linux import namespaces as ns  # noqa: E402
 from cer.mounts import MountError, plan_document, plan_mounts  # noqa: E402
 from cer.namespaces import Recipe, remove_bundle  # noqa: E402
+from cer.mounting import encode_plan  # noqa: E402
 from cer.restore_mounts import PLAN_NAME, install_action_script  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -142,7 +142,7 @@ def action_script(directory: Path, recipe: Recipe) -> tuple[str, Path]:
     """The installed action script, and an image directory holding the restore's plan as the "mnt" view does."""
     images = directory / "view"
     images.mkdir()
-    (images / PLAN_NAME).write_text(json.dumps(plan_document(recipe.mounts)))
+    (images / PLAN_NAME).write_bytes(encode_plan(plan_document(recipe.mounts)))
     return install_action_script(str(directory)), images
 
 

@@ -15,7 +15,7 @@ from cer.criu.checkpoint import read_checkpoint_mounts  # noqa: E402
 from cer.criu.images import IDS, INVENTORY, PSTREE, encode_image, read_single_entry  # noqa: E402
 from cer.criu.mntview import RESTORE_PLAN_NAME, mnt_view, root_task_pid, share_mount_namespace  # noqa: E402
 from cer.errors import ImageError  # noqa: E402
-from cer.mounting import plan_from_document  # noqa: E402
+from cer.mounting import decode_plan, encode_plan  # noqa: E402
 from cer.mounts import plan_document, plan_mounts, restore_plan_document  # noqa: E402
 from cer.restore_mounts import PLAN_NAME  # noqa: E402
 
@@ -42,8 +42,9 @@ def test_the_inventory_says_crius_mount_namespace_was_the_tasks_and_nothing_else
     before["entries"][0]["root_ids"]["mnt_ns_id"] = task["mnt_ns_id"]
     assert after == before
     # Pure: the same bytes give the same bytes, and the whole view is that file (plus the restore's plan).
-    view = mnt_view(files.__getitem__, {"steps": []})
-    assert view == {"inventory.img": rewritten, RESTORE_PLAN_NAME: b'{"steps": []}'}
+    view = mnt_view(files.__getitem__, {"root_flags": 0, "problems": [], "steps": []})
+    assert view.keys() == {"inventory.img", RESTORE_PLAN_NAME} and view["inventory.img"] == rewritten
+    assert decode_plan(view[RESTORE_PLAN_NAME]).steps == ()
     assert share_mount_namespace(rewritten, files[f"ids-{pid}.img"]) == rewritten
 
 
@@ -81,13 +82,13 @@ def test_malformed_images_are_refused_with_a_clear_error(plain_checkpoint, damag
         mnt_view(broken.__getitem__)
 
 
-def test_the_restore_plan_survives_json(container_checkpoint):
+def test_the_restore_plan_survives_its_file(container_checkpoint):
     tree = read_checkpoint_mounts(container_checkpoint.images)
     document = restore_plan_document(tree)
     assert PLAN_NAME == RESTORE_PLAN_NAME
     # The external bind at /data is the pool's to make: no problem for a restore, and not among its steps.
     assert document["problems"] == [] and "/data" not in {step["entry"]["mountpoint"] for step in document["steps"]}
-    plan = plan_from_document(json.loads(json.dumps(document)))
+    plan = decode_plan(encode_plan(document))
     deferred = plan_mounts(tree, container_checkpoint.external).deferred
     assert [(s.entry.mountpoint, s.entry.fstype, s.entry.flags, s.action, s.source, s.deferred) for s in plan.steps] \
         == [(s.entry.mountpoint, s.entry.fstype, s.entry.flags, s.action, s.source, s.deferred) for s in deferred]
@@ -97,3 +98,6 @@ def test_the_restore_plan_survives_json(container_checkpoint):
     assert [(e.name, e.kind, e.mode, e.link, e.data) for e in cgroup_tmpfs.contents.entries] == \
         [(e.name, e.kind, e.mode, e.link, e.data) for e in original.contents.entries]
     assert plan_document(plan_mounts(tree, {}))["problems"]  # without the placeholders /data is one
+    for damaged in (b"", b"{}", encode_plan(document)[:-9], b"cer mount plan 1\n" + b"\x00" * 8):
+        with pytest.raises(ValueError, match="plan of cer's mounts"):
+            decode_plan(damaged)

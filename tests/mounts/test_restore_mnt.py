@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, short_tempdir, start_daemon, wait_for
+from conftest import REPO, serving_daemon, short_tempdir, wait_for
 
 import mounts_support
 import runc_support
@@ -29,6 +29,7 @@ from mounts_support import FILLED_TMPFS, container_mount_table, host_mount_chang
 from runc_support import RuntimeSupportError
 
 from cer.criu.views import images_digest
+from cer.mounting import decode_plan
 from cer.protocol.methods import CheckpointPut, CheckpointRestore, NamespacePut
 from cer.references import CheckpointRef
 
@@ -40,15 +41,9 @@ NAME = "mounts"
 
 @pytest.fixture
 def cer(plain_checkpoint):
-    daemon = start_daemon({"containerd_checkpoints": [{"name": NAME, "capacity": 1, "path": str(plain_checkpoint.images),
-                                                        "rootfs": str(plain_checkpoint.rootfs)}]})
-    try:
-        daemon.wait_full(NAME, ("ipc", "uts", "mnt"), timeout=60)
+    with serving_daemon({"containerd_checkpoints": [{"name": NAME, "capacity": 1, "path": str(plain_checkpoint.images),
+                                                     "rootfs": str(plain_checkpoint.rootfs)}]}) as daemon:
         yield daemon
-    finally:
-        code = daemon.stop()
-        subprocess.run(["rm", "-rf", str(daemon.root.parent)], timeout=60)
-    assert code == 0, daemon.output()
 
 
 @pytest.fixture
@@ -94,6 +89,11 @@ def test_a_restore_joins_cers_mount_namespace_with_the_containers_whole_tree(cer
     before = host_mounts()
     assert len(plain_checkpoint.mounts) >= 20
     bundle = restore_bundle(plain_checkpoint, path / "bundle")
+    # The bundle names CRIU options of its own: the wrapper keeps them, ahead of cer's.
+    (path / "own.conf").write_text("weak-sysctls\n")
+    config = json.loads((bundle / "config.json").read_text())
+    config.setdefault("annotations", {})["org.criu.config"] = str(path / "own.conf")
+    (bundle / "config.json").write_text(json.dumps(config))
     container_id = f"cer-mnt-{uuid.uuid4().hex[:8]}"
     argv = [sys.executable, str(WRAPPER), "restore", "--endpoint", cer.endpoint, "--runtime", "runc", "--runc-root",
             str(runc.root), "--bundle", str(bundle), "--external-ns", "mnt", "--external-ns", "ipc",
@@ -166,13 +166,13 @@ def test_the_view_carries_the_inventory_rewrite_and_the_restores_mount_plan(cer,
         assert decoded["entries"][0]["root_ids"]["mnt_ns_id"] == ids["entries"][0]["mnt_ns_id"]
         original["entries"][0]["root_ids"]["mnt_ns_id"] = ids["entries"][0]["mnt_ns_id"]
         assert decoded == original  # nothing else changed
-        plan = json.loads((view / "restore-mounts.json").read_text())
-        assert {step["entry"]["mountpoint"] for step in plan["steps"]} >= {"/proc", "/sys", "/dev/mqueue",
-                                                                          "/sys/fs/cgroup", "/proc/sys"}
-        assert plan["problems"] == []
+        plan = decode_plan((view / "restore-mounts.plan").read_bytes())
+        assert {step.entry.mountpoint for step in plan.steps} >= {"/proc", "/sys", "/dev/mqueue", "/sys/fs/cgroup",
+                                                                   "/proc/sys"}
+        assert plan.problems == ()
         # Every other file is the checkpoint's own, hard-linked.
         for image in view.iterdir():
-            if image.name not in ("inventory.img", "restore-mounts.json"):
+            if image.name not in ("inventory.img", "restore-mounts.plan"):
                 assert image.stat().st_ino == (plain_checkpoint.images / image.name).stat().st_ino, image.name
     finally:
         cer.call(NamespacePut("mnt", mnt["namespace_id"], mnt["pid"]))
