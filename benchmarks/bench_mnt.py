@@ -153,6 +153,9 @@ def restore_bundle(checkpoint, directory: Path, mount_namespace: str | None = No
     directory.mkdir()
     config = json.loads(json.dumps(checkpoint.config))
     config["root"]["path"] = str(checkpoint.rootfs)
+    # No CRIU configuration file unless named: runc would read the host-wide /etc/criu/runc.conf otherwise,
+    # which other restores on this machine may be editing (ctr-wrapper's containerd path).
+    config.setdefault("annotations", {})["org.criu.config"] = ""
     if mount_namespace is not None:
         for entry in config["linux"]["namespaces"]:
             if entry["type"] == "mount":

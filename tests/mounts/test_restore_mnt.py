@@ -69,6 +69,9 @@ def restore_bundle(checkpoint, directory: Path, namespaces: dict[str, str] | Non
     shutil.copytree(checkpoint.rootfs, directory / "rootfs", symlinks=True)
     config = json.loads(json.dumps(checkpoint.config))
     config["root"]["path"] = str(directory / "rootfs")
+    # No CRIU configuration file unless named: runc would read the host-wide /etc/criu/runc.conf otherwise,
+    # which other tests on this machine may be editing (ctr-wrapper's containerd path).
+    config.setdefault("annotations", {})["org.criu.config"] = ""
     for entry in config["linux"]["namespaces"]:
         if namespaces and entry["type"] in namespaces:
             entry["path"] = namespaces[entry["type"]]
