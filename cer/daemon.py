@@ -15,6 +15,7 @@ import pykka.debug
 from loguru import logger
 
 from cer.actors.extractor import CheckpointExtractor
+from cer.restore_mounts import install_action_script
 from cer.actors.factory import NamespaceFactory
 from cer.actors.gateway import Gateway
 from cer.actors.lazy import LazyPagesServers, LazySettings
@@ -96,7 +97,7 @@ def run(config: Config, settings: Settings) -> None:
             supervisor = Supervisor.start(config, peers, settings.pool)
             actors.append(supervisor)
             gateway = Gateway(supervisor.proxy(), peers, settings.ask_timeout, settings.pool.cold_timeout, config.path,
-                              lazy.proxy(), settings.lazy.ready_timeout)
+                              lazy.proxy(), settings.lazy.ready_timeout, install_action_script(root.root))
             # Before the ZeroMQ frontend: a daemon that answers there serves every socket it was asked for.
             if settings.legacy_socket:
                 legacy = LegacyFrontend(
