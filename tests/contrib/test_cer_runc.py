@@ -227,10 +227,11 @@ def run_wrapper(setup, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("which", ["empty", "full"], ids=["empty-ipc", "ipc-objects"])
 def test_seed_flow_restores_into_cers_namespaces_through_containerd(setup, cer, container, which):
-    """The original's command line, through stock containerd: the container runs in cer's UTS and IPC
-    namespaces (inodes), with its host name and its IPC objects as they were (segment bytes, semaphore
-    values, messages); mnt is left to CRIU with a logged reason; the bundle's config.json is the shim's own
-    again; everything goes back to cer when the container exits."""
+    """The original's command line, through stock containerd: the container runs in cer's UTS, IPC and mount
+    namespaces (inodes), with its host name, its IPC objects as they were (segment bytes, semaphore values,
+    messages), its root filesystem as it was (the image's files, those it changed, not those it deleted) and
+    the mounts only a restore can make (its own /proc); the bundle's config.json is the shim's own again;
+    everything goes back to cer when the container exits."""
     checkpoint = setup[which]
     result = run_wrapper(setup, "--external-ns", "ipc", "--external-ns", "uts", "--external-ns", "mnt",
                          "--external-checkpoint", checkpoint.name, container)
@@ -238,15 +239,23 @@ def test_seed_flow_restores_into_cers_namespaces_through_containerd(setup, cer, 
     done = json.loads(result.stdout)
     pid = setup["containerd"].task_pid(container, NAMESPACE)
     assert done["pid"] == pid and done["cer"] is True
-    assert set(done["namespaces"]) == {"ipc", "uts"}
+    assert set(done["namespaces"]) == {"ipc", "uts", "mnt"}
     for ns_type, path in done["namespaces"].items():
         assert os.stat(f"/proc/{pid}/ns/{ns_type}").st_ino == cer_namespace_inode(path)
     assert runc_support.hostname_of(pid) == checkpoint.live["hostname"]
     seen = criu_support.inspect_namespaces(f"/proc/{pid}/ns/ipc", f"/proc/{pid}/ns/uts")
     assert containerd_support.stable_description(seen) == checkpoint.live
     assert done["checkpoint"].startswith(str(cer.root))  # cer's images, not containerd's copy
-    assert held(cer, checkpoint.name) == {"ipc": (1, 1), "uts": (1, 1), "mnt": (0, 0)}
-    assert "mnt left out" in (setup["base"] / "cer-runc.log").read_text()
+    assert held(cer, checkpoint.name) == {"ipc": (1, 1), "uts": (1, 1), "mnt": (1, 1)}
+    root = Path(f"/proc/{pid}/root")
+    for name, data in {**checkpoint.image_files, **checkpoint.changed_files}.items():
+        if name not in checkpoint.deleted_files:
+            assert (root / name).read_bytes() == data, name
+    assert not any((root / name).exists() for name in checkpoint.deleted_files)
+    with open(f"/proc/{pid}/mountinfo") as file:
+        points = {line.split()[4] for line in file}
+    assert {"/", "/proc", "/dev", "/dev/pts", "/dev/shm", "/dev/mqueue", "/sys"} <= points, points
+    assert os.readlink(root / "proc" / "1" / "exe") == "/" + containerd_support.WORKLOAD_PATH  # its own /proc
     config = json.loads((bundle_of(setup, container) / "config.json").read_text())
     assert all("path" not in entry for entry in config["linux"]["namespaces"])
     assert not list((setup["base"] / "run" / "requests" / NAMESPACE).iterdir())
@@ -269,13 +278,12 @@ def test_a_checkpoint_whose_runtime_is_not_cer_runc_restores_plainly_and_the_wra
 
 
 def test_the_types_the_wrapper_asks_for_are_the_ones_taken(setup, cer, container):
-    """--external-ns reaches cer-runc through its request directory: asking for mnt alone (which cer-runc
-    leaves to CRIU for now) takes nothing from cer, and the restore is a plain one that says why."""
-    result = run_wrapper(setup, "--external-ns", "mnt", setup["empty"].name, container)
+    """--external-ns reaches cer-runc through its request directory: uts alone takes uts alone."""
+    result = run_wrapper(setup, "--external-ns", "uts", setup["empty"].name, container)
     assert result.returncode == 0, result.stderr
     done = json.loads(result.stdout)
-    assert done["cer"] is False and "no namespace of this container" in result.stderr
-    assert held(cer, setup["empty"].name) == {"ipc": (0, 0), "uts": (0, 0), "mnt": (0, 0)}
+    assert done["cer"] is True and set(done["namespaces"]) == {"uts"}
+    assert held(cer, setup["empty"].name) == {"ipc": (0, 0), "uts": (1, 1), "mnt": (0, 0)}
     assert runc_support.hostname_of(done["pid"]) == setup["empty"].live["hostname"]
 
 
@@ -300,17 +308,18 @@ def test_a_request_left_by_a_killed_wrapper_is_replaced_and_a_live_one_refused(s
 
 def test_ipc_objects_are_intact_after_a_restore_through_cer(setup, cer, container):
     """A checkpoint whose IPC namespace holds objects, restored by plain `ctr c restore` (the runtime handler's
-    path: no wrapper): the container runs in cer's pre-filled IPC namespace and cer's UTS namespace
-    (inodes), and every segment byte, semaphore value and message is as it was in the live container."""
+    path: no wrapper, cer-runc's default types): the container runs in cer's pre-filled IPC namespace and
+    cer's UTS and mount namespaces (inodes), and every segment byte, semaphore value and message is as it was
+    in the live container."""
     checkpoint = setup["full"]
     setup["containerd"].ctr("containers", "restore", "--live", container, checkpoint.name, namespace=NAMESPACE)
     pid = setup["containerd"].task_pid(container, NAMESPACE)
     seen = containerd_support.stable_description(
         criu_support.inspect_namespaces(f"/proc/{pid}/ns/ipc", f"/proc/{pid}/ns/uts"))
     assert seen == checkpoint.live
-    assert held(cer, checkpoint.name) == {"ipc": (1, 1), "uts": (1, 1), "mnt": (0, 0)}
+    assert held(cer, checkpoint.name) == {"ipc": (1, 1), "uts": (1, 1), "mnt": (1, 1)}
     done = json.loads((setup["base"] / "cer-runc.log").read_text().splitlines()[-1].split("restored through cer: ", 1)[1])
-    for ns_type in ("ipc", "uts"):
+    for ns_type in ("ipc", "uts", "mnt"):
         assert os.stat(f"/proc/{pid}/ns/{ns_type}").st_ino == os.stat(done["namespaces"][ns_type]).st_ino
 
 
@@ -419,6 +428,8 @@ def test_a_runc_restore_through_cer_runc_joins_cers_namespaces_and_leaves_the_bu
         assert result.returncode == 0
         pid = runc.pid(container_id)
         assert held(setup["daemon"], "direct") == {"ipc": (1, 1), "uts": (1, 1)}
+        # cer has no mount namespaces for an entry without a root filesystem: the others, and CRIU's mounts
+        assert "mnt left to CRIU" in (setup["base"] / "cer-runc.log").read_text()
         assert runc_support.hostname_of(pid) == "cer-sample-empty"
         assert setup["bundle"].config_path.read_bytes() == before
         assert runc_support.tree_digest(setup["images"]) == images_before  # CRIU wrote nothing into them
