@@ -12,8 +12,9 @@
    one with runc, one with ``--runc-binary cer-runc``, and checkpointed with ``ctr c checkpoint --rw --image
    --task``; cer serves the second (its seed config format, from containerd). Interleaved rounds of:
      ctr-stock     ``ctr c restore --live`` of the runc checkpoint: containerd and runc alone;
-     ctr-cer       ``ctr c restore --live`` of the cer-runc checkpoint: cer-runc takes UTS and IPC namespaces
-                   and the image view from cer in one request (warm pools) and restores from cer's images;
+     ctr-cer       ``ctr c restore --live`` of the cer-runc checkpoint: cer-runc takes IPC, UTS and mount
+                   namespaces and the image view from cer in one request (warm pools) and restores from cer's
+                   images into them (CRIU leaves the mounts to cer and its action script);
      wrapper       ``contrib/ctr-wrapper restore --external-ns ipc --external-ns uts --external-ns mnt
                    --external-checkpoint CKPT ID``: the seed's command line, the same path plus the wrapper.
    Each round checks in cer-runc's log that the restore went through cer. Printed: medians, ratios to
@@ -205,7 +206,7 @@ def restore_round(method: str, size: Checkpoints, containerd, daemon, log: Path,
         finished = next(when for when, m in entries if "restored through cer: " in m)
         measured.update(extracted_bytes=int(copy.group(2)), runc=measured["phases"]["runc"],
                         before_runtime=finished - measured["phases"]["since_exec"] - wall)
-        daemon.wait_full(size.cer, ("ipc", "uts"), timeout=30)  # warm namespaces for every round
+        daemon.wait_full(size.cer, ("ipc", "uts", "mnt"), timeout=30)  # warm namespaces for every round
     return measured
 
 
@@ -232,7 +233,7 @@ def bench_containerd(work: Path, binary: Path, sizes: list[int], rounds: int) ->
         daemon = start_daemon({"containerd_checkpoints": entries, "default_capacity": 2},
                               "--containerd-address", containerd.address, root=base / "root")
         for size in prepared:
-            daemon.wait_full(size.cer, ("ipc", "uts"), timeout=300)
+            daemon.wait_full(size.cer, ("ipc", "uts", "mnt"), timeout=300)
         for size in prepared:
             results[size.mib] = {method: [] for method in RESTORE_METHODS}
             for round_number in range(rounds):
