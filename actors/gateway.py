@@ -16,6 +16,7 @@ from cer.actors.pool import Lease, PoolPeers, PoolRetired
 from cer.config import load_config
 from cer.errors import CerError, NotFound, Unavailable
 from cer.references import CheckpointRef
+from cer.restore_mounts import criu_config_lines
 
 if TYPE_CHECKING:
     from cer.actors.lazy import LazyServer
@@ -31,8 +32,12 @@ class Gateway:
         config_path: str | None = None,
         lazy: pykka.ActorProxy | None = None,
         lazy_ready_timeout: float = 10.0,
+        mounts_script: str | None = None,
     ) -> None:
+        """``mounts_script``: the CRIU action script that completes the mounts of a restore into a pooled mount
+        namespace (cer.restore_mounts), named in the CRIU configuration of such restores."""
         self._supervisor = supervisor
+        self._mounts_script = mounts_script
         self._lazy = lazy
         self._lazy_ready_timeout = lazy_ready_timeout
         self._config_path = config_path
@@ -137,6 +142,13 @@ class Gateway:
                 logger.error("releasing checkpoint {} of a failed restore: {}", ref, error)
             raise
         return images, leases
+
+    def criu_config(self, ns_types: tuple[str, ...]) -> list[str]:
+        """The CRIU options a restore joining ``ns_types`` needs beside the images: for a mount namespace, the
+        action script that completes its mounts."""
+        if "mnt" not in ns_types or self._mounts_script is None:
+            return []
+        return criu_config_lines(self._mounts_script)
 
     def put_checkpoint(self, ref: CheckpointRef) -> int:
         return self._wait(self._extractor.put(ref), "the checkpoint extractor")

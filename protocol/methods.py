@@ -124,7 +124,8 @@ class NamespaceGet(Method):
     ``ipc`` the one checkpoint whose IPC namespace holds objects or non-default settings is served, and
     two such checkpoints are refused, since one namespace cannot hold both. ``info`` has ``cold`` (it was
     built for this get because none was idle), ``ref`` (the checkpoint served), ``ipc_default``, and for
-    ``mnt`` the ``bundle`` directory and its mounted ``rootfs``. With ``holder_pid`` the namespace is bound to
+    ``mnt`` the ``bundle`` directory and ``rootfs``, where the root filesystem is inside the namespace ("/": it
+    is pivoted into it). With ``holder_pid`` the namespace is bound to
     that process as it is handed out (see ``namespace.bind``), so no moment exists in which nobody holds it.
     """
 
@@ -348,7 +349,7 @@ class CheckpointRestore(Method):
             "ref": ref.to_wire(),
             "images": images,
             "namespaces": {ns_type: _namespace_reply(lease, ref) for ns_type, lease in leases.items()},
-            "criu_config": [],
+            "criu_config": gateway.criu_config(self.types),
         }
 
 

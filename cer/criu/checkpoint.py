@@ -182,22 +182,10 @@ def read_checkpoint(directory: str | os.PathLike[str]) -> CheckpointContents:
     mount tree is reported in ``mounts_error`` instead.
     """
     directory = Path(directory)
-    inventory = read_single_entry(directory / "inventory.img", INVENTORY)
-    if inventory.img_version != IMAGES_VERSION:
-        raise ImageError(str(directory / "inventory.img"), 0, f"image set version {inventory.img_version}, "
-                         f"only version {IMAGES_VERSION} is supported")
-    root = _root_task_ids(directory)
-    host = inventory.root_ids if inventory.HasField("root_ids") else None
-
+    root, host = _task_and_host_ids(directory)
     ipc_id = _root_namespace_image(directory, "ipc", r"ipcns-var-(\d+)\.img", root, host)
     uts_id = _root_namespace_image(directory, "uts", r"utsns-(\d+)\.img", root, host)
-    mnt_id = _root_namespace_image(directory, "mnt", r"mountpoints-(\d+)\.img", root, host)
-    mounts, mounts_error = None, None
-    if mnt_id is not None:
-        try:
-            mounts = read_mount_tree(directory, mnt_id)
-        except ImageError as error:
-            mounts_error = str(error)
+    mounts, mounts_error = _read_root_mounts(directory, root, host)
     return CheckpointContents(
         ipc=None if ipc_id is None else _read_ipc(directory, ipc_id, attached_shm_ids(directory)),
         uts=None if uts_id is None else _read_uts(directory / f"utsns-{uts_id}.img"),
@@ -206,13 +194,40 @@ def read_checkpoint(directory: str | os.PathLike[str]) -> CheckpointContents:
     )
 
 
+def read_checkpoint_mounts(directory: str | os.PathLike[str]) -> MountTree | None:
+    """The root task's mount tree alone (None: it has none), as :func:`read_checkpoint` reads it, without the
+    IPC objects' bytes; an unreadable tree raises :class:`~cer.errors.ImageError`."""
+    directory = Path(directory)
+    mounts, mounts_error = _read_root_mounts(directory, *_task_and_host_ids(directory))
+    if mounts_error is not None:
+        raise ImageError(str(directory), 0, mounts_error)
+    return mounts
+
+
+def _task_and_host_ids(directory: Path) -> tuple[pb.task_kobj_ids_entry | None, pb.task_kobj_ids_entry | None]:
+    """The root task's ids and the dumping CRIU's own (inventory.img), the version checked."""
+    inventory = read_single_entry(directory / "inventory.img", INVENTORY)
+    if inventory.img_version != IMAGES_VERSION:
+        raise ImageError(str(directory / "inventory.img"), 0, f"image set version {inventory.img_version}, "
+                         f"only version {IMAGES_VERSION} is supported")
+    return _root_task_ids(directory), (inventory.root_ids if inventory.HasField("root_ids") else None)
+
+
+def _read_root_mounts(directory: Path, root, host) -> tuple[MountTree | None, str | None]:
+    mnt_id = _root_namespace_image(directory, "mnt", r"mountpoints-(\d+)\.img", root, host)
+    if mnt_id is None:
+        return None, None
+    try:
+        return read_mount_tree(directory, mnt_id), None
+    except ImageError as error:
+        return None, str(error)
+
+
 def root_ipc_namespace_id(directory: str | os.PathLike[str]) -> int | None:
     """The id that names the root task's ipcns-*-<id>.img files; None when it has none (it shared the
     dumping host's IPC namespace)."""
     directory = Path(directory)
-    inventory = read_single_entry(directory / "inventory.img", INVENTORY)
-    host = inventory.root_ids if inventory.HasField("root_ids") else None
-    return _root_namespace_image(directory, "ipc", r"ipcns-var-(\d+)\.img", _root_task_ids(directory), host)
+    return _root_namespace_image(directory, "ipc", r"ipcns-var-(\d+)\.img", *_task_and_host_ids(directory))
 
 
 def attached_shm_ids(directory: str | os.PathLike[str]) -> frozenset[int]:

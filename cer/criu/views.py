@@ -114,7 +114,20 @@ def _shm_entries(path: Path, keep: frozenset[int]) -> bytes:
     return b"".join(parts)
 
 
-TRANSFORMS: dict[str, Transform] = {"ipc": ipc_transform}
+def mnt_transform(directory: Path) -> dict[str, bytes]:
+    """The images as a restore into one of cer's pooled mount namespaces needs them: an inventory that keeps
+    CRIU's hands off the mount tree, and the plan of what the restore's action script mounts
+    (cer.criu.mntview)."""
+    from cer.criu.checkpoint import read_checkpoint_mounts
+    from cer.criu.mntview import mnt_view
+    from cer.mounts import restore_plan_document
+
+    tree = read_checkpoint_mounts(directory)
+    plan = restore_plan_document(tree) if tree is not None else None
+    return mnt_view(lambda name: _read_identity_image(os.path.join(directory, name)), plan)
+
+
+TRANSFORMS: dict[str, Transform] = {"ipc": ipc_transform, "mnt": mnt_transform}
 """The transform of each kind of view (import what a transform reads with inside it: see above)."""
 
 
@@ -147,6 +160,7 @@ def images_digest(directory: str | os.PathLike[str]) -> str:
 
 
 def _read_identity_image(path: str) -> bytes:
+    # (Also how the mnt transform reads inventory, pstree and ids images: small ones.)
     # Not through a link (a view holds none, so the digest of one would name other files), nor a FIFO.
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)

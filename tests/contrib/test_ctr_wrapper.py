@@ -370,9 +370,8 @@ def test_image_path_of_another_dump_is_refused_for_cers_ipc(runc_cer, ipc_checkp
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("options, says", [
-    (["--runtime", "runc", "--bundle", str(SAMPLE), "--image-path", "/nonexistent", "--external-ns", "mnt"],
-     "mount namespace"),
-], ids=["runc-mnt"])
+    (["--runtime", "runc", "--bundle", str(SAMPLE), "--lazy", "--external-ns", "mnt"], "rebuilds the mount tree"),
+], ids=["runc-lazy-mnt"])
 def test_refused_before_taking_anything(sample_cer, options, says):
     result = run_wrapper(sample_cer, *options, "sample", _unique("never"))
     assert result.returncode == 4, result.stderr
