@@ -109,12 +109,13 @@ class Gateway:
         config = load_config(self._config_path)
         return self._wait(self._supervisor.reload(config), "the supervisor", 6 * self._ask_timeout)
 
-    def get_checkpoint(self, ref: CheckpointRef, view: tuple[str, ...] = ()) -> str:
-        """The image directory of ``ref``, or its view for ``view`` (kinds of cer.criu.views); counts a user."""
-        if not view:
-            return self._wait(self._extractor.get(ref), "the checkpoint extractor")
-        pending = self._wait(self._extractor.get_view(ref, view), "the checkpoint extractor")
-        return self._wait(pending, f"the {'+'.join(view)} view of {ref}", self._cold_timeout + self._ask_timeout)
+    def get_checkpoint(self, ref: CheckpointRef) -> str:
+        return self._wait(self._extractor.get(ref), "the checkpoint extractor")
+
+    def get_view(self, ref: CheckpointRef, kinds: tuple[str, ...]) -> str:
+        """``ref``'s image view for ``kinds`` (see cer.criu.views), made on first use; counts a user."""
+        pending = self._wait(self._extractor.get_view(ref, kinds), "the checkpoint extractor")
+        return self._wait(pending, f"the {'+'.join(kinds)} view of {ref}", self._cold_timeout + self._ask_timeout)
 
     def find_checkpoint(self, images_digest: str) -> CheckpointRef:
         return self._wait(self._extractor.find(images_digest), "the checkpoint extractor")
@@ -124,7 +125,7 @@ class Gateway:
         """Everything one restore of ``ref`` takes from cer: the images (its view for ``view``) and a
         namespace of each of ``ns_types`` bound to ``holder_pid``. All or nothing: what was taken before a
         failure is given back."""
-        images = self.get_checkpoint(ref, view)
+        images = self.get_view(ref, view)
         leases: dict[str, Lease] = {}
         try:
             for ns_type in ns_types:

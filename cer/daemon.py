@@ -1,6 +1,7 @@
 """The daemon's life: check the config, prepare ROOT, start the actors and the frontend, and on
 SIGTERM/SIGINT take it all down in reverse order, leaving nothing behind under ROOT."""
 
+import contextlib
 import fcntl
 import os
 import resource
@@ -97,7 +98,7 @@ def run(config: Config, settings: Settings) -> None:
             supervisor = Supervisor.start(config, peers, settings.pool)
             actors.append(supervisor)
             gateway = Gateway(supervisor.proxy(), peers, settings.ask_timeout, settings.pool.cold_timeout, config.path,
-                              lazy.proxy(), settings.lazy.ready_timeout, install_action_script(root.root))
+                              lazy.proxy(), settings.lazy.ready_timeout, root.mounts_script)
             # Before the ZeroMQ frontend: a daemon that answers there serves every socket it was asked for.
             if settings.legacy_socket:
                 legacy = LegacyFrontend(
@@ -163,7 +164,8 @@ def _notify_systemd(state: str) -> None:
 
 
 class _RootDirectory:
-    """ROOT, locked for this daemon; what the daemon keeps there (bundles, socket, lock) goes at exit."""
+    """ROOT, locked for this daemon; what the daemon keeps there (bundles, socket, lock, the restores' action
+    script) goes at exit."""
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
@@ -189,10 +191,13 @@ class _RootDirectory:
             logger.warning("removing bundles left by an earlier run in {}", self.bundles)
             shutil.rmtree(self.bundles, ignore_errors=True)
         os.mkdir(self.bundles, 0o700)
+        self.mounts_script = install_action_script(self.root)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         shutil.rmtree(self.bundles, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.mounts_script)
         os.unlink(self._lock_path)
         os.close(self._lock_fd)
 

@@ -293,7 +293,7 @@ class CheckpointGet(Method):
         return {**params, "view": list(self.view)} if self.view else params
 
     def handle(self, gateway: "Gateway") -> dict:
-        return {"path": gateway.get_checkpoint(self.ref, self.view)}
+        return {"path": gateway.get_view(self.ref, self.view) if self.view else gateway.get_checkpoint(self.ref)}
 
 
 @_method("checkpoint", "restore")
