@@ -16,7 +16,9 @@
                    namespaces and the image view from cer in one request (warm pools) and restores from cer's
                    images into them (CRIU leaves the mounts to cer and its action script);
      wrapper       ``contrib/ctr-wrapper restore --external-ns ipc --external-ns uts --external-ns mnt
-                   --external-checkpoint CKPT ID``: the seed's command line, the same path plus the wrapper.
+                   --external-checkpoint CKPT ID``: the seed's command line, the same path plus the wrapper;
+     no-mnt        the wrapper with ``--external-ns ipc --external-ns uts`` only: CRIU builds the mounts, as
+                   stock; against ``wrapper``, what joining cer's mount namespace saves or costs.
    Each round checks in cer-runc's log that the restore went through cer. Printed: medians, ratios to
    ctr-stock, and what containerd still does before runc runs: how many bytes of CRIU images it extracted to
    its own temporary directory (cer-runc logs that directory's size before it swaps in cer's images) and how
@@ -51,7 +53,7 @@ CER_RUNC = REPO / "contrib" / "cer-runc"
 WRAPPER = REPO / "contrib" / "ctr-wrapper"
 NAMESPACE = "cer-bench-runtime"
 COMMANDS = ("create", "start", "state", "kill", "delete")
-RESTORE_METHODS = ("ctr-stock", "ctr-cer", "wrapper")
+RESTORE_METHODS = ("ctr-stock", "ctr-cer", "wrapper", "no-mnt")
 PYTHON_FRONT = """#!/usr/bin/python3 -IS
 import os, sys
 argv = sys.argv[1:]
@@ -177,12 +179,12 @@ def restore_round(method: str, size: Checkpoints, containerd, daemon, log: Path,
         os.sync()
         wall = time.time()
         start = time.perf_counter()
-        if method == "wrapper":
+        if method in ("wrapper", "no-mnt"):
+            types = ["ipc", "uts", "mnt"] if method == "wrapper" else ["ipc", "uts"]
             result = subprocess.run(
                 [sys.executable, str(WRAPPER), "restore", "--address", containerd.address, "--namespace", NAMESPACE,
-                 "--external-ns", "ipc", "--external-ns", "uts", "--external-ns", "mnt", "--external-checkpoint",
-                 size.cer, container], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
-                env=runc_support.runtime_env())
+                 *[f"--external-ns={ns_type}" for ns_type in types], "--external-checkpoint", size.cer, container],
+                capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL, env=runc_support.runtime_env())
             if result.returncode != 0:
                 raise RuntimeError(f"ctr-wrapper failed: {result.stderr}")
         else:
@@ -238,7 +240,8 @@ def bench_containerd(work: Path, binary: Path, sizes: list[int], rounds: int) ->
             results[size.mib] = {method: [] for method in RESTORE_METHODS}
             for round_number in range(rounds):
                 print(f"{size.mib} MiB round {round_number + 1}/{rounds}", file=sys.stderr, flush=True)
-                order = RESTORE_METHODS[round_number % 3:] + RESTORE_METHODS[:round_number % 3]
+                shift = round_number % len(RESTORE_METHODS)
+                order = RESTORE_METHODS[shift:] + RESTORE_METHODS[:shift]
                 for method in order:
                     results[size.mib][method].append(restore_round(method, size, containerd, daemon, log, runc_times))
     except BaseException:
