@@ -12,7 +12,8 @@ daemon's factory does (a new thread unshares, builds, opens /proc/thread-self/ns
 - ``overlay``: a bundle's upper/work/rootfs, mounts made private, the overlay (a checkpoint without a
   mountpoints image gets this);
 - ``full``: the overlay and the checkpoint's mount tree as cer makes it (tmpfs mounts with their contents,
-  devpts, the host bind, mount points of what the restore mounts, the read-only root).
+  devpts, the host bind, mount points of what the restore mounts, the read-only root, /proc/sys for CRIU),
+  then pivoted into the overlay.
 
 For ``full`` the time inside the thread is split into overlay, mounts and tmpfs (restoring contents). Rates are
 namespaces per second of wall time, one at a time and with C creations at once (the factory's default is 4).
@@ -340,7 +341,7 @@ def main() -> None:
                   f"{rates[name][0]:12.0f} {rates[name][1]:10.0f}  {ratio:5.1f}x the time")
             if "tear_down" in sequential[0]:
                 tear_downs[name] = milliseconds(r["tear_down"] for r in sequential)
-        print("tear-down (setns, detach the tree, remove the bundle; off the get path), median ms: "
+        print("tear-down (close the namespace, remove the bundle from outside; off the get path), median ms: "
               + ", ".join(f"{name} {value.strip()}" for name, value in tear_downs.items()))
         target = rates["full"][1]
         print(f"\nfull mount list: {target:.0f} namespaces/s with {args.concurrency} at once "

@@ -157,6 +157,31 @@ def test_without_the_view_stock_criu_rebuilds_the_tree_and_fails(cer, plain_chec
         cer.call(CheckpointPut(CheckpointRef(NAME)))
 
 
+def test_a_failing_action_script_aborts_the_restore(cer, plain_checkpoint, work):
+    """The action script runs at post-restore, before the tasks resume: when it fails (here: the plan in the
+    images is damaged) CRIU aborts, and no container runs with the temporary /proc."""
+    path, runc = work
+    taken = cer.call(CheckpointRestore(CheckpointRef(NAME), ("mnt",), os.getpid()))
+    mnt = taken["namespaces"]["mnt"]
+    try:
+        images = path / "images"
+        shutil.copytree(taken["images"], images)
+        (images / "restore-mounts.plan").chmod(0o644)
+        (images / "restore-mounts.plan").write_bytes(b"cer mount plan 1\n\x00damaged")
+        (path / "criu.conf").write_text("".join(f"{line}\n" for line in taken["criu_config"]))
+        bundle = restore_bundle(plain_checkpoint, path / "bundle", {"mount": mnt["path"]})
+        config = json.loads((bundle / "config.json").read_text())
+        config["annotations"]["org.criu.config"] = str(path / "criu.conf")
+        (bundle / "config.json").write_text(json.dumps(config))
+        container_id = f"cer-mnt-{uuid.uuid4().hex[:8]}"
+        with pytest.raises(RuntimeSupportError, match=r"(?s)post-restore script.*Restoring FAILED"):
+            runc.restore(container_id, bundle, images)
+        assert container_id not in runc.containers()
+    finally:
+        cer.call(NamespacePut("mnt", mnt["namespace_id"], mnt["pid"]))
+        cer.call(CheckpointPut(CheckpointRef(NAME)))
+
+
 def test_the_view_carries_the_inventory_rewrite_and_the_restores_mount_plan(cer, plain_checkpoint):
     taken = cer.call(CheckpointRestore(CheckpointRef(NAME), ("mnt",), os.getpid()))
     mnt = taken["namespaces"]["mnt"]
