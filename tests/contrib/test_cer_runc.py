@@ -84,6 +84,15 @@ def test_a_per_restore_criu_config_keeps_what_runc_would_have_read(tmp_path, mon
     assert written == [*before, "action-script /x/complete-mounts"]
 
 
+def test_a_lazy_restore_is_left_as_it_is(tmp_path):
+    """runc restore --lazy-pages reads what its lazy-pages server serves: cer-runc does not touch it."""
+    module = _load_restore_module()
+    args = module.RestoreArgs(["restore", "--lazy-pages", "--image-path", str(SAMPLE / "checkpoint"), "--bundle",
+                               str(tmp_path), "c1"])
+    with pytest.raises(module.Fallback, match="lazy"):
+        module.Restore(args, module.Logs("c1", None, "json")).prepare()
+
+
 @pytest.mark.parametrize("argv", [["restore"], ["restore", "--bundle"], ["state", "c1"], []])
 def test_what_is_not_a_restore_with_an_id_is_refused_by_the_parser(argv):
     with pytest.raises(ValueError):
