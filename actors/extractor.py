@@ -132,6 +132,10 @@ class CheckpointExtractor(pykka.ThreadingActor):
         self._configured = tuple(configured)
         self._retry = retry
         self._checkpoints: dict[CheckpointRef, _Checkpoint] = {}
+        # Users that a process gives back by exiting (bind_user): key -> the checkpoint counting it, and the
+        # process watcher that watches the process.
+        self._bound_users: dict[tuple, tuple[_Checkpoint, pykka.ActorProxy]] = {}
+        self._user_serials = itertools.count(1)
         self._loaders: set[threading.Thread] = set()
         self._cancel = threading.Event()
 
@@ -155,6 +159,9 @@ class CheckpointExtractor(pykka.ThreadingActor):
             checkpoint = self._checkpoints[entry.ref] = _Checkpoint(entry, entry.path, users=known.users if known else 0, state="ready")
             if known is not None and known.directory == entry.path:
                 checkpoint.views, checkpoint.digest = known.views, known.digest
+            for key, (counted_by, watcher) in self._bound_users.items():
+                if counted_by is known:
+                    self._bound_users[key] = (checkpoint, watcher)  # the count moved over with the users
             self._loaders = {thread for thread in self._loaders if thread.is_alive()}
             loader = threading.Thread(target=_load, args=(entry, pool, self._self), name=f"cer-load-{entry.ref.key[:8]}", daemon=True)
             self._loaders.add(loader)
@@ -277,7 +284,34 @@ class CheckpointExtractor(pykka.ThreadingActor):
         if checkpoint.users == 0:
             raise NotFound(f"checkpoint {ref} has no outstanding get")
         checkpoint.users -= 1
+        # A put ends a bound user first: its holder's exit then finds nothing to give back. (Ending an
+        # unbound one instead could count one user twice, should its client put after that exit.)
+        bound = next((key for key, (counted_by, _) in self._bound_users.items() if counted_by is checkpoint), None)
+        if bound is not None:
+            _, watcher = self._bound_users.pop(bound)
+            watcher.unwatch(bound)
         return checkpoint.users
+
+    def bind_user(self, ref: CheckpointRef, pid: int, pidfd: int, watcher: pykka.ActorProxy) -> None:
+        """Tie one user of ``ref``, counted by a get, to process ``pid`` (``pidfd``, now ours): when it exits,
+        the user is given back unless a put came first. So a restore's client killed before its put leaves no
+        user behind, nor the views and extraction that user would keep."""
+        try:
+            checkpoint = self._find(ref)
+        except NotFound:
+            os.close(pidfd)
+            raise
+        key = ("checkpoint user", next(self._user_serials))
+        self._bound_users[key] = (checkpoint, watcher)
+        watcher.watch(pidfd, pid, self._self, key)
+
+    def holder_exited(self, key: tuple, pid: int) -> None:
+        """A process a user was bound to has exited (from the process watcher)."""
+        checkpoint, _ = self._bound_users.pop(key, (None, None))
+        if checkpoint is None or self._checkpoints.get(checkpoint.entry.ref) is not checkpoint or checkpoint.users == 0:
+            return  # removed meanwhile
+        checkpoint.users -= 1
+        logger.info("checkpoint {}: user given back, its process {} exited", checkpoint.entry.ref, pid)
 
     def status(self) -> dict:
         result = {}

@@ -307,7 +307,8 @@ class CheckpointRestore(Method):
     "criu_config": [LINE, ...]}``
 
     ``images`` is the image view that a stock CRIU restore joining these namespaces needs (see
-    ``checkpoint.get`` with ``view``), counted as one user of the checkpoint until ``checkpoint.put``.
+    ``checkpoint.get`` with ``view``), counted as one user of the checkpoint until ``checkpoint.put`` or, if
+    none comes, ``holder_pid``'s exit.
     Each namespace is as ``namespace.get`` answers it, bound to ``holder_pid`` from the start; bind them to
     the restored container's init with ``namespace.bind`` afterwards, or give them back with
     ``namespace.put``. ``criu_config`` lists CRIU options the restore must add (in a file named by the

@@ -271,9 +271,11 @@ def test_wrapper_killed_after_binding_loses_nothing(runc_cer, empty_checkpoint, 
     try:
         wait_for(lambda: _marker_pid(fakes["marker"]), 30, what="the wrapper to start the runtime")
         assert held(runc_cer, "empty") == {"ipc": (1, 1), "uts": (1, 1)}
+        assert checkpoint_users(runc_cer, "empty") == 1
         wrapper.kill()
         wrapper.wait(10)
         wait_all_back(runc_cer, "empty")
+        wait_for(lambda: checkpoint_users(runc_cer, "empty") == 0, what="the images' user to come back")
     finally:
         if wrapper.poll() is None:
             wrapper.kill()

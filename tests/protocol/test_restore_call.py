@@ -65,11 +65,27 @@ def test_one_request_takes_a_view_and_bound_namespaces(daemon, holder):
     assert users(daemon) == 1
     assert daemon.pool("sample")["types"]["ipc"]["bound"] == 1
 
-    # Bound from the start: the holder's exit brings both namespaces back.
+    # Bound from the start: the holder's exit brings both namespaces back, and the images' user.
     holder.kill()
     holder.wait()
     wait_for(lambda: in_use(daemon) == {"ipc": 0, "uts": 0, "mnt": 0}, what="the namespaces to come back")
     assert not os.path.exists(ipc["path"])
+    wait_for(lambda: users(daemon) == 0, what="the checkpoint user to come back")
+    with pytest.raises(NotFound, match="no outstanding get"):
+        daemon.call(CheckpointPut(SAMPLE_REF))
+
+
+def test_a_put_before_the_holders_exit_is_not_counted_twice(daemon, holder):
+    daemon.wait_full("sample")
+    daemon.call(CheckpointRestore(SAMPLE_REF, ("uts",), holder.pid))
+    daemon.call(CheckpointGet(SAMPLE_REF))  # a user bound to nobody
+    assert users(daemon) == 2
+    assert daemon.call(CheckpointPut(SAMPLE_REF)) == {"users": 1}
+    watched = daemon.status()["watched_holders"]
+    holder.kill()
+    holder.wait()
+    wait_for(lambda: daemon.status()["watched_holders"] == watched - 1, what="the holder's uts namespace to come back")
+    assert users(daemon) == 1  # the get's user: the put ended the restore's
     assert daemon.call(CheckpointPut(SAMPLE_REF)) == {"users": 0}
 
 
