@@ -10,9 +10,14 @@ import pykka
 from loguru import logger
 
 from cer.actors.pool import PoolActor, PoolPeers, PoolSettings
-from cer.config import MAX_POOLS, CheckpointEntry, Config
-from cer.errors import BadRequest, NotFound
+from cer.config import CheckpointEntry, Config
+from cer.errors import Exhausted, NotFound
 from cer.references import CheckpointRef
+
+MAX_RUNTIME_POOLS = 16
+"""Pools ``namespace.update`` may create for refs the configuration does not name. A quota of their own:
+however many a client makes, the configuration's pools (bounded by the file, cer.config.MAX_POOLS) are
+never refused for them."""
 
 
 class Supervisor(pykka.ThreadingActor):
@@ -45,11 +50,18 @@ class Supervisor(pykka.ThreadingActor):
         entry = replace(self._entries.get(ref) or CheckpointEntry(ref=ref, capacity=capacity), capacity=capacity)
         actor = self._pools.get(ref)
         if actor is not None and actor.is_alive():
-            self._entries[ref] = entry
+            # The pool may refuse (the pre-fill budget): then nothing changed, here either.
             actor.proxy().set_capacity(capacity).get(timeout=10)
+            self._entries[ref] = entry
             return False
-        if actor is None and len(self._pools) >= MAX_POOLS:
-            raise BadRequest(f"the daemon already serves {MAX_POOLS} pools, its most: {ref} is not added")
+        if actor is None:
+            configured = {entry.ref for entry in self._config.checkpoints}
+            created = [other for other in self._pools if other not in configured]
+            if len(created) >= MAX_RUNTIME_POOLS:
+                raise Exhausted(
+                    f"{len(created)} pools were created by namespace.update for checkpoints the configuration does "
+                    f"not name, the most: {ref} is not added (name it in {self._config.path} and reload)"
+                )
         self._start_pool(entry)
         return actor is None
 
@@ -74,8 +86,8 @@ class Supervisor(pykka.ThreadingActor):
                 summary["added"].append(str(ref))
             elif replace(current, capacity=entry.capacity, max_capacity=entry.max_capacity) == entry and self._pools[ref].is_alive():
                 if (current.capacity, current.max_capacity) != (entry.capacity, entry.max_capacity):
-                    self._entries[ref] = entry
                     self._pools[ref].proxy().set_capacity(entry.capacity, entry.max_capacity).get(timeout=10)
+                    self._entries[ref] = entry
                     summary["resized"].append(str(ref))
             else:
                 self._retire_pool(ref)

@@ -5,7 +5,6 @@ import contextlib
 import fcntl
 import os
 import resource
-import shutil
 import queue
 import signal
 import socket
@@ -15,18 +14,20 @@ import pykka
 import pykka.debug
 from loguru import logger
 
-from cer.actors.extractor import CheckpointExtractor
-from cer.restore_mounts import install_action_script
+from cer.actors.extractor import CHECKPOINT_DIRECTORY, CheckpointExtractor
 from cer.actors.factory import NamespaceFactory
 from cer.actors.gateway import Gateway
-from cer.actors.lazy import LazyPagesServers, LazySettings
+from cer.actors.lazy import LAZY_DIRECTORY, LazyPagesServers, LazySettings
 from cer.actors.pool import PoolPeers, PoolSettings
 from cer.actors.supervisor import Supervisor
 from cer.actors.watcher import ProcessWatcher
+from cer.budget import PrefillBudget, describe_bytes
 from cer.config import Config
 from cer.containerd.client import DEFAULT_ADDRESS as DEFAULT_CONTAINERD_ADDRESS
 from cer.containerd.client import DEFAULT_TIMEOUT as DEFAULT_CONTAINERD_TIMEOUT
+from cer.criu.views import VIEWS_DIRECTORY
 from cer.errors import CerError
+from cer.files import UnsafePathError, open_private_directory, remove_unless_directory, remove_entry
 from cer.metrics import Metrics
 from cer.progress import FillReporter
 from cer.protocol.frontend import Frontend
@@ -34,7 +35,10 @@ from cer.protocol.legacy import DEFAULT_TIMEOUT as DEFAULT_LEGACY_TIMEOUT
 from cer.protocol.legacy import SOCKET_NAME as LEGACY_SOCKET_NAME
 from cer.protocol.legacy import LegacyFrontend
 from cer.protocol.http import DEFAULT_ADDRESS as DEFAULT_HTTP_ADDRESS
+from cer.protocol.http import TOKEN_NAME as HTTP_TOKEN_NAME
 from cer.protocol.http import HttpServer, check_address
+from cer.protocol.security import EndpointRefused, check_endpoint
+from cer.restore_mounts import install_action_script
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,8 @@ class Settings:
     ask_timeout: float = 5.0
     pool: PoolSettings = PoolSettings()
     curve_keys: str | None = None
+    insecure_tcp: bool = False
+    """Serve a loopback tcp:// endpoint without CURVE keys, to every local user (--insecure-tcp-any-local-user)."""
     containerd_address: str = DEFAULT_CONTAINERD_ADDRESS
     containerd_timeout: float = DEFAULT_CONTAINERD_TIMEOUT
     legacy_socket: bool = False
@@ -56,8 +62,18 @@ class Settings:
     """Serve /namespace/update and /metrics over HTTP on this port (off when None)."""
     http_address: str = DEFAULT_HTTP_ADDRESS
     http_allow_remote: bool = False
+    http_unauthenticated_updates: bool = False
+    """Serve HTTP updates without the token of ROOT/http.token, to whoever reaches the port (the original's way)."""
     lazy: LazySettings = LazySettings()
     """The lazy-pages servers of lazy restores (checkpoint.lazy)."""
+    prefill_budget: int | None = None
+    """Bytes of SysV memory all pools together may pre-fill into IPC namespaces (None: a quarter of the memory)."""
+
+
+BUNDLES_DIRECTORY = "bundles"
+LOCK_NAME = "daemon.lock"
+# Directories under ROOT whose leftovers the actors remove as they start.
+CLEANED_BY_ACTORS = (CHECKPOINT_DIRECTORY, LAZY_DIRECTORY, VIEWS_DIRECTORY)
 
 
 class DaemonError(CerError):
@@ -70,8 +86,13 @@ def run(config: Config, settings: Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda signum, _frame: signals.put(signum))  # SimpleQueue.put is reentrant
     signal.signal(signal.SIGUSR1, pykka.debug.log_thread_tracebacks)
+    # Refused before anything exists.
+    try:
+        check_endpoint(settings.endpoint, settings.curve_keys, settings.insecure_tcp)
+    except EndpointRefused as error:
+        raise DaemonError(f"cannot serve {settings.endpoint}: {error}") from None
     if settings.http_port is not None:
-        check_address(settings.http_address, settings.http_allow_remote)  # refused before anything exists
+        check_address(settings.http_address, settings.http_allow_remote)
     with _RootDirectory(settings.root) as root:
         _raise_fd_limit()
         actors: list[pykka.ActorRef] = []
@@ -94,7 +115,9 @@ def run(config: Config, settings: Settings) -> None:
             # After the watcher, which tells it when its servers exit; stopped before it, after the pools.
             lazy = LazyPagesServers.start(root.root, extractor.proxy(), watcher.proxy(), settings.lazy, settings.ask_timeout)
             actors.append(lazy)
-            peers = PoolPeers(factory.proxy(), extractor.proxy(), watcher.proxy())
+            budget = PrefillBudget(settings.prefill_budget)
+            logger.info("IPC pre-fill budget: {}", describe_bytes(budget.limit))
+            peers = PoolPeers(factory.proxy(), extractor.proxy(), watcher.proxy(), budget)
             supervisor = Supervisor.start(config, peers, settings.pool)
             actors.append(supervisor)
             gateway = Gateway(supervisor.proxy(), peers, settings.ask_timeout, settings.pool.cold_timeout, config.path,
@@ -107,10 +130,12 @@ def run(config: Config, settings: Settings) -> None:
                 legacy.start()
             metrics.watch_pools(gateway.status)
             if settings.http_port is not None:
-                http = HttpServer(settings.http_address, settings.http_port, gateway, metrics, settings.http_allow_remote)
+                token = None if settings.http_unauthenticated_updates else os.path.join(root.root, HTTP_TOKEN_NAME)
+                http = HttpServer(settings.http_address, settings.http_port, gateway, metrics, settings.http_allow_remote, token)
                 http.start()
             frontend = Frontend(
-                settings.endpoint, gateway, settings.workers, settings.debug, settings.curve_keys, metrics.request_answered
+                settings.endpoint, gateway, settings.workers, settings.debug, settings.curve_keys, metrics.request_answered,
+                settings.insecure_tcp,
             )
             frontend.start()
             _notify_systemd("READY=1")
@@ -165,41 +190,67 @@ def _notify_systemd(state: str) -> None:
 
 class _RootDirectory:
     """ROOT, locked for this daemon; what the daemon keeps there (bundles, socket, lock, the restores' action
-    script) goes at exit."""
+    script) goes at exit.
+
+    ROOT must be a directory no other user can change (see :func:`cer.files.open_private_directory`):
+    the daemon removes what earlier runs left in it, as root. That clean-up goes by fd and never follows a
+    link, and the directories the actors clean up themselves (ROOT/checkpoint, ROOT/lazy) are made real
+    directories first, so a link planted there is removed rather than followed.
+    """
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
-        self.bundles = os.path.join(self.root, "bundles")
-        self._lock_path = os.path.join(self.root, "daemon.lock")
+        self.bundles = os.path.join(self.root, BUNDLES_DIRECTORY)
+        self._fd: int | None = None
         self._lock_fd: int | None = None
 
     def __enter__(self) -> "_RootDirectory":
         try:
-            os.makedirs(self.root, mode=0o700, exist_ok=True)
             # Whatever the umask or an earlier owner left: the socket lives here, so only root may enter.
-            os.chmod(self.root, 0o700)
-            self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            self._fd = open_private_directory(self.root, 0o700)
+        except UnsafePathError as error:
+            raise DaemonError(f"cannot use {self.root} as ROOT: {error.filename} is {error.strerror}") from None
         except OSError as error:
             raise DaemonError(f"cannot use {self.root}: {error.strerror}") from None
         try:
+            self._lock_fd = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
+                                    0o600, dir_fd=self._fd)
+        except OSError as error:
+            os.close(self._fd)
+            raise DaemonError(f"cannot use {self.root}: {LOCK_NAME}: {error.strerror}") from None
+        try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(self._lock_fd)
+            self._close()
             raise DaemonError(f"another cer daemon is running on {self.root}") from None
-        if os.path.lexists(self.bundles):
+        except OSError as error:  # not a file flock works on (a FIFO planted under the name)
+            self._close()
+            raise DaemonError(f"cannot lock {self.root}/{LOCK_NAME}: {error.strerror}") from None
+        if remove_entry(self._fd, BUNDLES_DIRECTORY):
             # Left by a daemon that was killed: its mount namespaces died with it, the directories did not.
             logger.warning("removing bundles left by an earlier run in {}", self.bundles)
-            shutil.rmtree(self.bundles, ignore_errors=True)
-        os.mkdir(self.bundles, 0o700)
+        os.mkdir(BUNDLES_DIRECTORY, 0o700, dir_fd=self._fd)
+        for name in CLEANED_BY_ACTORS:
+            if remove_unless_directory(self._fd, name):
+                logger.warning("removed {}/{}: not a directory (a link is never followed)", self.root, name)
         self.mounts_script = install_action_script(self.root)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        shutil.rmtree(self.bundles, ignore_errors=True)
+        try:
+            remove_entry(self._fd, BUNDLES_DIRECTORY)
+        except OSError as error:
+            logger.error("cannot remove {}: {}", self.bundles, error)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.mounts_script)
-        os.unlink(self._lock_path)
-        os.close(self._lock_fd)
+            os.unlink(os.path.basename(self.mounts_script), dir_fd=self._fd)
+        os.unlink(LOCK_NAME, dir_fd=self._fd)
+        self._close()
+
+    def _close(self) -> None:
+        for fd in (self._lock_fd, self._fd):
+            if fd is not None:
+                os.close(fd)
+        self._lock_fd = self._fd = None
 
 
 def _raise_fd_limit() -> None:

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Mapping
 from types import SimpleNamespace
 
-from cer.errors import CerError
+from cer.errors import CerError, ImageError
 from cer.linux import namespaces as ns
 from cer.linux.namespaces import MOUNT_FLAGS, MS_BIND, MS_RDONLY, MS_RELATIME, MS_REMOUNT
 
@@ -32,6 +32,7 @@ __all__ = ["ALLOWED_DEVICES", "MountError", "allowed_device", "enter_root", "mou
 _MAX_SYMLINKS = 40
 _PLAN_MAGIC = b"cer mount plan 1\n"
 _MAX_DETACH = 64
+_COPY_CHUNK = 1 << 20
 
 # The device nodes a container runtime makes in a container's /dev, by (major, minor): the only ones cer creates.
 ALLOWED_DEVICES = {
@@ -220,8 +221,8 @@ def restore_contents(contents, directory: str) -> None:
     root = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     entry = contents.root
     try:
-        for entry in contents.entries:
-            _create(root, entry)
+        for entry, data in _entries_with_data(contents):
+            _create(root, entry, data)
         for entry in reversed(contents.entries):
             if entry.kind == "dir":
                 os.utime(entry.name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=root, follow_symlinks=False)
@@ -235,21 +236,35 @@ def restore_contents(contents, directory: str) -> None:
         where = f"{entry.name!r}" if entry is not None and entry.name else "its root"
         image = os.path.basename(contents.image)
         raise MountError(f"restoring {where} from {image}: {error.strerror or error}") from error
+    except ImageError as error:
+        raise MountError(f"restoring tmpfs contents: {error}") from error
     finally:
         os.close(root)
         os.umask(old_umask)
 
 
-def _create(root: int, entry) -> None:
+def _entries_with_data(contents):
+    """Each entry of ``contents`` with its file's bytes (see :func:`cer.criu.tmpfs.entries_with_data`)."""
+    if getattr(contents, "source", None) is None:
+        return ((entry, entry.data) for entry in contents.entries)
+    # Only a pool's build meets an archive whose bytes were left on disk; an action script's plan holds its
+    # bytes and never loads the archive reader.
+    from cer.criu.tmpfs import entries_with_data
+    return entries_with_data(contents)
+
+
+def _create(root: int, entry, data) -> None:
     name, kind = entry.name, entry.kind
     owned = (entry.uid, entry.gid) != (0, 0)
     times = (entry.mtime_ns, entry.mtime_ns)
     if kind == "file":
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, entry.mode, dir_fd=root)
         try:
-            view = memoryview(entry.data)
-            while view:
-                view = view[os.write(fd, view):]
+            # Kept bytes in one piece; bytes left in the archive as they are decompressed.
+            for chunk in [data] if isinstance(data, bytes) else iter(lambda: data.read(_COPY_CHUNK), b""):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
             if owned:
                 os.fchown(fd, entry.uid, entry.gid)
             if owned or entry.mode & 0o7000:  # chown drops set-id bits; open's mode may too

@@ -52,7 +52,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cer.criu.mountpoints import MountEntry, MountTree
-from cer.criu.tmpfs import TmpfsContents
+from cer.criu.tmpfs import TmpfsContents, entries_with_data
 from cer.mounting import ALLOWED_DEVICES, MountError, allowed_device, mount_tree, restore_contents, unmount_tree
 
 __all__ = ["MountError", "MountPlan", "MountStep", "mount_tree", "plan_document", "plan_mounts", "restore_contents",
@@ -263,12 +263,11 @@ def plan_document(plan: MountPlan, *, deferred_only: bool = True) -> dict:
     def contents(found: TmpfsContents | None) -> dict | None:
         if found is None:
             return None
-        def entry(item) -> dict | None:
-            if item is None:
-                return None
-            return dataclasses.asdict(item)
-        return {"image": found.image, "root": entry(found.root), "entries": [entry(item) for item in found.entries],
-                "size": found.size}
+        # A plan holds the files' bytes, also those a large archive left on disk (an action script reads no archive).
+        entries = [{**dataclasses.asdict(item), "data": data if isinstance(data, bytes) else data.read()}
+                   for item, data in entries_with_data(found)]
+        root = None if found.root is None else dataclasses.asdict(found.root)
+        return {"image": found.image, "root": root, "entries": entries, "size": found.size}
 
     steps = plan.deferred if deferred_only else plan.steps
     return {"root_flags": plan.root_flags, "problems": list(plan.problems), "steps": [

@@ -16,6 +16,7 @@ _EXPORTS = {
     "IpcContents": "checkpoint",
     "MessageQueue": "checkpoint",
     "SemaphoreSet": "checkpoint",
+    "ShmPages": "checkpoint",
     "ShmSegment": "checkpoint",
     "UtsContents": "checkpoint",
     "read_checkpoint": "checkpoint",
