@@ -6,7 +6,6 @@ contrib/install-deps.
 
 import json
 import shutil
-import struct
 import subprocess
 import sys
 from pathlib import Path
