@@ -59,6 +59,7 @@ class Lease:
     namespace: Namespace
     cold: bool
     ipc_default: bool | None
+    ipc: dict | None = None  # an IPC namespace's contents (Recipe.ipc_info)
 
 
 @dataclass
@@ -443,7 +444,7 @@ class PoolActor(pykka.ThreadingActor):
         handout = self._types[ns_type].in_use[namespace.namespace_id] = _Handout(namespace, time.monotonic())
         if holder is not None:
             self._bind(ns_type, handout, holder)
-        return Lease(namespace, cold, self._recipe.ipc_default)
+        return Lease(namespace, cold, self._recipe.ipc_default, self._recipe.ipc_info() if ns_type == "ipc" else None)
 
     def _refill(self) -> None:
         if self._recipe is None or self._retry_timer is not None or self._retired_to is not None or self._over_budget:

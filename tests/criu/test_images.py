@@ -117,7 +117,7 @@ def test_schema_matches_pycriu(pycriu_pb):
     ours = pb.DESCRIPTOR.message_types_by_name
     assert set(ours) == {"inventory_entry", "task_kobj_ids_entry", "pstree_entry", "utsns_entry", "ipc_var_entry",
                          "ipc_desc_entry", "ipc_shm_entry", "ipc_sem_entry", "ipc_msg", "ipc_msg_entry",
-                         "pagemap_head", "pagemap_entry", "mnt_entry", "mm_entry", "vma_entry", "aio_ring_entry"}
+                         "pagemap_head", "pagemap_entry", "mnt_entry", "vma_entry", "aio_ring_entry", "mm_entry"}
     problems = []
     for name, descriptor in ours.items():
         theirs = getattr(pycriu_pb, name).DESCRIPTOR
