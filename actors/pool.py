@@ -5,21 +5,29 @@ which process, once bound), which are being built. A get takes an idle one and s
 none is idle it asks the factory for one and answers once it arrives (a "cold" get). A namespace that
 was handed out is never handed out again: its put, or the exit of the process it is bound to, destroys
 it and the pool builds a fresh one.
+
+The idle namespaces of each type sit on a :class:`Shelf` that the pool publishes (:class:`Shelves`):
+the frontend takes a warm namespace from it in its own thread, without a hop through a worker or the
+pool, and tells the pool what it took (``taken``) before it answers, so the pool hears of the handout
+before any put or bind of it. All timed work (refills a moment after gets, cold-get deadlines, retries,
+the adaptive pools' decay) goes through the daemon's one timer service (cer.actors.timers).
 """
 
 import os
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
 import pykka
 from loguru import logger
 
+from cer.actors.timers import Timer, Timers, default_timers
+from cer.actors.told import tell, told
 from cer.config import CheckpointEntry
 from cer.errors import BadRequest, Exhausted, NotFound, Unavailable
 from cer.linux.processes import pidfd_open
 from cer.namespaces import NAMESPACE_TYPES, Namespace, Recipe
+from cer.references import CheckpointRef
 
 _MAX_BACKOFF = 60.0
 _ADAPT_SECONDS = 5.0
@@ -34,11 +42,13 @@ class PoolRetired(Unavailable):
 
 @dataclass(frozen=True)
 class PoolPeers:
-    """The actors every pool talks to."""
+    """The actors every pool talks to, the timer service, and where pools publish their shelves."""
 
     factory: pykka.ActorProxy
     extractor: pykka.ActorProxy
     watcher: pykka.ActorProxy
+    timers: Timers = field(default_factory=default_timers)
+    shelves: "Shelves | None" = None
 
 
 @dataclass(frozen=True)
@@ -80,10 +90,67 @@ class _Holder:
             raise NotFound(f"process {pid} is not running") from None
 
 
+class Shelf:
+    """The idle namespaces of one pool and type, ready to be handed out.
+
+    The pool fills it and takes namespaces back off it; the frontend's router thread takes one for a
+    warm get with ``take``, which tells the pool. Appends and pops of a deque are atomic, so each
+    namespace leaves the shelf once, whichever thread takes it.
+    """
+
+    def __init__(self, ns_type: str, taken, factory: pykka.ActorProxy, clock) -> None:
+        self.ns_type = ns_type
+        self.idle: deque[Namespace] = deque()
+        self.ipc_default: bool | None = None
+        self._taken = taken  # the pool's ``taken``, told
+        self._factory = factory
+        self._clock = clock
+
+    def take(self, holder_pid: int | None = None) -> Lease | None:
+        """A warm lease, or None when nothing is idle. NotFound when ``holder_pid`` is not running."""
+        if not self.idle:
+            return None
+        holder = _Holder.of(holder_pid) if holder_pid is not None else None
+        try:
+            namespace = self.idle.popleft()
+        except IndexError:
+            namespace = None
+        if namespace is not None and tell(self._taken, self.ns_type, namespace, holder, self._clock()):
+            return Lease(namespace, False, self.ipc_default)
+        if holder is not None:
+            os.close(holder.pidfd)
+        if namespace is not None:
+            tell(self._factory.destroy, namespace)  # its pool is gone: nobody would take it back
+        return None
+
+
+class Shelves:
+    """The shelves of every pool, by checkpoint and type, for the frontend's warm gets."""
+
+    def __init__(self) -> None:
+        self._shelves: dict[tuple[CheckpointRef, str], Shelf] = {}
+        self._lock = threading.Lock()
+
+    def find(self, ref: CheckpointRef, ns_type: str) -> Shelf | None:
+        return self._shelves.get((ref, ns_type))  # a plain dict read: safe without the lock
+
+    def publish(self, ref: CheckpointRef, shelves: dict[str, Shelf]) -> None:
+        with self._lock:
+            for ns_type, shelf in shelves.items():
+                self._shelves[(ref, ns_type)] = shelf
+
+    def withdraw(self, ref: CheckpointRef, shelves: dict[str, Shelf]) -> None:
+        """Withdraw these shelves, unless another pool of ``ref`` published its own since."""
+        with self._lock:
+            for ns_type, shelf in shelves.items():
+                if self._shelves.get((ref, ns_type)) is shelf:
+                    del self._shelves[(ref, ns_type)]
+
+
 @dataclass(eq=False)
 class _Waiter:
     future: pykka.Future
-    timer: threading.Timer
+    timer: Timer
     holder: _Holder | None
 
     def fail(self, error: Exception) -> None:
@@ -118,9 +185,9 @@ class _Demand:
 
 @dataclass
 class _TypePool:
+    shelf: Shelf
     target: int = 0
     demand: _Demand = field(default_factory=_Demand)
-    idle: deque = field(default_factory=deque)
     in_use: dict = field(default_factory=dict)
     building: int = 0
     waiters: deque = field(default_factory=deque)
@@ -128,6 +195,10 @@ class _TypePool:
     cold_gets: int = 0
     failures: int = 0
     last_build_seconds: float | None = None
+
+    @property
+    def idle(self) -> deque:
+        return self.shelf.idle
 
 
 class PoolActor(pykka.ThreadingActor):
@@ -143,40 +214,57 @@ class PoolActor(pykka.ThreadingActor):
         self._factory = peers.factory
         self._extractor = peers.extractor
         self._watcher = peers.watcher
+        self._timers = peers.timers
+        self._now = peers.timers.now
+        self._shelves = peers.shelves
         self._cold_timeout = settings.cold_timeout
         self._lease_timeout = settings.lease_timeout
         self._capacity = entry.capacity
         self._max_capacity = entry.max_capacity
-        self._adapt_timer: threading.Timer | None = None
+        self._adapt_timer: Timer | None = None
         self._retired_to: pykka.ActorProxy | None = None
-        self._types = {ns_type: _TypePool() for ns_type in NAMESPACE_TYPES}
+        self._types: dict[str, _TypePool] = {}
         self._recipe: Recipe | None = None
         self._state = "loading"
         self._last_error: str | None = None
         self._backoff = 0.0
-        self._retry_timer: threading.Timer | None = None
-        self._refill_wanted = threading.Event()
-        self._stopping = threading.Event()
+        self._retry_timer: Timer | None = None
+        self._refill_timer: Timer | None = None
 
     def on_start(self) -> None:
         self._self = self.actor_ref.proxy()
-        threading.Thread(target=self._refill_later, name=f"cer-refill-{self.entry.ref.key[:8]}", daemon=True).start()
-        self._extractor.load_recipe(self.entry, self._self)
+        self._types = {
+            ns_type: _TypePool(Shelf(ns_type, self._self.taken, self._factory, self._now)) for ns_type in NAMESPACE_TYPES
+        }
+        if self._shelves is not None:
+            self._shelves.publish(self.entry.ref, self._shelf_map())
+        tell(self._extractor.load_recipe, self.entry, self._self)
+
+    def _shelf_map(self) -> dict[str, Shelf]:
+        return {ns_type: pool.shelf for ns_type, pool in self._types.items()}
+
+    def _withdraw_shelves(self) -> None:
+        if self._shelves is not None:
+            self._shelves.withdraw(self.entry.ref, self._shelf_map())
 
     # -- the extractor's answer -------------------------------------------------------------------
 
+    @told
     def recipe_loaded(self, recipe: Recipe | None, error: str | None) -> None:
         """The extractor has resolved the checkpoint and read what its namespaces must hold."""
         if recipe is None:
             self._fail_permanently(error or "the checkpoint could not be loaded")
             return
         self._recipe = recipe
+        for pool in self._types.values():
+            pool.shelf.ipc_default = recipe.ipc_default
         self._state = "ready"
         self._last_error = None
         logger.info("pool {}: checkpoint loaded, filling to {}", self.entry.ref, self._capacity)
         self._set_targets()
         self._refill()
 
+    @told
     def checkpoint_unavailable(self, reason: str) -> None:
         """The checkpoint cannot be had yet (e.g. containerd is not there); the extractor retries."""
         self._state = "unavailable"
@@ -193,19 +281,35 @@ class PoolActor(pykka.ThreadingActor):
         self._check_serving(ns_type)
         holder = _Holder.of(holder_pid) if holder_pid is not None else None
         pool = self._types[ns_type]
-        if self._max_capacity is not None:
-            pool.demand.record(time.monotonic())
-            self._set_targets()
+        self._record_demand(pool, self._now())
         future = pykka.ThreadingFuture()
-        if pool.idle:
-            pool.warm_gets += 1
-            future.set(self._hand_out(ns_type, pool.idle.popleft(), False, holder))
-            self._refill_wanted.set()
-        else:
-            timer = self._later(self._cold_timeout, self._self.expire_waiter, ns_type, future)
+        try:
+            namespace = pool.idle.popleft()
+        except IndexError:
+            timer = self._timers.call_later(self._cold_timeout, self._self.expire_waiter.defer, ns_type, future)
             pool.waiters.append(_Waiter(future, timer, holder))
             self._refill()  # this one is waited for
+        else:
+            pool.warm_gets += 1
+            future.set(self._hand_out(ns_type, namespace, False, holder))
+            self._refill_soon()
         return future
+
+    @told
+    def taken(self, ns_type: str, namespace: Namespace, holder: _Holder | None, taken_at: float) -> None:
+        """The frontend took ``namespace`` off this pool's shelf for a warm get (see Shelf.take)."""
+        pool = self._types[ns_type]
+        pool.warm_gets += 1
+        self._record_demand(pool, taken_at)
+        handout = pool.in_use[namespace.namespace_id] = _Handout(namespace, taken_at)
+        if holder is not None:
+            self._bind(ns_type, handout, holder)
+        self._refill_soon()
+
+    def _record_demand(self, pool: _TypePool, when: float) -> None:
+        if self._max_capacity is not None:
+            pool.demand.record(when)
+            self._set_targets()
 
     def put(self, ns_type: str, namespace_id: int) -> None:
         """Take back a namespace that was handed out, destroy it and build a fresh one."""
@@ -221,8 +325,10 @@ class PoolActor(pykka.ThreadingActor):
 
     def _bind(self, ns_type: str, handout: _Handout, holder: _Holder) -> None:
         handout.holder_pid = holder.pid
-        self._watcher.watch(holder.pidfd, holder.pid, self._self, (ns_type, handout.namespace.namespace_id))
+        if not tell(self._watcher.watch, holder.pidfd, holder.pid, self._self, (ns_type, handout.namespace.namespace_id)):
+            os.close(holder.pidfd)
 
+    @told
     def holder_exited(self, key: tuple[str, int], pid: int) -> None:
         """The process a namespace was bound to has exited (from the process watcher)."""
         ns_type, namespace_id = key
@@ -240,11 +346,12 @@ class PoolActor(pykka.ThreadingActor):
     def _release(self, ns_type: str, handout: _Handout) -> None:
         del self._types[ns_type].in_use[handout.namespace.namespace_id]
         if handout.holder_pid is not None:
-            self._watcher.unwatch((ns_type, handout.namespace.namespace_id))
-        self._factory.destroy(handout.namespace)
-        self._refill_wanted.set()
+            tell(self._watcher.unwatch, (ns_type, handout.namespace.namespace_id))
+        tell(self._factory.destroy, handout.namespace)
+        self._refill_soon()
         self._stop_when_retired()
 
+    @told
     def set_capacity(self, capacity: int, max_capacity: int | None | object = ...) -> None:
         """Set how many idle namespaces each type keeps (the floor, for an adaptive pool) and, when given,
         the adaptive ceiling (None: a fixed pool); shrinking destroys idle namespaces at once."""
@@ -254,17 +361,16 @@ class PoolActor(pykka.ThreadingActor):
         self._set_targets()
         self._refill()
 
+    @told
     def retire(self, supervisor: pykka.ActorProxy) -> None:
         """Stop serving: a reload removed or replaced this pool's entry. Idle namespaces and waiting gets
         go now; namespaces handed out stay, for running containers use them, until their put or their
         holder's exit; then the pool stops itself and tells ``supervisor.pool_retired``."""
+        self._withdraw_shelves()
         self._retired_to = supervisor
         self._state, self._last_error = "retired", "its entry was removed or replaced by a configuration reload"
         self._capacity, self._max_capacity = 0, None
-        for timer in (self._retry_timer, self._adapt_timer):
-            if timer is not None:
-                timer.cancel()
-        self._retry_timer = self._adapt_timer = None
+        self._cancel_timers()
         for pool in self._types.values():
             while pool.waiters:
                 pool.waiters.popleft().fail(Unavailable(f"checkpoint {self.entry.ref} {self._last_error}"))
@@ -276,54 +382,57 @@ class PoolActor(pykka.ThreadingActor):
             return
         if any(pool.in_use or pool.building for pool in self._types.values()):
             return
-        self._retired_to.pool_retired(self.entry.ref, self.actor_ref.actor_urn)
+        tell(self._retired_to.pool_retired, self.entry.ref, self.actor_ref.actor_urn)
         self.actor_ref.stop(block=False)
 
+    @told
     def adapt(self) -> None:
         """Let an adaptive pool's targets follow demand down when nobody asks (from its timer)."""
         self._adapt_timer = None
         self._set_targets()
         self._refill()
 
+    @told
     def refill_now(self) -> None:
-        """Build what the pool lacks (from the refill thread, a moment after gets and puts)."""
+        """Build what the pool lacks (from the timer service, a moment after gets and puts)."""
+        self._refill_timer = None
         self._refill()
 
-    def _refill_later(self) -> None:
-        # The pool's refill thread: it never touches the pool's state, only asks the actor to refill.
-        while self._refill_wanted.wait() and not self._stopping.is_set():
-            time.sleep(_REFILL_DELAY)
-            self._refill_wanted.clear()
-            self._self.refill_now()
+    def _refill_soon(self) -> None:
+        # One refill for every get and put of a burst, after it: their builds do not compete with them.
+        if self._refill_timer is None:
+            self._refill_timer = self._timers.call_later(_REFILL_DELAY, self._self.refill_now.defer)
 
     def _set_targets(self) -> None:
-        now = time.monotonic()
+        now = self._now()
         for pool in self._types.values():
             pool.target = self._capacity
             if self._max_capacity is not None:
                 pool.target = min(max(pool.demand.busiest(now), self._capacity), self._max_capacity)
-            while len(pool.idle) > pool.target:
-                self._factory.destroy(pool.idle.pop())
+            self._destroy_idle(pool, pool.target)
         if self._max_capacity is not None and self._adapt_timer is None and self.actor_ref.is_alive():
-            self._adapt_timer = self._later(_ADAPT_SECONDS, self._self.adapt)
+            self._adapt_timer = self._timers.call_later(_ADAPT_SECONDS, self._self.adapt.defer)
 
-    @staticmethod
-    def _later(delay: float, call, *args) -> threading.Timer:
-        """Call ``call(*args)`` (a proxy method: the work runs in the actor) after ``delay`` seconds.
+    def _destroy_idle(self, pool: _TypePool, keep: int) -> None:
+        while len(pool.idle) > keep:
+            try:
+                namespace = pool.idle.pop()  # the newest; the frontend takes from the other end
+            except IndexError:
+                return  # the frontend took the last ones meanwhile
+            tell(self._factory.destroy, namespace)
 
-        An actor that stopped meanwhile drops the message; pykka sends it nowhere.
-        """
-        timer = threading.Timer(delay, call, args=args)
-        timer.daemon = True
-        timer.start()
-        return timer
+    def _cancel_timers(self) -> None:
+        for timer in (self._retry_timer, self._adapt_timer, self._refill_timer):
+            if timer is not None:
+                timer.cancel()
+        self._retry_timer = self._adapt_timer = self._refill_timer = None
 
     def ipc_default(self) -> bool | None:
         """Whether this checkpoint's IPC namespace is default (None until the checkpoint is loaded)."""
         return None if self._recipe is None else self._recipe.ipc_default
 
     def status(self) -> dict:
-        now = time.monotonic()
+        now = self._now()
         return {
             "ref": self.entry.ref.to_wire(),
             "source": self.entry.path or "containerd",
@@ -356,6 +465,7 @@ class PoolActor(pykka.ThreadingActor):
 
     # -- the factory's answers ----------------------------------------------------------------------
 
+    @told
     def namespace_created(
         self, ns_type: str, namespace: Namespace | None, error: BaseException | None, seconds: float
     ) -> None:
@@ -376,7 +486,7 @@ class PoolActor(pykka.ThreadingActor):
         elif len(pool.idle) < pool.target:
             pool.idle.append(namespace)
         else:
-            self._factory.destroy(namespace)
+            tell(self._factory.destroy, namespace)
         self._refill()
         self._stop_when_retired()
 
@@ -392,12 +502,14 @@ class PoolActor(pykka.ThreadingActor):
         if self._retry_timer is None:
             # Once per retry round, not per failed build: a full pool fails many builds at once.
             self._backoff = min(max(self._backoff * 2, 0.5), _MAX_BACKOFF)
-            self._retry_timer = self._later(self._backoff, self._self.retry_refill)
+            self._retry_timer = self._timers.call_later(self._backoff, self._self.retry_refill.defer)
 
+    @told
     def retry_refill(self) -> None:
         self._retry_timer = None
         self._refill()
 
+    @told
     def expire_waiter(self, ns_type: str, future: pykka.Future) -> None:
         pool = self._types[ns_type]
         for waiter in pool.waiters:
@@ -421,7 +533,7 @@ class PoolActor(pykka.ThreadingActor):
             raise BadRequest(f"checkpoint {self.entry.ref} has no mnt namespaces: {why}")
 
     def _hand_out(self, ns_type: str, namespace: Namespace, cold: bool, holder: _Holder | None) -> Lease:
-        handout = self._types[ns_type].in_use[namespace.namespace_id] = _Handout(namespace, time.monotonic())
+        handout = self._types[ns_type].in_use[namespace.namespace_id] = _Handout(namespace, self._now())
         if holder is not None:
             self._bind(ns_type, handout, holder)
         return Lease(namespace, cold, self._recipe.ipc_default)
@@ -435,7 +547,7 @@ class PoolActor(pykka.ThreadingActor):
             missing = pool.target + len(pool.waiters) - len(pool.idle) - pool.building
             for _ in range(missing):
                 pool.building += 1
-                self._factory.create(ns_type, self._recipe, self._self)
+                tell(self._factory.create, ns_type, self._recipe, self._self)
 
     def _fail_permanently(self, message: str) -> None:
         logger.error("pool {}: {}", self.entry.ref, message)
@@ -448,11 +560,8 @@ class PoolActor(pykka.ThreadingActor):
         self._release_all()
 
     def _release_all(self) -> None:
-        self._stopping.set()
-        self._refill_wanted.set()
-        for timer in (self._retry_timer, self._adapt_timer):
-            if timer is not None:
-                timer.cancel()
+        self._withdraw_shelves()
+        self._cancel_timers()
         for ns_type, pool in self._types.items():
             for waiter in pool.waiters:
                 waiter.fail(Unavailable("the daemon is stopping"))
@@ -460,7 +569,7 @@ class PoolActor(pykka.ThreadingActor):
                 logger.warning(
                     "pool {}: {} namespace {} was still handed out at shutdown", self.entry.ref, ns_type, handout.namespace.namespace_id
                 )
-            for namespace in [*pool.idle, *(handout.namespace for handout in pool.in_use.values())]:
-                self._factory.destroy(namespace)  # a factory already stopped destroyed all it held
-            pool.idle.clear()
+            self._destroy_idle(pool, 0)
+            for handout in pool.in_use.values():
+                tell(self._factory.destroy, handout.namespace)  # a factory already stopped destroyed all it held
             pool.in_use.clear()

@@ -4,15 +4,37 @@ A pool whose checkpoint is broken stays up and reports its error; a pool actor t
 again on the next request that needs it, so one checkpoint never takes the others down.
 """
 
-from dataclasses import replace
+import time
+from dataclasses import dataclass, replace
 
 import pykka
 from loguru import logger
 
 from cer.actors.pool import PoolActor, PoolPeers, PoolSettings
+from cer.actors.told import tell, told
 from cer.config import MAX_POOLS, CheckpointEntry, Config
 from cer.errors import BadRequest, NotFound
 from cer.references import CheckpointRef
+
+
+@dataclass(frozen=True)
+class PoolStatuses:
+    """Every pool's status, asked of all pools at once; collected by the caller, never in an actor."""
+
+    crashed: tuple[dict, ...]
+    asked: tuple[tuple[CheckpointRef, pykka.Future], ...]
+
+    def collect(self, timeout: float) -> list[dict]:
+        """The statuses, sorted by checkpoint; a pool that does not answer within ``timeout`` (for all of
+        them together) is reported "unresponsive"."""
+        end = time.monotonic() + timeout
+        result = list(self.crashed)
+        for ref, future in self.asked:
+            try:
+                result.append(future.get(timeout=max(0.0, end - time.monotonic())))
+            except (pykka.Timeout, pykka.ActorDeadError) as error:
+                result.append({"ref": ref.to_wire(), "state": "unresponsive", "last_error": repr(error)})
+        return sorted(result, key=lambda pool: (pool["ref"]["labels"]["namespace"], pool["ref"]["name"]))
 
 
 class Supervisor(pykka.ThreadingActor):
@@ -46,7 +68,8 @@ class Supervisor(pykka.ThreadingActor):
         actor = self._pools.get(ref)
         if actor is not None and actor.is_alive():
             self._entries[ref] = entry
-            actor.proxy().set_capacity(capacity).get(timeout=10)
+            # Told, not waited for: the pool's next message (a get, a status) sees the new capacity.
+            tell(actor.proxy().set_capacity, capacity)
             return False
         if actor is None and len(self._pools) >= MAX_POOLS:
             raise BadRequest(f"the daemon already serves {MAX_POOLS} pools, its most: {ref} is not added")
@@ -75,7 +98,7 @@ class Supervisor(pykka.ThreadingActor):
             elif replace(current, capacity=entry.capacity, max_capacity=entry.max_capacity) == entry and self._pools[ref].is_alive():
                 if (current.capacity, current.max_capacity) != (entry.capacity, entry.max_capacity):
                     self._entries[ref] = entry
-                    self._pools[ref].proxy().set_capacity(entry.capacity, entry.max_capacity).get(timeout=10)
+                    tell(self._pools[ref].proxy().set_capacity, entry.capacity, entry.max_capacity)
                     summary["resized"].append(str(ref))
             else:
                 self._retire_pool(ref)
@@ -85,19 +108,16 @@ class Supervisor(pykka.ThreadingActor):
         logger.info("configuration reloaded from {}: {}", config.path, {k: v for k, v in summary.items() if v} or "no change")
         return summary
 
-    def status(self) -> list[dict]:
+    def pool_statuses(self) -> PoolStatuses:
+        """Every pool's status, asked now and collected by the caller (``PoolStatuses.collect``)."""
         retired = [(ref, actor) for ref, actor in self._retired.values() if actor.is_alive()]
-        asked = [(ref, actor.proxy().status()) for ref, actor in [*self._pools.items(), *retired] if actor.is_alive()]
-        result = []
-        for ref, actor in self._pools.items():
-            if not actor.is_alive():
-                result.append({"ref": ref.to_wire(), "state": "crashed", "last_error": "the pool actor died"})
-        for ref, future in asked:
-            try:
-                result.append(future.get(timeout=5))
-            except (pykka.Timeout, pykka.ActorDeadError) as error:
-                result.append({"ref": ref.to_wire(), "state": "unresponsive", "last_error": repr(error)})
-        return sorted(result, key=lambda pool: (pool["ref"]["labels"]["namespace"], pool["ref"]["name"]))
+        crashed = tuple(
+            {"ref": ref.to_wire(), "state": "crashed", "last_error": "the pool actor died"}
+            for ref, actor in self._pools.items()
+            if not actor.is_alive()
+        )
+        asked = tuple((ref, actor.proxy().status()) for ref, actor in [*self._pools.items(), *retired] if actor.is_alive())
+        return PoolStatuses(crashed, asked)
 
     def _start_pool(self, entry: CheckpointEntry) -> pykka.ActorRef:
         self._entries[entry.ref] = entry
@@ -109,13 +129,14 @@ class Supervisor(pykka.ThreadingActor):
         actor = self._pools.pop(ref)
         del self._entries[ref]
         self._retired[actor.actor_urn] = (ref, actor)
-        actor.proxy().retire(self.actor_ref.proxy())
+        tell(actor.proxy().retire, self.actor_ref.proxy())
 
+    @told
     def pool_retired(self, ref: CheckpointRef, urn: str) -> None:
         """A retired pool has every namespace back and stopped; its checkpoint goes unless served again."""
         self._retired.pop(urn, None)
         if ref not in self._pools and not any(other == ref for other, _ in self._retired.values()):
-            self._peers.extractor.release(ref)
+            tell(self._peers.extractor.release, ref)
 
     def on_stop(self) -> None:
         # Pools hand their namespaces to the factory to destroy, so they stop before it does.

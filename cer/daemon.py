@@ -18,7 +18,8 @@ from cer.actors.extractor import CheckpointExtractor
 from cer.actors.factory import NamespaceFactory
 from cer.actors.gateway import Gateway
 from cer.actors.lazy import LazyPagesServers, LazySettings
-from cer.actors.pool import PoolPeers, PoolSettings
+from cer.actors.pool import PoolPeers, PoolSettings, Shelves
+from cer.actors.timers import Timers
 from cer.actors.supervisor import Supervisor
 from cer.actors.watcher import ProcessWatcher
 from cer.config import Config
@@ -58,6 +59,10 @@ class Settings:
     """The lazy-pages servers of lazy restores (checkpoint.lazy)."""
 
 
+# How long every actor has to answer the start-up check before the daemon gives up.
+_STARTUP_CHECK_SECONDS = 30.0
+
+
 class DaemonError(CerError):
     """The daemon cannot start (ROOT unusable, another daemon running, endpoint taken)."""
 
@@ -78,11 +83,12 @@ def run(config: Config, settings: Settings) -> None:
         http: HttpServer | None = None
         progress: FillReporter | None = None
         metrics = Metrics()
+        timers = Timers()
         try:
             # The extractor stops last: the factory's mount namespaces sit on its containerd snapshots.
             from_containerd = [entry.ref for entry in config.checkpoints if entry.path is None]
             extractor = CheckpointExtractor.start(
-                root.root, settings.containerd_address, settings.containerd_timeout, from_containerd
+                root.root, settings.containerd_address, settings.containerd_timeout, from_containerd, timers=timers
             )
             actors.append(extractor)
             factory = NamespaceFactory.start(root.bundles, settings.max_concurrent_creations, metrics.namespace_created)
@@ -92,7 +98,7 @@ def run(config: Config, settings: Settings) -> None:
             # After the watcher, which tells it when its servers exit; stopped before it, after the pools.
             lazy = LazyPagesServers.start(root.root, extractor.proxy(), watcher.proxy(), settings.lazy, settings.ask_timeout)
             actors.append(lazy)
-            peers = PoolPeers(factory.proxy(), extractor.proxy(), watcher.proxy())
+            peers = PoolPeers(factory.proxy(), extractor.proxy(), watcher.proxy(), timers, Shelves())
             supervisor = Supervisor.start(config, peers, settings.pool)
             actors.append(supervisor)
             gateway = Gateway(supervisor.proxy(), peers, settings.ask_timeout, settings.pool.cold_timeout, config.path,
@@ -111,6 +117,11 @@ def run(config: Config, settings: Settings) -> None:
                 settings.endpoint, gateway, settings.workers, settings.debug, settings.curve_keys, metrics.request_answered
             )
             frontend.start()
+            try:
+                # Every actor, every pool included, answers before systemd hears the daemon is up.
+                gateway.check_started(_STARTUP_CHECK_SECONDS)
+            except CerError as error:
+                raise DaemonError(f"the daemon's actors did not start: {error}") from None
             _notify_systemd("READY=1")
             logger.info("cer started, pid {}, {} checkpoint(s) from {}", os.getpid(), len(config.checkpoints), config.path)
             progress = FillReporter(gateway.status)
@@ -135,6 +146,7 @@ def run(config: Config, settings: Settings) -> None:
             for actor in reversed(actors):
                 actor.stop(block=True, timeout=60)
             pykka.ActorRegistry.stop_all()
+            timers.stop()
     logger.info("stopped")
 
 

@@ -1,7 +1,9 @@
 """The ZeroMQ frontend: turns each request into actor asks, and always answers.
 
-Clients speak plain REQ/REP. One router thread owns the bound ROUTER socket: it hands each request to
-a pool of worker threads and sends their replies back, in whatever order they finish ("ROUTER with
+Clients speak plain REQ/REP. One router thread owns the bound ROUTER socket. It reads and checks every
+request and answers at once what needs no actor to wait for (a warm ``namespace.get`` takes a namespace
+off its pool's shelf: ``Method.handle_now``), so the hot path crosses no thread. Everything else goes to
+a pool of worker threads, whose replies it sends back in whatever order they finish ("ROUTER with
 asynchronous replies"), so a slow request, such as a get that waits for a mount namespace to be built,
 holds up one worker and not the requests for other checkpoints. (A DEALER in front of REP workers would
 not do: it deals round-robin, queueing requests behind a busy worker.) Each worker owns a PUSH socket
@@ -20,7 +22,7 @@ from loguru import logger
 
 from cer.actors.gateway import Gateway
 from cer.errors import CerError, InternalError, Unavailable
-from cer.protocol.methods import find_method
+from cer.protocol.methods import Method, find_method
 from cer.protocol.security import CurveServer, EndpointRefused, check_endpoint
 from cer.protocol.wire import MAX_REQUEST_BYTES, decode_request, encode_error, encode_result
 
@@ -164,6 +166,7 @@ class Frontend:
                 frames = router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            started = time.perf_counter()
             try:
                 # [peer identity, (REQ envelope...), b"", body...]: a peer without the empty delimiter
                 # is not speaking REQ and could not read a reply anyway.
@@ -172,10 +175,19 @@ class Frontend:
                 logger.debug("dropping a message without a REQ envelope")
                 continue
             envelope, body = frames[: delimiter + 1], frames[delimiter + 1 :]
-            if self._tasks.qsize() >= _MAX_QUEUED:
-                router.send_multipart([*envelope, encode_error(Unavailable("the daemon is too busy; try again"))])
-            else:
-                self._tasks.put((envelope, body))
+            method, reply, error_code = self._parse(body)
+            if method is not None:
+                # Answered here when no actor needs to be waited for (a warm get): no hand-off to a worker.
+                reply, error_code = self._run(method.handle_now, method)
+            if reply is None:
+                if self._tasks.qsize() >= _MAX_QUEUED:
+                    reply, error_code = encode_error(Unavailable("the daemon is too busy; try again")), Unavailable.code
+                else:
+                    self._tasks.put((envelope, method, started))
+                    continue
+            seconds = time.perf_counter() - started
+            router.send_multipart([*envelope, reply])
+            self._observed(method, seconds, error_code, reply)
 
     @staticmethod
     def _send_replies(router: zmq.Socket, replies: zmq.Socket) -> int:
@@ -193,35 +205,48 @@ class Frontend:
     def _work(self, push: zmq.Socket) -> None:
         try:
             while (task := self._tasks.get()) is not None:
-                envelope, body = task
-                push.send_multipart([*envelope, self._answer(body)])
+                envelope, method, started = task
+                reply, error_code = self._run(method.handle, method)
+                seconds = time.perf_counter() - started
+                push.send_multipart([*envelope, reply])
+                self._observed(method, seconds, error_code, reply)
             push.send(_WORKER_DONE)
         finally:
             push.close()
 
-    def _answer(self, frames: list[bytes]) -> bytes:
-        started = time.perf_counter()
-        method_name = error_code = None
+    def _parse(self, frames: list[bytes]) -> tuple[Method | None, bytes | None, str | None]:
+        """The request's method, or the error reply and its code."""
         try:
             service, name, raw_params = decode_request(frames)
-            method_class = find_method(service, name)
-            method_name = f"{method_class.service}.{method_class.name}"  # never an unknown name a client sent
-            method = method_class.parse(raw_params)
             if self._debug:
                 logger.debug("request {}.{} {}", service, name, raw_params)
-            reply = encode_result(method.handle(self._gateway))
+            method_class = find_method(service, name)
+            return method_class.parse(raw_params), None, None
         except CerError as error:
-            error_code = error.code
-            reply = encode_error(error)
+            return None, encode_error(error), error.code
         except Exception as error:  # noqa: BLE001 - the client gets an answer whatever broke
-            logger.exception("request failed")
-            error_code = InternalError.code
-            reply = encode_error(InternalError(f"{type(error).__name__}: {error}"))
+            logger.exception("reading a request failed")
+            return None, encode_error(InternalError(f"{type(error).__name__}: {error}")), InternalError.code
+
+    def _run(self, handler: Callable[[Gateway], dict | None], method: Method) -> tuple[bytes | None, str | None]:
+        """The reply of ``handler`` (None when it had none) and the error code of an error reply."""
+        try:
+            result = handler(self._gateway)
+            return (None if result is None else encode_result(result)), None
+        except CerError as error:
+            return encode_error(error), error.code
+        except Exception as error:  # noqa: BLE001 - the client gets an answer whatever broke
+            logger.exception("request {}.{} failed", method.service, method.name)
+            return encode_error(InternalError(f"{type(error).__name__}: {error}")), InternalError.code
+
+    def _observed(self, method: Method | None, seconds: float, error_code: str | None, reply: bytes) -> None:
+        # After the reply is sent: nothing but the answer is on the client's clock.
         if self._debug:
             logger.debug("reply {}", reply.decode(errors="replace"))
-        if self._observe is not None:
-            try:
-                self._observe(method_name, time.perf_counter() - started, error_code)
-            except Exception:  # noqa: BLE001 - metrics never cost a reply
-                logger.exception("observing a request failed")
-        return reply
+        if self._observe is None:
+            return
+        try:
+            # The name of a method found in the table, never an unknown name a client sent.
+            self._observe(None if method is None else f"{method.service}.{method.name}", seconds, error_code)
+        except Exception:  # noqa: BLE001 - metrics never cost a reply
+            logger.exception("observing a request failed")

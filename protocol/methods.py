@@ -67,6 +67,11 @@ class Method:
     def handle(self, gateway: "Gateway") -> dict:
         raise NotImplementedError
 
+    def handle_now(self, gateway: "Gateway") -> dict | None:
+        """The result if it can be had without waiting on any actor, else None (``handle`` then runs in a
+        worker thread). The frontend's router thread calls this, so it must never block."""
+        return None
+
 
 METHODS: dict[tuple[str, str], type[Method]] = {}
 
@@ -132,7 +137,17 @@ class NamespaceGet(Method):
         ref = self.ref
         if self.namespace_type == "ipc" and self.extra_refs:
             ref = self._ref_owning_ipc(gateway)
-        lease = gateway.get_namespace(self.namespace_type, ref, self.holder_pid)
+        return self._result(gateway.get_namespace(self.namespace_type, ref, self.holder_pid), ref)
+
+    def handle_now(self, gateway: "Gateway") -> dict | None:
+        """A warm get: a namespace off the pool's shelf (an ipc get for a pod asks pools first: not now)."""
+        if self.namespace_type == "ipc" and self.extra_refs:
+            return None
+        lease = gateway.take_warm(self.namespace_type, self.ref, self.holder_pid)
+        return None if lease is None else self._result(lease, self.ref)
+
+    @staticmethod
+    def _result(lease, ref: CheckpointRef) -> dict:
         namespace = lease.namespace
         info = {"cold": lease.cold, "ref": ref.to_wire(), "ipc_default": lease.ipc_default}
         if namespace.bundle is not None:

@@ -26,6 +26,9 @@ class DummyGateway:
             self.release_slow.wait(30)
         return Lease(Namespace(ns_type, 1500, self.pid), cold=ref.name == "slow", ipc_default=True)
 
+    def take_warm(self, ns_type, ref, holder_pid=None) -> Lease | None:
+        return None  # every get goes to a worker, where "slow" ones can hold it
+
     def put_namespace(self, ns_type, namespace_id) -> None:
         self.calls.append(("put", ns_type, namespace_id))
         if namespace_id != 1500:

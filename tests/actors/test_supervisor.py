@@ -25,7 +25,7 @@ def test_requests_cannot_add_pools_without_end(tmp_path, monkeypatch):
         with pytest.raises(BadRequest, match="already serves 2 pools"):
             supervisor.update(CheckpointRef("c"), 0).get(timeout=10)
         assert supervisor.update(CheckpointRef("a"), 1).get(timeout=10) is False  # resizing is always fine
-        assert len(supervisor.status().get(timeout=10)) == 2
+        assert len(supervisor.pool_statuses().get(timeout=10).collect(10)) == 2
     finally:
         supervisor.actor_ref.stop(block=True, timeout=30)
         for ref in reversed(refs):
