@@ -84,6 +84,11 @@ class Gateway:
         shelf = self._shelves.find(ref, ns_type) if self._shelves is not None else None
         return shelf.take(holder_pid) if shelf is not None else None
 
+    def after_replies(self) -> None:
+        """The frontend sent the replies of ``take_warm``: tell the pools what was taken (Shelves.report_taken)."""
+        if self._shelves is not None:
+            self._shelves.report_taken()
+
     def get_namespace(self, ns_type: str, ref: CheckpointRef, holder_pid: int | None = None) -> Lease:
         asked: list[pykka.Future] = []
 

@@ -8,8 +8,8 @@ it and the pool builds a fresh one.
 
 The idle namespaces of each type sit on a :class:`Shelf` that the pool publishes (:class:`Shelves`):
 the frontend takes a warm namespace from it in its own thread, without a hop through a worker or the
-pool, and tells the pool what it took (``taken``) before it answers, so the pool hears of the handout
-before any put or bind of it. All timed work (refills a moment after gets, cold-get deadlines, retries,
+pool, and reports what it took (``taken``) once its replies are out, before any put or bind of it can
+reach the pool. All timed work (refills a moment after gets, cold-get deadlines, retries,
 the adaptive pools' decay) goes through the daemon's one timer service (cer.actors.timers).
 """
 
@@ -90,46 +90,71 @@ class _Holder:
             raise NotFound(f"process {pid} is not running") from None
 
 
+@dataclass(frozen=True)
+class _Taken:
+    """A namespace the frontend took off a shelf, for its pool's books."""
+
+    ns_type: str
+    namespace: Namespace
+    holder: _Holder | None
+    at: float
+
+
+@dataclass(eq=False, frozen=True)
+class _ShelfOwner:
+    """The pool behind a shelf: where reports of what was taken go, and who destroys an orphan."""
+
+    taken: object  # the pool's ``taken`` proxy method
+    factory: pykka.ActorProxy
+
+
 class Shelf:
     """The idle namespaces of one pool and type, ready to be handed out.
 
     The pool fills it and takes namespaces back off it; the frontend's router thread takes one for a
-    warm get with ``take``, which tells the pool. Appends and pops of a deque are atomic, so each
-    namespace leaves the shelf once, whichever thread takes it.
+    warm get with ``take``. Appends and pops of a deque are atomic, so each namespace leaves the shelf
+    once, whichever thread takes it.
     """
 
-    def __init__(self, ns_type: str, taken, factory: pykka.ActorProxy, clock) -> None:
+    def __init__(self, ns_type: str, owner: _ShelfOwner, reports: deque, clock) -> None:
         self.ns_type = ns_type
         self.idle: deque[Namespace] = deque()
         self.ipc_default: bool | None = None
-        self._taken = taken  # the pool's ``taken``, told
-        self._factory = factory
+        self._owner = owner
+        self._reports = reports
         self._clock = clock
 
     def take(self, holder_pid: int | None = None) -> Lease | None:
-        """A warm lease, or None when nothing is idle. NotFound when ``holder_pid`` is not running."""
+        """A warm lease, or None when nothing is idle; NotFound when ``holder_pid`` is not running.
+
+        The pool hears of it at the next ``Shelves.report_taken``.
+        """
         if not self.idle:
             return None
         holder = _Holder.of(holder_pid) if holder_pid is not None else None
         try:
             namespace = self.idle.popleft()
-        except IndexError:
-            namespace = None
-        if namespace is not None and tell(self._taken, self.ns_type, namespace, holder, self._clock()):
-            return Lease(namespace, False, self.ipc_default)
-        if holder is not None:
-            os.close(holder.pidfd)
-        if namespace is not None:
-            tell(self._factory.destroy, namespace)  # its pool is gone: nobody would take it back
-        return None
+        except IndexError:  # the pool or another thread took the last one meanwhile
+            if holder is not None:
+                os.close(holder.pidfd)
+            return None
+        self._reports.append((self._owner, _Taken(self.ns_type, namespace, holder, self._clock())))
+        return Lease(namespace, False, self.ipc_default)
 
 
 class Shelves:
-    """The shelves of every pool, by checkpoint and type, for the frontend's warm gets."""
+    """The shelves of every pool, by checkpoint and type, for the frontend's warm gets.
+
+    What is taken off a shelf is reported to its pool by ``report_taken``, which the frontend calls once
+    its replies are out and before it hands any request to a worker or waits for more: the pool hears
+    of a handout after the client has it (the report costs the reply nothing) and before any put or
+    bind of it can reach the pool. A burst of gets makes one message per pool.
+    """
 
     def __init__(self) -> None:
         self._shelves: dict[tuple[CheckpointRef, str], Shelf] = {}
         self._lock = threading.Lock()
+        self.reports: deque[tuple[_ShelfOwner, _Taken]] = deque()
 
     def find(self, ref: CheckpointRef, ns_type: str) -> Shelf | None:
         return self._shelves.get((ref, ns_type))  # a plain dict read: safe without the lock
@@ -145,6 +170,27 @@ class Shelves:
             for ns_type, shelf in shelves.items():
                 if self._shelves.get((ref, ns_type)) is shelf:
                     del self._shelves[(ref, ns_type)]
+
+    def report_taken(self) -> None:
+        """Tell every pool what was taken off its shelves since the last report."""
+        if not self.reports:
+            return
+        batches: dict[_ShelfOwner, list[_Taken]] = {}
+        while True:
+            try:
+                owner, taken = self.reports.popleft()
+            except IndexError:
+                break
+            batches.setdefault(owner, []).append(taken)
+        for owner, batch in batches.items():
+            if tell(owner.taken, tuple(batch)):
+                continue
+            # The pool died after publishing: nobody will take these back.
+            for taken in batch:
+                logger.error("{} namespace {} was handed out by a pool that has stopped", taken.ns_type, taken.namespace.namespace_id)
+                if taken.holder is not None:
+                    os.close(taken.holder.pidfd)
+                tell(owner.factory.destroy, taken.namespace)
 
 
 @dataclass(eq=False)
@@ -233,9 +279,9 @@ class PoolActor(pykka.ThreadingActor):
 
     def on_start(self) -> None:
         self._self = self.actor_ref.proxy()
-        self._types = {
-            ns_type: _TypePool(Shelf(ns_type, self._self.taken, self._factory, self._now)) for ns_type in NAMESPACE_TYPES
-        }
+        owner = _ShelfOwner(self._self.taken, self._factory)
+        reports = self._shelves.reports if self._shelves is not None else deque()
+        self._types = {ns_type: _TypePool(Shelf(ns_type, owner, reports, self._now)) for ns_type in NAMESPACE_TYPES}
         if self._shelves is not None:
             self._shelves.publish(self.entry.ref, self._shelf_map())
         tell(self._extractor.load_recipe, self.entry, self._self)
@@ -296,14 +342,15 @@ class PoolActor(pykka.ThreadingActor):
         return future
 
     @told
-    def taken(self, ns_type: str, namespace: Namespace, holder: _Holder | None, taken_at: float) -> None:
-        """The frontend took ``namespace`` off this pool's shelf for a warm get (see Shelf.take)."""
-        pool = self._types[ns_type]
-        pool.warm_gets += 1
-        self._record_demand(pool, taken_at)
-        handout = pool.in_use[namespace.namespace_id] = _Handout(namespace, taken_at)
-        if holder is not None:
-            self._bind(ns_type, handout, holder)
+    def taken(self, batch: tuple[_Taken, ...]) -> None:
+        """The frontend took these namespaces off this pool's shelves for warm gets (see Shelf.take)."""
+        for taken in batch:
+            pool = self._types[taken.ns_type]
+            pool.warm_gets += 1
+            self._record_demand(pool, taken.at)
+            handout = pool.in_use[taken.namespace.namespace_id] = _Handout(taken.namespace, taken.at)
+            if taken.holder is not None:
+                self._bind(taken.ns_type, handout, taken.holder)
         self._refill_soon()
 
     def _record_demand(self, pool: _TypePool, when: float) -> None:

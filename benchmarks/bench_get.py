@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import orjson
 import pykka
 import zmq
 
@@ -73,6 +74,13 @@ class InstantGateway:
         from cer.namespaces import Namespace
 
         return Lease(Namespace(ns_type, 1234, self.pid), False, False)
+
+    def take_warm(self, ns_type, ref, *_options):
+        """The router thread's warm path, as the daemon's Gateway has it (here nothing is ever cold)."""
+        return self.get_namespace(ns_type, ref)
+
+    def after_replies(self) -> None:
+        pass
 
     def put_namespace(self, ns_type, namespace_id, *_options) -> None:
         pass
@@ -155,6 +163,7 @@ class EchoBench:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(endpoint)
         self.request = request
+        self.endpoint = endpoint
 
     def round_trip(self) -> float:
         started = now_us()
@@ -174,8 +183,68 @@ class EchoBench:
             rest += [self.round_trip(), self.round_trip()]
         return first, rest
 
+    def fresh(self, count: int) -> list[float]:
+        """Each round trip on a REQ socket of its own, connected for it: what a restore's client does."""
+        samples = []
+        for _ in range(count):
+            started = now_us()
+            socket = zmq.Context.instance().socket(zmq.REQ)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.connect(self.endpoint)
+            socket.send(self.request)
+            socket.recv()
+            socket.close()
+            samples.append(now_us() - started)
+        return samples
+
     def close(self) -> None:
         self.socket.close()
+
+
+def concurrent_round_trips(endpoint: str, request: bytes, clients: int, count: int, put=None) -> list[float]:
+    """``clients`` REQ sockets, each with one request always in flight, driven from one thread, until
+    ``count`` round trips are timed. With ``put(reply) -> bytes``, each timed reply is followed on its
+    socket by that untimed request (a get's put), so no namespace is left handed out."""
+    context = zmq.Context.instance()
+    poller = zmq.Poller()
+    sockets = []
+    for _ in range(clients):
+        socket = context.socket(zmq.REQ)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.connect(endpoint)
+        poller.register(socket, zmq.POLLIN)
+        sockets.append(socket)
+    in_flight: dict = {}  # socket -> when its timed request went out, or None for a put
+    samples: list[float] = []
+
+    def next_request(socket) -> None:
+        if len(samples) < count:
+            in_flight[socket] = now_us()
+            socket.send(request)
+        else:
+            del in_flight[socket]
+
+    try:
+        for socket in sockets:
+            next_request(socket)
+        while in_flight:
+            events = poller.poll(30_000)
+            if not events:
+                raise RuntimeError(f"no reply from {endpoint} within 30 s")
+            for socket, _event in events:
+                reply = socket.recv()
+                started = in_flight[socket]
+                if started is not None:
+                    samples.append(now_us() - started)
+                    if put is not None:
+                        in_flight[socket] = None
+                        socket.send(put(reply))
+                        continue
+                next_request(socket)
+        return samples
+    finally:
+        for socket in sockets:
+            socket.close()
 
 
 class GetBench:
@@ -209,6 +278,19 @@ class GetBench:
         for _ in range(count):
             elapsed, reply = self.get(ns_type)
             samples.append(elapsed)
+            self.put(ns_type, reply)
+        return samples
+
+    def fresh(self, ns_type: str, count: int) -> list[float]:
+        """Each get through a Client of its own, connected for it (as a restore wrapper does); untimed puts."""
+        from cer.protocol.client import Client
+
+        samples = []
+        for _ in range(count):
+            started = now_us()
+            with Client(self.client.endpoint, timeout=30) as client:
+                elapsed, reply = GetBench(client).get(ns_type)
+            samples.append(now_us() - started)
             self.put(ns_type, reply)
         return samples
 
@@ -427,8 +509,11 @@ def print_report(args, table: list[Series], gets: GetBench, fill, creations) -> 
     header = f"{'round trip over ipc:// (us)':<48}{'p50':>7}{'p99':>8}{'round p50s':>13}{'ratio':>8}"
     sections = {
         0: f"back to back, {args.batch} per round (a get is followed by an untimed put):",
-        len(TYPES) + 2: f"restore-like: {args.bursts} bursts per round, each after {args.idle_ms:g} ms of quiet; "
+        len(TYPES) + 2: f"a fresh connection for each, {args.batch} per round (the get's put is untimed, on another):",
+        len(TYPES) + 4: f"restore-like: {args.bursts} bursts per round, each after {args.idle_ms:g} ms of quiet; "
                         f"gets of {', '.join(BURST)} in a row, then the puts:",
+        len(TYPES) * 2 + 6: f"{args.clients} clients, each with a request always in flight, from one thread; "
+                            f"{args.clients * args.crowd_rounds} per round (each get then puts, untimed):",
     }
     for index, row in enumerate(table):
         if index in sections:
@@ -481,6 +566,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--capacity", type=int, default=200, help="idle namespaces kept per type (default 200)")
     parser.add_argument("--creations", type=int, default=200, help="factory creations per type (default 200)")
     parser.add_argument("--concurrency", type=int, default=4, help="factory creations at once (daemon default 4)")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent clients of the crowd rows (default 32)")
+    parser.add_argument("--crowd-rounds", type=int, default=10, help="timed requests per crowd client and round (default 10)")
     parser.add_argument("--workers", type=int, default=8, help="frontend worker threads (the daemon's default, 8)")
     parser.add_argument("--fill-timeout", type=float, default=90.0, help="longest wait for the pools to fill (s)")
     parser.add_argument("--no-creations", action="store_true", help="measure round trips only")
@@ -516,6 +603,18 @@ def measure_round_trips(args, workdir: Path, daemon: Daemon) -> tuple[list[Serie
         burst_first = Series("echo, the first after the quiet")
         burst_rest = Series("echo, the 2nd and 3rd")
         burst = {t: Series(f"namespace.get {t}", burst_first if t == BURST[0] else burst_rest) for t in BURST}
+        fresh_echo = Series("echo, a fresh REQ socket each")
+        fresh_get = Series("namespace.get uts, a fresh Client each", fresh_echo)
+        crowd_echo = Series(f"echo, {args.clients} clients at once")
+        crowd_get = Series(f"namespace.get uts, {args.clients} clients at once", crowd_echo)
+
+        def put_request(reply: bytes) -> bytes:
+            result = orjson.loads(reply)["result"]
+            params = {"namespace_type": "uts", "namespace_id": result["namespace_id"], "pid": result["pid"]}
+            return encode_request("namespace", "put", params)
+
+        def crowd(endpoint: str, series: Series, put=None):
+            return lambda n: {series: concurrent_round_trips(endpoint, request, args.clients, n, put)}
 
         def echo_bursts(count: int) -> dict:
             first, rest = echo.bursts(count, idle)
@@ -525,12 +624,17 @@ def measure_round_trips(args, workdir: Path, daemon: Daemon) -> tuple[list[Serie
             return {burst[t]: samples for t, samples in gets.bursts(count, idle).items()}
 
         batches, bursts = (args.batch, args.warmup), (args.bursts, max(1, args.bursts // 3))
+        crowds = (args.clients * args.crowd_rounds, args.clients)
         measurements = [
             (batches, lambda n: {floor: echo.batch(n)}),
             (batches, lambda n: {alone: frontend.batch("uts", n)}),
             *((batches, lambda n, t=t: {back_to_back[t]: gets.batch(t, n)}) for t in TYPES),
             (bursts, echo_bursts),
             (bursts, get_bursts),
+            (batches, lambda n: {fresh_echo: echo.fresh(n)}),
+            (batches, lambda n: {fresh_get: gets.fresh("uts", n)}),
+            (crowds, crowd(servers[0].endpoint, crowd_echo)),
+            (crowds, crowd(daemon.endpoint, crowd_get, put_request)),
         ]
         for (_count, warmup), measure in measurements:
             measure(warmup)
@@ -541,7 +645,8 @@ def measure_round_trips(args, workdir: Path, daemon: Daemon) -> tuple[list[Serie
                 gc.collect()
                 for series, samples in measure(count).items():
                     series.rounds.append(samples)
-        table = [floor, alone, *back_to_back.values(), burst_first, burst_rest, *burst.values()]
+        table = [floor, alone, *back_to_back.values(), fresh_echo, fresh_get, burst_first, burst_rest, *burst.values(),
+                 crowd_echo, crowd_get]
         return table, gets
     finally:
         if echo is not None:

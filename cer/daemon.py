@@ -8,6 +8,7 @@ import shutil
 import queue
 import signal
 import socket
+import sys
 from dataclasses import dataclass
 
 import pykka
@@ -59,6 +60,7 @@ class Settings:
     """The lazy-pages servers of lazy restores (checkpoint.lazy)."""
 
 
+_SWITCH_INTERVAL = 0.0002
 # How long every actor has to answer the start-up check before the daemon gives up.
 _STARTUP_CHECK_SECONDS = 30.0
 
@@ -75,6 +77,9 @@ def run(config: Config, settings: Settings) -> None:
     signal.signal(signal.SIGUSR1, pykka.debug.log_thread_tracebacks)
     if settings.http_port is not None:
         check_address(settings.http_address, settings.http_allow_remote)  # refused before anything exists
+    # The frontend's router thread answers warm gets itself; a thread busy in Python (a build, a tear-down,
+    # a put) would otherwise keep it from the GIL for up to the default 5 ms switch interval.
+    sys.setswitchinterval(_SWITCH_INTERVAL)
     with _RootDirectory(settings.root) as root:
         _raise_fd_limit()
         actors: list[pykka.ActorRef] = []

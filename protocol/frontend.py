@@ -31,6 +31,8 @@ from cer.protocol.wire import MAX_REQUEST_BYTES, decode_request, encode_error, e
 _MAX_MESSAGE_BYTES = 16 * MAX_REQUEST_BYTES
 # Requests waiting for a worker beyond this are refused at once rather than queued without bound.
 _MAX_QUEUED = 1024
+# Distinct requests whose parsed method is kept (a restore's gets name a few refs; holder pids vary).
+_MAX_PARSED = 4096
 _WORKER_DONE = b"done"
 _instances = itertools.count()
 
@@ -65,6 +67,7 @@ class Frontend:
         self._replies_address = f"inproc://cer-replies-{instance}"
         self._control_address = f"inproc://cer-control-{instance}"
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._parsed: dict[bytes, Method] = {}  # the router thread's own: request bytes -> their method
         self._context: zmq.Context | None = None
         self._threads: list[threading.Thread] = []
 
@@ -161,33 +164,44 @@ class Frontend:
                 socket.close()
 
     def _take_requests(self, router: zmq.Socket) -> None:
-        while True:
-            try:
+        try:
+            while True:
                 frames = router.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+                started = time.perf_counter()
+                self._take(router, frames, started)
+                # Asking for the socket's events is far cheaper than a receive that raises zmq.Again.
+                if not router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    return
+        except zmq.Again:
+            return
+        finally:
+            # The replies are out: the pools hear what was taken off their shelves before this thread
+            # waits again (and before any put or bind of it can reach them: see _take).
+            self._gateway.after_replies()
+
+    def _take(self, router: zmq.Socket, frames: list[bytes], started: float) -> None:
+        try:
+            # [peer identity, (REQ envelope...), b"", body...]: a peer without the empty delimiter
+            # is not speaking REQ and could not read a reply anyway.
+            delimiter = frames.index(b"", 1)
+        except ValueError:
+            logger.debug("dropping a message without a REQ envelope")
+            return
+        envelope, body = frames[: delimiter + 1], frames[delimiter + 1 :]
+        method, reply, error_code = self._parse(body)
+        if method is not None:
+            # Answered here when no actor needs to be waited for (a warm get): no hand-off to a worker.
+            reply, error_code = self._run(method.handle_now, method)
+        if reply is None:
+            if self._tasks.qsize() >= _MAX_QUEUED:
+                reply, error_code = encode_error(Unavailable("the daemon is too busy; try again")), Unavailable.code
+            else:
+                self._gateway.after_replies()  # before a worker can put or bind what was just taken
+                self._tasks.put((envelope, method, started))
                 return
-            started = time.perf_counter()
-            try:
-                # [peer identity, (REQ envelope...), b"", body...]: a peer without the empty delimiter
-                # is not speaking REQ and could not read a reply anyway.
-                delimiter = frames.index(b"", 1)
-            except ValueError:
-                logger.debug("dropping a message without a REQ envelope")
-                continue
-            envelope, body = frames[: delimiter + 1], frames[delimiter + 1 :]
-            method, reply, error_code = self._parse(body)
-            if method is not None:
-                # Answered here when no actor needs to be waited for (a warm get): no hand-off to a worker.
-                reply, error_code = self._run(method.handle_now, method)
-            if reply is None:
-                if self._tasks.qsize() >= _MAX_QUEUED:
-                    reply, error_code = encode_error(Unavailable("the daemon is too busy; try again")), Unavailable.code
-                else:
-                    self._tasks.put((envelope, method, started))
-                    continue
-            seconds = time.perf_counter() - started
-            router.send_multipart([*envelope, reply])
-            self._observed(method, seconds, error_code, reply)
+        seconds = time.perf_counter() - started
+        router.send_multipart([*envelope, reply])
+        self._observed(method, seconds, error_code, reply)
 
     @staticmethod
     def _send_replies(router: zmq.Socket, replies: zmq.Socket) -> int:
@@ -216,12 +230,22 @@ class Frontend:
 
     def _parse(self, frames: list[bytes]) -> tuple[Method | None, bytes | None, str | None]:
         """The request's method, or the error reply and its code."""
+        # A restore asks the same few requests again and again: the same bytes parse to the same frozen
+        # method, so a request seen before skips decoding and checking.
+        known = self._parsed.get(frames[0]) if len(frames) == 1 else None
+        if known is not None:
+            if self._debug:
+                logger.debug("request {}.{} {}", known.service, known.name, known.params())
+            return known, None, None
         try:
             service, name, raw_params = decode_request(frames)
             if self._debug:
                 logger.debug("request {}.{} {}", service, name, raw_params)
-            method_class = find_method(service, name)
-            return method_class.parse(raw_params), None, None
+            method = find_method(service, name).parse(raw_params)
+            if len(self._parsed) >= _MAX_PARSED:
+                self._parsed.clear()
+            self._parsed[frames[0]] = method
+            return method, None, None
         except CerError as error:
             return None, encode_error(error), error.code
         except Exception as error:  # noqa: BLE001 - the client gets an answer whatever broke

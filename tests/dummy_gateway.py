@@ -29,6 +29,9 @@ class DummyGateway:
     def take_warm(self, ns_type, ref, holder_pid=None) -> Lease | None:
         return None  # every get goes to a worker, where "slow" ones can hold it
 
+    def after_replies(self) -> None:
+        pass
+
     def put_namespace(self, ns_type, namespace_id) -> None:
         self.calls.append(("put", ns_type, namespace_id))
         if namespace_id != 1500:
