@@ -120,6 +120,10 @@ class Gateway:
         except CerError as error:
             logger.error("putting back {} namespace {} failed: {}", ns_type, lease.namespace.namespace_id, error)
 
+    def put_warm(self, ns_type: str, namespace_id: int) -> bool:
+        """Put back a namespace ``take_warm`` handed out, without waiting; False when it did not (ask its pool)."""
+        return self._shelves is not None and self._shelves.give_back(ns_type, namespace_id)
+
     def put_namespace(self, ns_type: str, namespace_id: int) -> None:
         """Return a namespace to its pool, which destroys it."""
         deadline = Deadline(self._ask_timeout)

@@ -105,6 +105,7 @@ class _ShelfOwner:
     """The pool behind a shelf: where reports of what was taken go, and who destroys an orphan."""
 
     taken: object  # the pool's ``taken`` proxy method
+    put_back: object  # the pool's ``put_back`` proxy method
     factory: pykka.ActorProxy
 
 
@@ -116,12 +117,12 @@ class Shelf:
     once, whichever thread takes it.
     """
 
-    def __init__(self, ns_type: str, owner: _ShelfOwner, reports: deque, clock) -> None:
+    def __init__(self, ns_type: str, owner: _ShelfOwner, shelves: "Shelves", clock) -> None:
         self.ns_type = ns_type
         self.idle: deque[Namespace] = deque()
         self.ipc_default: bool | None = None
         self._owner = owner
-        self._reports = reports
+        self._shelves = shelves
         self._clock = clock
 
     def take(self, holder_pid: int | None = None) -> Lease | None:
@@ -138,7 +139,8 @@ class Shelf:
             if holder is not None:
                 os.close(holder.pidfd)
             return None
-        self._reports.append((self._owner, _Taken(self.ns_type, namespace, holder, self._clock())))
+        self._shelves.handed[(self.ns_type, namespace.namespace_id)] = self._owner
+        self._shelves.reports.append((self._owner, _Taken(self.ns_type, namespace, holder, self._clock())))
         return Lease(namespace, False, self.ipc_default)
 
 
@@ -149,12 +151,18 @@ class Shelves:
     its replies are out and before it hands any request to a worker or waits for more: the pool hears
     of a handout after the client has it (the report costs the reply nothing) and before any put or
     bind of it can reach the pool. A burst of gets makes one message per pool.
+
+    A namespace taken off a shelf is remembered (``handed``) until it goes back: its put is then a
+    message to its pool (``give_back``), answered without a worker or a wait. The pool forgets it when it
+    releases it any other way (its holder exited, a put through the pool), so a put of a namespace that
+    is not handed out still goes to the pool and is refused there.
     """
 
     def __init__(self) -> None:
         self._shelves: dict[tuple[CheckpointRef, str], Shelf] = {}
         self._lock = threading.Lock()
         self.reports: deque[tuple[_ShelfOwner, _Taken]] = deque()
+        self.handed: dict[tuple[str, int], _ShelfOwner] = {}
 
     def find(self, ref: CheckpointRef, ns_type: str) -> Shelf | None:
         return self._shelves.get((ref, ns_type))  # a plain dict read: safe without the lock
@@ -170,6 +178,19 @@ class Shelves:
             for ns_type, shelf in shelves.items():
                 if self._shelves.get((ref, ns_type)) is shelf:
                     del self._shelves[(ref, ns_type)]
+
+    def give_back(self, ns_type: str, namespace_id: int) -> bool:
+        """Put back a namespace taken off a shelf: True when its pool was told, False when this does not
+        know the namespace (it was not taken off a shelf, or went back already: ask its pool)."""
+        owner = self.handed.pop((ns_type, namespace_id), None)
+        if owner is None:
+            return False
+        self.report_taken()  # the pool hears of the get before the put
+        return tell(owner.put_back, ns_type, namespace_id)
+
+    def forget(self, ns_type: str, namespace_id: int) -> None:
+        """The pool released this namespace: a put of it must ask the pool from now on."""
+        self.handed.pop((ns_type, namespace_id), None)
 
     def report_taken(self) -> None:
         """Tell every pool what was taken off its shelves since the last report."""
@@ -279,11 +300,11 @@ class PoolActor(pykka.ThreadingActor):
 
     def on_start(self) -> None:
         self._self = self.actor_ref.proxy()
-        owner = _ShelfOwner(self._self.taken, self._factory)
-        reports = self._shelves.reports if self._shelves is not None else deque()
-        self._types = {ns_type: _TypePool(Shelf(ns_type, owner, reports, self._now)) for ns_type in NAMESPACE_TYPES}
-        if self._shelves is not None:
-            self._shelves.publish(self.entry.ref, self._shelf_map())
+        owner = _ShelfOwner(self._self.taken, self._self.put_back, self._factory)
+        if self._shelves is None:
+            self._shelves = Shelves()  # published nowhere: only the pool's own gets take from its shelves
+        self._types = {ns_type: _TypePool(Shelf(ns_type, owner, self._shelves, self._now)) for ns_type in NAMESPACE_TYPES}
+        self._shelves.publish(self.entry.ref, self._shelf_map())
         tell(self._extractor.load_recipe, self.entry, self._self)
 
     def _shelf_map(self) -> dict[str, Shelf]:
@@ -362,6 +383,15 @@ class PoolActor(pykka.ThreadingActor):
         """Take back a namespace that was handed out, destroy it and build a fresh one."""
         self._release(ns_type, self._handout(ns_type, namespace_id))
 
+    @told
+    def put_back(self, ns_type: str, namespace_id: int) -> None:
+        """A put the frontend answered already (Shelves.give_back)."""
+        handout = self._types[ns_type].in_use.get(namespace_id)
+        if handout is None:
+            logger.debug("pool {}: {} namespace {} was put after it came back by itself", self.entry.ref, ns_type, namespace_id)
+            return
+        self._release(ns_type, handout)
+
     def bind(self, ns_type: str, namespace_id: int, holder_pid: int) -> None:
         """Tie a handed-out namespace to a process: when it exits, the namespace comes back by itself.
 
@@ -392,6 +422,7 @@ class PoolActor(pykka.ThreadingActor):
 
     def _release(self, ns_type: str, handout: _Handout) -> None:
         del self._types[ns_type].in_use[handout.namespace.namespace_id]
+        self._shelves.forget(ns_type, handout.namespace.namespace_id)
         if handout.holder_pid is not None:
             tell(self._watcher.unwatch, (ns_type, handout.namespace.namespace_id))
         tell(self._factory.destroy, handout.namespace)
@@ -618,5 +649,6 @@ class PoolActor(pykka.ThreadingActor):
                 )
             self._destroy_idle(pool, 0)
             for handout in pool.in_use.values():
+                self._shelves.forget(ns_type, handout.namespace.namespace_id)
                 tell(self._factory.destroy, handout.namespace)  # a factory already stopped destroyed all it held
             pool.in_use.clear()

@@ -82,6 +82,9 @@ class InstantGateway:
     def after_replies(self) -> None:
         pass
 
+    def put_warm(self, ns_type, namespace_id) -> bool:
+        return False
+
     def put_namespace(self, ns_type, namespace_id, *_options) -> None:
         pass
 

@@ -191,13 +191,21 @@ class NamespacePut(Method):
         return params if self.pid is None else {**params, "pid": self.pid}
 
     def handle(self, gateway: "Gateway") -> dict:
+        self._check_daemon(gateway)
+        gateway.put_namespace(self.namespace_type, self.namespace_id)
+        return {}
+
+    def handle_now(self, gateway: "Gateway") -> dict | None:
+        """A namespace from a warm get goes back to its pool by message, answered at once."""
+        self._check_daemon(gateway)
+        return {} if gateway.put_warm(self.namespace_type, self.namespace_id) else None
+
+    def _check_daemon(self, gateway: "Gateway") -> None:
         if self.pid is not None and self.pid != gateway.pid:
             raise NotFound(
                 f"{self.namespace_type} namespace {self.namespace_id} came from daemon pid {self.pid}, which is no "
                 f"longer running (this daemon is pid {gateway.pid}); it was released when that daemon exited"
             )
-        gateway.put_namespace(self.namespace_type, self.namespace_id)
-        return {}
 
 
 @_method("namespace", "bind")

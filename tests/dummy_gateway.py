@@ -32,6 +32,9 @@ class DummyGateway:
     def after_replies(self) -> None:
         pass
 
+    def put_warm(self, ns_type, namespace_id) -> bool:
+        return False
+
     def put_namespace(self, ns_type, namespace_id) -> None:
         self.calls.append(("put", ns_type, namespace_id))
         if namespace_id != 1500:
