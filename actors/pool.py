@@ -31,9 +31,13 @@ from cer.references import CheckpointRef
 
 _MAX_BACKOFF = 60.0
 _ADAPT_SECONDS = 5.0
-# How long a refill waits after the get or put that asked for it: a burst of gets (a restore asks for
-# ipc, uts and mnt at once) is answered before the factory's threads compete with it for the CPUs.
+# When a refill runs after the gets and puts that asked for it. Builds compete with gets for the CPUs
+# (and the GIL), so a pool that still holds half its target or more waits until gets and puts have
+# been quiet for a moment (or at most _REFILL_LONGEST), and builds for all of them at once; a pool
+# running low refills almost at once (a restore's ipc, uts and mnt gets are answered first).
 _REFILL_DELAY = 0.005
+_REFILL_QUIET = 0.05
+_REFILL_LONGEST = 1.0
 
 
 class PoolRetired(Unavailable):
@@ -297,6 +301,7 @@ class PoolActor(pykka.ThreadingActor):
         self._backoff = 0.0
         self._retry_timer: Timer | None = None
         self._refill_timer: Timer | None = None
+        self._refill_wanted_since: float | None = None
 
     def on_start(self) -> None:
         self._self = self.actor_ref.proxy()
@@ -473,13 +478,22 @@ class PoolActor(pykka.ThreadingActor):
     @told
     def refill_now(self) -> None:
         """Build what the pool lacks (from the timer service, a moment after gets and puts)."""
-        self._refill_timer = None
+        self._refill_timer = self._refill_wanted_since = None
         self._refill()
 
     def _refill_soon(self) -> None:
-        # One refill for every get and put of a burst, after it: their builds do not compete with them.
-        if self._refill_timer is None:
-            self._refill_timer = self._timers.call_later(_REFILL_DELAY, self._self.refill_now.defer)
+        # One refill for the gets and puts of a burst, after it (see _REFILL_QUIET).
+        now = self._now()
+        if self._refill_wanted_since is None:
+            self._refill_wanted_since = now
+        low = any(len(pool.idle) + pool.building < (pool.target + 1) // 2 for pool in self._types.values())
+        due = min(now + (_REFILL_DELAY if low else _REFILL_QUIET), self._refill_wanted_since + _REFILL_LONGEST)
+        if self._refill_timer is not None:
+            # Moved only when it is due much too soon or too late: each move may wake the timer thread.
+            if due - _REFILL_QUIET / 2 <= self._refill_timer.due <= due:
+                return
+            self._refill_timer.cancel()
+        self._refill_timer = self._timers.call_later(due - now, self._self.refill_now.defer)
 
     def _set_targets(self) -> None:
         now = self._now()

@@ -204,10 +204,14 @@ class EchoBench:
         self.socket.close()
 
 
+CROWD_COLD = [0, 0]  # cold gets among the crowd's gets, and all of them
+
+
 def concurrent_round_trips(endpoint: str, request: bytes, clients: int, count: int, put=None) -> list[float]:
     """``clients`` REQ sockets, each with one request always in flight, driven from one thread, until
-    ``count`` round trips are timed. With ``put(reply) -> bytes``, each timed reply is followed on its
-    socket by that untimed request (a get's put), so no namespace is left handed out."""
+    ``count`` round trips are timed: a burst of restores at once. With ``put(reply) -> bytes``, every
+    reply is given back with that request once the burst is over (untimed), so no namespace is left
+    handed out and the pool is full again for the next burst."""
     context = zmq.Context.instance()
     poller = zmq.Poller()
     sockets = []
@@ -217,33 +221,30 @@ def concurrent_round_trips(endpoint: str, request: bytes, clients: int, count: i
         socket.connect(endpoint)
         poller.register(socket, zmq.POLLIN)
         sockets.append(socket)
-    in_flight: dict = {}  # socket -> when its timed request went out, or None for a put
+    in_flight: dict = {}  # socket -> when its request went out
     samples: list[float] = []
-
-    def next_request(socket) -> None:
-        if len(samples) < count:
-            in_flight[socket] = now_us()
-            socket.send(request)
-        else:
-            del in_flight[socket]
-
+    replies: list[bytes] = []
     try:
         for socket in sockets:
-            next_request(socket)
+            in_flight[socket] = now_us()
+            socket.send(request)
         while in_flight:
             events = poller.poll(30_000)
             if not events:
                 raise RuntimeError(f"no reply from {endpoint} within 30 s")
             for socket, _event in events:
                 reply = socket.recv()
-                started = in_flight[socket]
-                if started is not None:
-                    samples.append(now_us() - started)
-                    if put is not None:
-                        in_flight[socket] = None
-                        socket.send(put(reply))
-                        continue
-                next_request(socket)
+                samples.append(now_us() - in_flight.pop(socket))
+                replies.append(reply)
+                if len(samples) + len(in_flight) < count:
+                    in_flight[socket] = now_us()
+                    socket.send(request)
+        if put is not None:
+            for reply in replies:
+                CROWD_COLD[0] += b'"cold":true' in reply
+                CROWD_COLD[1] += 1
+                sockets[0].send(put(reply))
+                sockets[0].recv()
         return samples
     finally:
         for socket in sockets:
@@ -516,7 +517,7 @@ def print_report(args, table: list[Series], gets: GetBench, fill, creations) -> 
         len(TYPES) + 4: f"restore-like: {args.bursts} bursts per round, each after {args.idle_ms:g} ms of quiet; "
                         f"gets of {', '.join(BURST)} in a row, then the puts:",
         len(TYPES) * 2 + 6: f"{args.clients} clients, each with a request always in flight, from one thread; "
-                            f"{args.clients * args.crowd_rounds} per round (each get then puts, untimed):",
+                            f"{args.clients * args.crowd_rounds} per round (the puts after the round, untimed):",
     }
     for index, row in enumerate(table):
         if index in sections:
@@ -529,7 +530,8 @@ def print_report(args, table: list[Series], gets: GetBench, fill, creations) -> 
             print()
     print("p50, p99: the median over rounds of each round's percentile; round p50s: the lowest and highest round;")
     print("ratio: p50 over the p50 of the echo it compares with (the first get of a burst: the first echo).")
-    print("cold gets: " + ", ".join(f"{t} {gets.cold[t]} of {gets.gets[t]}" for t in TYPES))
+    print("cold gets: " + ", ".join(f"{t} {gets.cold[t]} of {gets.gets[t]}" for t in TYPES)
+          + f"; in the crowd rows {CROWD_COLD[0]} of {CROWD_COLD[1]}")
     if creations is None:
         return
     print()
@@ -570,7 +572,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--creations", type=int, default=200, help="factory creations per type (default 200)")
     parser.add_argument("--concurrency", type=int, default=4, help="factory creations at once (daemon default 4)")
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients of the crowd rows (default 32)")
-    parser.add_argument("--crowd-rounds", type=int, default=10, help="timed requests per crowd client and round (default 10)")
+    parser.add_argument("--crowd-rounds", type=int, default=5,
+                        help="timed requests per crowd client and round (default 5: a round stays within the capacity)")
     parser.add_argument("--workers", type=int, default=8, help="frontend worker threads (the daemon's default, 8)")
     parser.add_argument("--fill-timeout", type=float, default=90.0, help="longest wait for the pools to fill (s)")
     parser.add_argument("--no-creations", action="store_true", help="measure round trips only")

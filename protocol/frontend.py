@@ -33,6 +33,9 @@ _MAX_MESSAGE_BYTES = 16 * MAX_REQUEST_BYTES
 _MAX_QUEUED = 1024
 # Distinct requests whose parsed method is kept (a restore's gets name a few refs; holder pids vary).
 _MAX_PARSED = 4096
+# The pools hear what warm gets took after this long without requests (ms), or after this many replies.
+_REPORT_IDLE_MS = 1
+_REPORT_BATCH = 64
 _WORKER_DONE = b"done"
 _instances = itertools.count()
 
@@ -67,6 +70,7 @@ class Frontend:
         self._replies_address = f"inproc://cer-replies-{instance}"
         self._control_address = f"inproc://cer-control-{instance}"
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._unreported = 0  # replies answered in the router thread since the last report
         self._parsed: dict[bytes, Method] = {}  # the router thread's own: request bytes -> their method
         self._context: zmq.Context | None = None
         self._threads: list[threading.Thread] = []
@@ -147,7 +151,10 @@ class Frontend:
         working = self._workers
         try:
             while working:
-                events = dict(poller.poll())
+                events = dict(poller.poll(_REPORT_IDLE_MS if self._unreported else None))
+                if not events:
+                    self._report()  # a quiet moment: now the pools may hear what was taken
+                    continue
                 if control in events:
                     control.recv()
                     # Stop reading requests; workers finish what is queued, then report done.
@@ -174,10 +181,16 @@ class Frontend:
                     return
         except zmq.Again:
             return
-        finally:
-            # The replies are out: the pools hear what was taken off their shelves before this thread
-            # waits again (and before any put or bind of it can reach them: see _take).
-            self._gateway.after_replies()
+
+    def _report(self) -> None:
+        """Tell the pools what the replies sent here took off their shelves (Gateway.after_replies).
+
+        Not after every reply: each report wakes a pool, whose thread then competes for the GIL with
+        this one. Reports go out when requests pause for a moment, after a batch of replies, and always
+        before a request goes to a worker, which could put or bind what was taken.
+        """
+        self._unreported = 0
+        self._gateway.after_replies()
 
     def _take(self, router: zmq.Socket, frames: list[bytes], started: float) -> None:
         try:
@@ -196,11 +209,14 @@ class Frontend:
             if self._tasks.qsize() >= _MAX_QUEUED:
                 reply, error_code = encode_error(Unavailable("the daemon is too busy; try again")), Unavailable.code
             else:
-                self._gateway.after_replies()  # before a worker can put or bind what was just taken
+                self._report()  # before a worker can put or bind what was just taken
                 self._tasks.put((envelope, method, started))
                 return
         seconds = time.perf_counter() - started
         router.send_multipart([*envelope, reply])
+        self._unreported += 1
+        if self._unreported >= _REPORT_BATCH:
+            self._report()
         self._observed(method, seconds, error_code, reply)
 
     @staticmethod
