@@ -9,8 +9,10 @@ Run as root (``make bench`` or ``python3 benchmarks/bench_get.py``); about a min
    what the frontend and the wire format cost before any actor is asked.
 2. **Warm gets**: a real ``cer start`` on the bundled sample checkpoint with pools far larger than a batch
    (each reply's ``info.cold`` is counted), gets through :class:`cer.protocol.client.Client`: back to back
-   (get, untimed put, get, ...), and in restore-like bursts (ipc, uts and mnt gets in a row after some
-   quiet, then the puts), with echoes measured the same two ways. Every measurement runs once per round,
+   (get, untimed put, get, ...), each on a fresh connection (a new Client per get, as a restore's
+   wrapper makes), in restore-like bursts (ipc, uts and mnt gets in a row after some quiet, then the
+   puts), and from 32 clients at once (a burst of restores: each client keeps one get in flight, the
+   puts follow the round), with echoes measured the same ways. Every measurement runs once per round,
    in an order that rotates, so machine noise hits them alike; the table gives medians over rounds.
 3. **Creations** per type: the daemon's :class:`NamespaceFactory` in this process (the daemon's
    concurrency) with a small owner actor that counts what it gets and destroys it; a bare thread that
