@@ -383,6 +383,15 @@ class Daemon:
             time.sleep(0.05)
         raise RuntimeError(f"the pools did not fill to {capacity} within {timeout:g} s:\n{self.output()}")
 
+    def wait_idle(self, ns_type: str, count: int, timeout: float) -> None:
+        """Wait (untimed) until the pool holds ``count`` idle namespaces of ``ns_type``, or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.status()
+            if status is not None and status["pools"][0]["types"][ns_type]["idle"] >= count:
+                return
+            time.sleep(0.02)
+
     def stop(self) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -622,7 +631,12 @@ def measure_round_trips(args, workdir: Path, daemon: Daemon) -> tuple[list[Serie
             return encode_request("namespace", "put", params)
 
         def crowd(endpoint: str, series: Series, put=None):
-            return lambda n: {series: concurrent_round_trips(endpoint, request, args.clients, n, put)}
+            def measure(n: int) -> dict:
+                if put is not None:
+                    daemon.wait_idle("uts", n, 20)  # the burst finds the pool full: it times warm gets
+                return {series: concurrent_round_trips(endpoint, request, args.clients, n, put)}
+
+            return measure
 
         def echo_bursts(count: int) -> dict:
             first, rest = echo.bursts(count, idle)
