@@ -38,6 +38,9 @@ _ADAPT_SECONDS = 5.0
 _REFILL_DELAY = 0.005
 _REFILL_QUIET = 0.05
 _REFILL_LONGEST = 1.0
+# How long a retired pool with nothing out, but takes off its shelves still to be reported, waits for
+# them: longer than a report can take to arrive.
+_RETIRE_GRACE = 0.5
 
 
 class PoolRetired(Unavailable):
@@ -125,7 +128,7 @@ class Shelf:
         self.ns_type = ns_type
         self.idle: deque[Namespace] = deque()
         self.ipc_default: bool | None = None
-        self._owner = owner
+        self.owner = owner
         self._shelves = shelves
         self._clock = clock
 
@@ -143,8 +146,8 @@ class Shelf:
             if holder is not None:
                 os.close(holder.pidfd)
             return None
-        self._shelves.handed[(self.ns_type, namespace.namespace_id)] = self._owner
-        self._shelves.reports.append((self._owner, _Taken(self.ns_type, namespace, holder, self._clock())))
+        self._shelves.handed[(self.ns_type, namespace.namespace_id)] = self.owner
+        self._shelves.reports.append((self.owner, _Taken(self.ns_type, namespace, holder, self._clock())))
         return Lease(namespace, False, self.ipc_default)
 
 
@@ -195,6 +198,10 @@ class Shelves:
     def forget(self, ns_type: str, namespace_id: int) -> None:
         """The pool released this namespace: a put of it must ask the pool from now on."""
         self.handed.pop((ns_type, namespace_id), None)
+
+    def reported_soon(self, owner: _ShelfOwner) -> bool:
+        """Whether takes off ``owner``'s shelves wait to be reported."""
+        return any(waiting is owner for waiting, _ in list(self.reports))  # list(): one step under the GIL
 
     def report_taken(self) -> None:
         """Tell every pool what was taken off its shelves since the last report."""
@@ -302,13 +309,16 @@ class PoolActor(pykka.ThreadingActor):
         self._retry_timer: Timer | None = None
         self._refill_timer: Timer | None = None
         self._refill_wanted_since: float | None = None
+        self._retiring_timer: Timer | None = None
 
     def on_start(self) -> None:
         self._self = self.actor_ref.proxy()
-        owner = _ShelfOwner(self._self.taken, self._self.put_back, self._factory)
+        self._shelf_owner = _ShelfOwner(self._self.taken, self._self.put_back, self._factory)
         if self._shelves is None:
             self._shelves = Shelves()  # published nowhere: only the pool's own gets take from its shelves
-        self._types = {ns_type: _TypePool(Shelf(ns_type, owner, self._shelves, self._now)) for ns_type in NAMESPACE_TYPES}
+        self._types = {
+            ns_type: _TypePool(Shelf(ns_type, self._shelf_owner, self._shelves, self._now)) for ns_type in NAMESPACE_TYPES
+        }
         self._shelves.publish(self.entry.ref, self._shelf_map())
         tell(self._extractor.load_recipe, self.entry, self._self)
 
@@ -461,10 +471,24 @@ class PoolActor(pykka.ThreadingActor):
         self._stop_when_retired()
 
     def _stop_when_retired(self) -> None:
-        if self._retired_to is None:
+        if self._retired_to is None or self._retiring_timer is not None or self._busy():
             return
-        if any(pool.in_use or pool.building for pool in self._types.values()):
+        if self._shelves.reported_soon(self._shelf_owner):
+            # A warm get took a namespace off a shelf before it was withdrawn; its report is at most a
+            # moment away (see Shelves.report_taken): wait for it, and for that namespace to come back.
+            self._retiring_timer = self._timers.call_later(_RETIRE_GRACE, self._self.finish_retiring.defer)
             return
+        self.finish_retiring()
+
+    def _busy(self) -> bool:
+        return any(pool.in_use or pool.building for pool in self._types.values())
+
+    @told
+    def finish_retiring(self) -> None:
+        """A retired pool with nothing out stops, and tells the supervisor."""
+        self._retiring_timer = None
+        if self._busy():
+            return  # a late report: wait for that namespace to come back too
         tell(self._retired_to.pool_retired, self.entry.ref, self.actor_ref.actor_urn)
         self.actor_ref.stop(block=False)
 
@@ -514,10 +538,10 @@ class PoolActor(pykka.ThreadingActor):
             tell(self._factory.destroy, namespace)
 
     def _cancel_timers(self) -> None:
-        for timer in (self._retry_timer, self._adapt_timer, self._refill_timer):
+        for timer in (self._retry_timer, self._adapt_timer, self._refill_timer, self._retiring_timer):
             if timer is not None:
                 timer.cancel()
-        self._retry_timer = self._adapt_timer = self._refill_timer = None
+        self._retry_timer = self._adapt_timer = self._refill_timer = self._retiring_timer = None
 
     def ipc_default(self) -> bool | None:
         """Whether this checkpoint's IPC namespace is default (None until the checkpoint is loaded)."""

@@ -167,6 +167,7 @@ class Frontend:
                 if replies in events:
                     working -= self._send_replies(router, replies)
         finally:
+            self._report()  # the pools stop after the frontend: they hear of every take first
             for socket in (router, replies, control):
                 socket.close()
 

@@ -395,3 +395,36 @@ def test_a_told_message_that_fails_is_logged_counted_and_the_pool_lives_on(bundl
     assert started.refs[-1].is_alive()
     assert pool.status().get(timeout=5)["state"] == "ready"
     started.stop()
+
+
+class RetiredPools(pykka.ThreadingActor):
+    """Stands in for the supervisor: records which pools told it they retired."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.retired: list[str] = []
+
+    def pool_retired(self, ref, urn) -> None:
+        self.retired.append(str(ref))
+
+    def names(self) -> list[str]:
+        return self.retired
+
+
+def test_a_retired_pool_waits_for_a_take_not_yet_reported_and_its_put(bundles):
+    started, pool, shelves, shelf = shelf_pool(bundles, capacity=2)
+    supervisor = RetiredPools.start()
+    try:
+        lease = shelf.take()  # taken by the frontend, not reported yet
+        pool.retire(supervisor.proxy()).get(timeout=5)
+        assert shelves.find(CheckpointRef("sample"), "uts") is None
+        assert started.refs[-1].is_alive()  # nothing is booked as out, but a report is on its way
+        shelves.report_taken()
+        status = pool.status().get(timeout=5)
+        assert (status["state"], status["types"]["uts"]["in_use"]) == ("retired", 1)
+        assert shelves.give_back("uts", lease.namespace.namespace_id)
+        wait_for(lambda: supervisor.proxy().names().get(timeout=5) == ["default/sample"], 5, what="the pool to retire")
+        wait_for(lambda: not started.refs[-1].is_alive(), 5, what="the pool to stop")
+    finally:
+        supervisor.stop()
+        started.stop()
