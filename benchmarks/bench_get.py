@@ -388,7 +388,8 @@ class Daemon:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             status = self.status()
-            if status is not None and status["pools"][0]["types"][ns_type]["idle"] >= count:
+            counts = status["pools"][0]["types"][ns_type] if status is not None else None
+            if counts is not None and counts["idle"] >= count and counts["building"] == 0:
                 return
             time.sleep(0.02)
 
@@ -583,8 +584,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--creations", type=int, default=200, help="factory creations per type (default 200)")
     parser.add_argument("--concurrency", type=int, default=4, help="factory creations at once (daemon default 4)")
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients of the crowd rows (default 32)")
-    parser.add_argument("--crowd-rounds", type=int, default=5,
-                        help="timed requests per crowd client and round (default 5: a round stays within the capacity)")
+    parser.add_argument("--crowd-rounds", type=int, default=3,
+                        help="timed requests per crowd client and round (default 3: a round takes less than half "
+                             "the pool, which refills once the burst is over)")
     parser.add_argument("--workers", type=int, default=8, help="frontend worker threads (the daemon's default, 8)")
     parser.add_argument("--fill-timeout", type=float, default=90.0, help="longest wait for the pools to fill (s)")
     parser.add_argument("--no-creations", action="store_true", help="measure round trips only")
@@ -633,7 +635,7 @@ def measure_round_trips(args, workdir: Path, daemon: Daemon) -> tuple[list[Serie
         def crowd(endpoint: str, series: Series, put=None):
             def measure(n: int) -> dict:
                 if put is not None:
-                    daemon.wait_idle("uts", n, 20)  # the burst finds the pool full: it times warm gets
+                    daemon.wait_idle("uts", args.capacity, 20)  # the burst finds the pool full and quiet
                 return {series: concurrent_round_trips(endpoint, request, args.clients, n, put)}
 
             return measure
