@@ -85,9 +85,9 @@ class Gateway:
         return shelf.take(holder_pid) if shelf is not None else None
 
     def after_replies(self) -> None:
-        """The frontend sent the replies of ``take_warm``: tell the pools what was taken (Shelves.report_taken)."""
+        """The frontend sent the replies of ``take_warm``: tell the pools what was taken (Shelves.report)."""
         if self._shelves is not None:
-            self._shelves.report_taken()
+            self._shelves.report()
 
     def get_namespace(self, ns_type: str, ref: CheckpointRef, holder_pid: int | None = None) -> Lease:
         asked: list[pykka.Future] = []

@@ -8,8 +8,8 @@ it and the pool builds a fresh one.
 
 The idle namespaces of each type sit on a :class:`Shelf` that the pool publishes (:class:`Shelves`):
 the frontend takes a warm namespace from it in its own thread, without a hop through a worker or the
-pool, and reports what it took (``taken``) once its replies are out, before any put or bind of it can
-reach the pool. All timed work (refills a moment after gets, cold-get deadlines, retries,
+pool, and reports what it took, and what of it came back by a put, once its replies are out and before
+any other request about it can reach the pool (``shelf_events``). All timed work (refills a moment after gets, cold-get deadlines, retries,
 the adaptive pools' decay) goes through the daemon's one timer service (cer.actors.timers).
 """
 
@@ -107,12 +107,19 @@ class _Taken:
     at: float
 
 
+@dataclass(frozen=True)
+class _Returned:
+    """A namespace from a shelf that its client put back (the frontend answered the put already)."""
+
+    ns_type: str
+    namespace_id: int
+
+
 @dataclass(eq=False, frozen=True)
 class _ShelfOwner:
     """The pool behind a shelf: where reports of what was taken go, and who destroys an orphan."""
 
-    taken: object  # the pool's ``taken`` proxy method
-    put_back: object  # the pool's ``put_back`` proxy method
+    events: object  # the pool's ``shelf_events`` proxy method
     factory: pykka.ActorProxy
 
 
@@ -135,7 +142,7 @@ class Shelf:
     def take(self, holder_pid: int | None = None) -> Lease | None:
         """A warm lease, or None when nothing is idle; NotFound when ``holder_pid`` is not running.
 
-        The pool hears of it at the next ``Shelves.report_taken``.
+        The pool hears of it at the next ``Shelves.report``.
         """
         if not self.idle:
             return None
@@ -154,13 +161,13 @@ class Shelf:
 class Shelves:
     """The shelves of every pool, by checkpoint and type, for the frontend's warm gets.
 
-    What is taken off a shelf is reported to its pool by ``report_taken``, which the frontend calls once
-    its replies are out and before it hands any request to a worker or waits for more: the pool hears
-    of a handout after the client has it (the report costs the reply nothing) and before any put or
-    bind of it can reach the pool. A burst of gets makes one message per pool.
+    What is taken off a shelf is reported to its pool by ``report``, which the frontend calls when its
+    requests pause, after a batch of replies, and always before it hands a request to a worker: the pool
+    hears of a handout after the client has it (the report costs the reply nothing) and before any
+    other request about it can reach the pool. A burst of gets makes one message per pool.
 
-    A namespace taken off a shelf is remembered (``handed``) until it goes back: its put is then a
-    message to its pool (``give_back``), answered without a worker or a wait. The pool forgets it when it
+    A namespace taken off a shelf is remembered (``handed``) until it goes back: its put (``give_back``)
+    is answered at once and reported to its pool in the same ordered stream. The pool forgets it when it
     releases it any other way (its holder exited, a put through the pool), so a put of a namespace that
     is not handed out still goes to the pool and is refused there.
     """
@@ -168,7 +175,7 @@ class Shelves:
     def __init__(self) -> None:
         self._shelves: dict[tuple[CheckpointRef, str], Shelf] = {}
         self._lock = threading.Lock()
-        self.reports: deque[tuple[_ShelfOwner, _Taken]] = deque()
+        self.reports: deque[tuple[_ShelfOwner, _Taken | _Returned]] = deque()
         self.handed: dict[tuple[str, int], _ShelfOwner] = {}
 
     def find(self, ref: CheckpointRef, ns_type: str) -> Shelf | None:
@@ -187,13 +194,13 @@ class Shelves:
                     del self._shelves[(ref, ns_type)]
 
     def give_back(self, ns_type: str, namespace_id: int) -> bool:
-        """Put back a namespace taken off a shelf: True when its pool was told, False when this does not
-        know the namespace (it was not taken off a shelf, or went back already: ask its pool)."""
+        """Put back a namespace taken off a shelf: True when it will be reported to its pool, False when
+        this does not know the namespace (not taken off a shelf, or back already: ask its pool)."""
         owner = self.handed.pop((ns_type, namespace_id), None)
         if owner is None:
             return False
-        self.report_taken()  # the pool hears of the get before the put
-        return tell(owner.put_back, ns_type, namespace_id)
+        self.reports.append((owner, _Returned(ns_type, namespace_id)))
+        return True
 
     def forget(self, ns_type: str, namespace_id: int) -> None:
         """The pool released this namespace: a put of it must ask the pool from now on."""
@@ -203,26 +210,27 @@ class Shelves:
         """Whether takes off ``owner``'s shelves wait to be reported."""
         return any(waiting is owner for waiting, _ in list(self.reports))  # list(): one step under the GIL
 
-    def report_taken(self) -> None:
-        """Tell every pool what was taken off its shelves since the last report."""
+    def report(self) -> None:
+        """Tell every pool, in order, what was taken off its shelves and put back since the last report."""
         if not self.reports:
             return
-        batches: dict[_ShelfOwner, list[_Taken]] = {}
+        batches: dict[_ShelfOwner, list[_Taken | _Returned]] = {}
         while True:
             try:
-                owner, taken = self.reports.popleft()
+                owner, event = self.reports.popleft()
             except IndexError:
                 break
-            batches.setdefault(owner, []).append(taken)
+            batches.setdefault(owner, []).append(event)
         for owner, batch in batches.items():
-            if tell(owner.taken, tuple(batch)):
+            if tell(owner.events, tuple(batch)):
                 continue
             # The pool died after publishing: nobody will take these back.
-            for taken in batch:
-                logger.error("{} namespace {} was handed out by a pool that has stopped", taken.ns_type, taken.namespace.namespace_id)
-                if taken.holder is not None:
-                    os.close(taken.holder.pidfd)
-                tell(owner.factory.destroy, taken.namespace)
+            for event in batch:
+                if isinstance(event, _Taken):
+                    logger.error("{} namespace {} was handed out by a pool that has stopped", event.ns_type, event.namespace.namespace_id)
+                    if event.holder is not None:
+                        os.close(event.holder.pidfd)
+                    tell(owner.factory.destroy, event.namespace)
 
 
 @dataclass(eq=False)
@@ -313,7 +321,7 @@ class PoolActor(pykka.ThreadingActor):
 
     def on_start(self) -> None:
         self._self = self.actor_ref.proxy()
-        self._shelf_owner = _ShelfOwner(self._self.taken, self._self.put_back, self._factory)
+        self._shelf_owner = _ShelfOwner(self._self.shelf_events, self._factory)
         if self._shelves is None:
             self._shelves = Shelves()  # published nowhere: only the pool's own gets take from its shelves
         self._types = {
@@ -378,15 +386,19 @@ class PoolActor(pykka.ThreadingActor):
         return future
 
     @told
-    def taken(self, batch: tuple[_Taken, ...]) -> None:
-        """The frontend took these namespaces off this pool's shelves for warm gets (see Shelf.take)."""
-        for taken in batch:
-            pool = self._types[taken.ns_type]
+    def shelf_events(self, batch: tuple[_Taken | _Returned, ...]) -> None:
+        """What the frontend took off this pool's shelves for warm gets (Shelf.take), and which of those
+        came back by a put it answered (Shelves.give_back), in the order they happened."""
+        for event in batch:
+            if isinstance(event, _Returned):
+                self._put_back(event.ns_type, event.namespace_id)
+                continue
+            pool = self._types[event.ns_type]
             pool.warm_gets += 1
-            self._record_demand(pool, taken.at)
-            handout = pool.in_use[taken.namespace.namespace_id] = _Handout(taken.namespace, taken.at)
-            if taken.holder is not None:
-                self._bind(taken.ns_type, handout, taken.holder)
+            self._record_demand(pool, event.at)
+            handout = pool.in_use[event.namespace.namespace_id] = _Handout(event.namespace, event.at)
+            if event.holder is not None:
+                self._bind(event.ns_type, handout, event.holder)
         self._refill_soon()
 
     def _record_demand(self, pool: _TypePool, when: float) -> None:
@@ -398,9 +410,7 @@ class PoolActor(pykka.ThreadingActor):
         """Take back a namespace that was handed out, destroy it and build a fresh one."""
         self._release(ns_type, self._handout(ns_type, namespace_id))
 
-    @told
-    def put_back(self, ns_type: str, namespace_id: int) -> None:
-        """A put the frontend answered already (Shelves.give_back)."""
+    def _put_back(self, ns_type: str, namespace_id: int) -> None:
         handout = self._types[ns_type].in_use.get(namespace_id)
         if handout is None:
             logger.debug("pool {}: {} namespace {} was put after it came back by itself", self.entry.ref, ns_type, namespace_id)
@@ -475,7 +485,7 @@ class PoolActor(pykka.ThreadingActor):
             return
         if self._shelves.reported_soon(self._shelf_owner):
             # A warm get took a namespace off a shelf before it was withdrawn; its report is at most a
-            # moment away (see Shelves.report_taken): wait for it, and for that namespace to come back.
+            # moment away (see Shelves.report): wait for it, and for that namespace to come back.
             self._retiring_timer = self._timers.call_later(_RETIRE_GRACE, self._self.finish_retiring.defer)
             return
         self.finish_retiring()

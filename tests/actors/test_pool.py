@@ -330,10 +330,12 @@ def test_a_namespace_taken_off_the_shelf_is_booked_by_its_pool_once_reported(bun
     lease = shelf.take()
     assert (lease.cold, lease.ipc_default) == (False, pool.ipc_default().get(timeout=5))
     assert pool.status().get(timeout=5)["types"]["uts"]["in_use"] == 0  # not reported yet
-    shelves.report_taken()
+    shelves.report()
     status = pool.status().get(timeout=5)["types"]["uts"]
     assert (status["in_use"], status["warm_gets"]) == (1, 1)
     assert shelves.give_back("uts", lease.namespace.namespace_id)
+    assert pool.status().get(timeout=5)["types"]["uts"]["in_use"] == 1  # answered, not reported yet
+    shelves.report()
     wait_for(lambda: pool.status().get(timeout=5)["types"]["uts"]["in_use"] == 0, 5, what="the put")
     assert not shelves.give_back("uts", lease.namespace.namespace_id)  # known no more: the pool refuses it
     with pytest.raises(NotFound):
@@ -352,7 +354,7 @@ def test_a_namespace_taken_with_a_holder_comes_back_when_it_exits(bundles):
             shelf.take(gone.pid)
         assert len(shelf.idle) == 2  # a refused take takes nothing
         lease = shelf.take(holder.pid)
-        shelves.report_taken()
+        shelves.report()
         assert pool.status().get(timeout=5)["types"]["uts"]["bound"] == 1
         holder.kill()
         holder.wait(5)
@@ -375,7 +377,7 @@ def test_the_shelf_and_the_pool_never_hand_out_one_namespace_twice(bundles):
     thread.start()
     got = [pool.get("uts").get(timeout=5).get(timeout=10).namespace.namespace_id for _ in range(15)]
     thread.join(10)
-    shelves.report_taken()
+    shelves.report()
     assert len(set(taken + got)) == len(taken) + len(got)
     assert pool.status().get(timeout=5)["types"]["uts"]["in_use"] == len(taken) + len(got)
     started.stop()
@@ -419,10 +421,11 @@ def test_a_retired_pool_waits_for_a_take_not_yet_reported_and_its_put(bundles):
         pool.retire(supervisor.proxy()).get(timeout=5)
         assert shelves.find(CheckpointRef("sample"), "uts") is None
         assert started.refs[-1].is_alive()  # nothing is booked as out, but a report is on its way
-        shelves.report_taken()
+        shelves.report()
         status = pool.status().get(timeout=5)
         assert (status["state"], status["types"]["uts"]["in_use"]) == ("retired", 1)
         assert shelves.give_back("uts", lease.namespace.namespace_id)
+        shelves.report()
         wait_for(lambda: supervisor.proxy().names().get(timeout=5) == ["default/sample"], 5, what="the pool to retire")
         wait_for(lambda: not started.refs[-1].is_alive(), 5, what="the pool to stop")
     finally:
