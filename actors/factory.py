@@ -19,8 +19,7 @@ import pykka
 from loguru import logger
 
 from cer.actors.told import tell, told
-
-from cer.namespaces import Namespace, Recipe, build, remove_bundle, tear_down_mounts
+from cer.namespaces import Namespace, Recipe, build, destroy
 
 # Namespace fds are placed at or above this number, rising with every creation (see namespaces.build).
 FD_BASE = 1024
@@ -55,7 +54,8 @@ class NamespaceFactory(pykka.ThreadingActor):
         self._bundles_dir = bundles_dir
         self._on_created = on_created
         self._max_concurrent = max_concurrent
-        self._queue: deque[_Job] = deque()
+        self._queue: deque[_Job] = deque()  # creations waiting for a slot
+        self._tear_downs: deque[_Job] = deque()  # tear-downs waiting for one of theirs
         self._running: set[_Job] = set()
         self._owners: dict[tuple[str, int], pykka.ActorProxy] = {}
         self._live: dict[tuple[str, int], Namespace] = {}
@@ -86,7 +86,7 @@ class NamespaceFactory(pykka.ThreadingActor):
         self._owners.pop(key, None)
         self._counts["destroyed"] += 1
         if namespace.ns_type == "mnt":
-            self._queue.append(_Job("tear_down", "mnt", namespace=namespace))
+            self._tear_downs.append(_Job("tear_down", "mnt", namespace=namespace))
             self._run_queued()
         else:
             os.close(namespace.namespace_id)
@@ -96,7 +96,8 @@ class NamespaceFactory(pykka.ThreadingActor):
         return self._owners.get((ns_type, namespace_id))
 
     def status(self) -> dict:
-        return {"running": len(self._running), "queued": len(self._queue), "live": len(self._live), **self._counts}
+        queued = len(self._queue) + len(self._tear_downs)
+        return {"running": len(self._running), "queued": queued, "live": len(self._live), **self._counts}
 
     def _allocate_fd_floor(self) -> int:
         floor = self._next_fd
@@ -104,22 +105,28 @@ class NamespaceFactory(pykka.ThreadingActor):
         return floor
 
     def _run_queued(self) -> None:
-        while self._queue and len(self._running) < self._max_concurrent:
-            job = self._queue.popleft()
-            target = _create if job.kind == "create" else _tear_down
-            job.thread = threading.Thread(target=target, args=(job, self._self), name=f"cer-{job.kind}-{job.ns_type}", daemon=True)
-            self._running.add(job)
-            job.thread.start()
+        # Creations and tear-downs have slots of their own: how long removing a bundle takes depends on what
+        # the container left in it, and must never hold up the creations.
+        for queue in (self._queue, self._tear_downs):
+            while queue and sum(job.kind == queue[0].kind for job in self._running) < self._max_concurrent:
+                job = queue.popleft()
+                target = _create if job.kind == "create" else _tear_down
+                job.thread = threading.Thread(target=target, args=(job, self._self), name=f"cer-{job.kind}-{job.ns_type}", daemon=True)
+                self._running.add(job)
+                job.thread.start()
 
     @told
     def job_finished(self, job: _Job) -> None:
         self._running.discard(job)
         job.reported = True
-        if job.kind == "create":
-            self._deliver(job)
-        elif job.error is not None:
-            logger.error("tearing down mount namespace {} failed: {}", job.namespace.namespace_id, job.error)
-        self._run_queued()
+        try:
+            if job.kind == "create":
+                self._deliver(job)
+            elif job.error is not None:
+                logger.error("tearing down mount namespace {} failed: {}", job.namespace.namespace_id, job.error)
+        finally:
+            # The slot is free whatever delivering did: the queue must never wait for a message that is gone.
+            self._run_queued()
 
     def _deliver(self, job: _Job) -> None:
         namespace = job.namespace
@@ -149,10 +156,9 @@ class NamespaceFactory(pykka.ThreadingActor):
 
     def on_stop(self) -> None:
         # Let the threads still at work end; what they built and never reported is destroyed here.
-        while self._queue:
-            job = self._queue.popleft()
-            if job.kind == "tear_down":
-                self._tear_down_now(job)
+        self._queue.clear()
+        while self._tear_downs:
+            self._tear_down_now(self._tear_downs.popleft())
         for job in list(self._running):
             job.thread.join(_JOIN_TIMEOUT)
             if not job.reported and job.kind == "create" and job.namespace is not None:
@@ -177,23 +183,20 @@ def _create(job: _Job, factory: pykka.ActorProxy) -> None:
         job.namespace = build(job.ns_type, job.recipe, job.bundle, job.fd_floor)
         job.seconds = time.monotonic() - started
     except BaseException as error:  # noqa: BLE001 - whatever went wrong is the pool's to report; the thread ends here anyway
-        job.error = error
-        if job.bundle is not None:
-            # The half-built namespace dies with this thread; its bundle on disk does not.
-            remove_bundle(job.bundle)
-    _report(job, factory)
+        job.error = error  # build removed the half-built bundle (or noted on the error why it could not)
+    finally:
+        _report(job, factory)
 
 
 def _tear_down(job: _Job, factory: pykka.ActorProxy | None) -> None:
-    namespace = job.namespace
+    # This thread never enters the namespace (see cer.namespaces.destroy), and the factory hears of it
+    # whatever happens: a job never reported would hold one of its creation slots for good.
     try:
-        tear_down_mounts(namespace)
-    except Exception as error:  # noqa: BLE001
+        destroy(job.namespace)
+    except BaseException as error:  # noqa: BLE001 - logged by the factory; the thread ends here anyway
         job.error = error
     finally:
-        os.close(namespace.namespace_id)
-        remove_bundle(namespace.bundle)
-    _report(job, factory)
+        _report(job, factory)
 
 
 def _report(job: _Job, factory: pykka.ActorProxy | None) -> None:

@@ -17,13 +17,19 @@ What a server is for, and how it ends:
   its pages); a spare that nobody takes within ``deadline`` is stopped and not replaced.
 - **waiting**: handed out; its restore has not been bound yet. With a holder process, the server is
   stopped (``abandoned``) when the holder exits before any restore reached the server.
-- **serving**: ``bind`` told it the restored process. The actor then holds duplicates of the server's
-  userfaultfds (``pidfd_getfd``). This matters because when the last fd of a userfaultfd closes, the
-  kernel fills every page not delivered yet with zeros and the process runs on with holes. With cer's
-  copies open, a fault on a missing page waits instead, and if the server ends any other way than by
-  finishing its work, the actor kills the restored process (SIGKILL through a pidfd: a container's
-  init takes its whole pid namespace with it) before it lets go of them. The restored process fails
-  loudly; it never runs with holes.
+- **serving**: ``bind`` told it the restored process, and the actor checked that it is: every mapping of
+  that process registered with a userfaultfd is registered in the memory one of the server's userfaultfds
+  serves (probed through the actor's copy without touching memory, ``registered_page``), or it is the
+  init of the pid namespace of such a process; so no client can name some other process for the actor to
+  kill. The actor holds one duplicate of each of the server's userfaultfds (``pidfd_getfd``; one it holds
+  already is recognised with kcmp and not taken twice). This matters because when the last fd of a
+  userfaultfd closes, the kernel fills every page not delivered yet with zeros and the process runs on
+  with holes. With cer's copies open, a fault on a missing page waits instead, and if the server ends any
+  other way than by finishing its work, the actor kills the restored process (SIGKILL through a pidfd: a
+  container's init takes its whole pid namespace with it) before it lets go of them. The restored
+  process fails loudly; it never runs with holes.
+- At most ``max_per_checkpoint`` servers per checkpoint and ``max_servers`` in all (spares included; a
+  spare of another checkpoint gives way to a request) live at once; a request beyond is ``exhausted``.
 - Every server ends by ``deadline`` seconds after it was handed out (``expired``: killed, and so is its
   restored process); ``put`` ends it at once (``released``).
 
@@ -41,6 +47,7 @@ with SIGKILL (they outlive it) are found by their work directory at the next sta
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import select
@@ -55,9 +62,9 @@ from dataclasses import dataclass, field
 import pykka
 from loguru import logger
 
-from cer.errors import NotFound, Unavailable
-from cer.linux.processes import pidfd_getfd, pidfd_open
-from cer.linux.userfaultfd import lazy_pages_unsupported
+from cer.errors import BadRequest, Exhausted, NotFound, Unavailable
+from cer.linux.processes import pidfd_getfd, pidfd_open, same_open_file
+from cer.linux.userfaultfd import lazy_pages_unsupported, registered_page
 from cer.references import CheckpointRef
 
 LAZY_DIRECTORY = "lazy"
@@ -67,6 +74,8 @@ LOG_NAME = "lazy-pages.log"
 _READY_POLL = 0.002
 _HISTORY = 64
 _REAP_TIMEOUT = 5.0
+# Mappings of a process checked against a server's userfaultfds at a bind (each costs two ioctls).
+_MAX_CHECKED_MAPPINGS = 256
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,11 @@ class LazySettings:
     """Ready servers kept per checkpoint once it has been asked for (0: start each on request)."""
     criu: str = "criu"
     shutdown_grace: float = 10.0
+    max_servers: int = 64
+    """Servers alive at once, spares included; a request beyond is ``exhausted`` (a spare of another
+    checkpoint is stopped to make room first)."""
+    max_per_checkpoint: int = 16
+    """Servers of one checkpoint handed out or being started for a request at once."""
 
 
 @dataclass(frozen=True)
@@ -176,8 +190,10 @@ class LazyPagesServers(pykka.ThreadingActor):
         reached it."""
         if self._unsupported:
             raise Unavailable(f"lazy restores are not available on this host: {self._unsupported}")
-        request = _Request(pykka.ThreadingFuture(), holder_pid, _open_holder(holder_pid))
         spare = self._find(ref, "spare") or self._find(ref, "starting")
+        if spare is None:
+            self._make_room(ref)
+        request = _Request(pykka.ThreadingFuture(), holder_pid, _open_holder(holder_pid))
         try:
             server = spare if spare is not None else self._spawn(ref)
         except BaseException:
@@ -192,27 +208,45 @@ class LazyPagesServers(pykka.ThreadingActor):
     def bind(self, server_id: str, pid: int) -> str:
         """Process ``pid`` was restored with server ``server_id``: if the server ends before it has delivered
         all its pages, the process is killed. Returns the server's state (``serving``, or ``completed`` when
-        it is done already)."""
+        it is done already).
+
+        The daemon kills only a process it has tied to this server's restore itself: every mapping the
+        process has registered with a userfaultfd must be registered, at the same address, in the memory
+        that one of this server's userfaultfds serves (``_restored_state``). Nothing else is ever killed, not
+        even for a server that has ended: such a bind is ``unavailable`` and the client removes its container.
+        """
         server = self._servers.get(server_id)
         if server is None:
             ended = self._ended_entry(server_id)
             if ended["outcome"] == "completed":
                 return "completed"
-            # Whatever the server did not deliver is a hole in that process by now: it must not run on.
-            killed = _kill_pid(pid)
             raise Unavailable(
-                f"lazy-pages server {server_id} ended ({ended['outcome']}: {ended['reason']}) before its restore had "
-                f"all its pages; {'process ' + str(pid) + ' was killed' if killed else f'process {pid} is not running'}"
+                f"lazy-pages server {server_id} ended ({ended['outcome']}: {ended['reason']}) before its restore was "
+                f"bound: the restored process may lack pages that never came; stop it (the daemon kills only "
+                f"processes bound to a live server)"
             )
         if server.state in ("starting", "spare"):
             raise NotFound(f"lazy-pages server {server_id} is not handed out")
+        other = next((s for s in self._servers.values() if s is not server and s.restored_pid == pid), None)
+        if other is not None:
+            raise BadRequest(f"process {pid} is bound to lazy-pages server {other.server_id} already")
         try:
             restored_pidfd = pidfd_open(pid)
         except ProcessLookupError:
             raise NotFound(f"process {pid} is not running") from None
+        try:
+            self._hold_uffds(server)
+            state = self._restored_state(server, pid, restored_pidfd)
+        except BaseException:
+            os.close(restored_pidfd)
+            raise
+        if state == "completed":
+            os.close(restored_pidfd)
+            logger.info("lazy-pages server {}: process {} waits on no userfaultfd and the server serves none any more: "
+                        "nothing to protect", server_id, pid)
+            return state
         _close(server.restored_pidfd)
         server.restored_pid, server.restored_pidfd = pid, restored_pidfd
-        server.uffds.extend(self._grab_uffds(server))
         if server.holder_pid is not None:
             self._watcher.unwatch(("lazy", server_id, "holder"))
         server.state = "serving"
@@ -297,11 +331,36 @@ class LazyPagesServers(pykka.ThreadingActor):
     def _start_spares(self, ref: CheckpointRef) -> None:
         ready = [s for s in self._servers.values() if s.ref == ref and s.state in ("starting", "spare") and s.request is None]
         for _ in range(self._settings.spares - len(ready)):
+            if len(self._live()) >= self._settings.max_servers:
+                return  # spares never take the place of a restore
             try:
                 self._spawn(ref)
             except (Unavailable, NotFound) as error:
                 logger.warning("no spare lazy-pages server for {}: {}", ref, error)
                 return
+
+    def _live(self) -> list[_Server]:
+        """Servers not being ended already."""
+        return [s for s in self._servers.values() if s.outcome is None]
+
+    def _make_room(self, ref: CheckpointRef) -> None:
+        """Refuse (``exhausted``) a new server beyond the caps; a spare of another checkpoint gives way."""
+        live = self._live()
+        mine = [s for s in live if s.ref == ref]
+        if len(mine) >= self._settings.max_per_checkpoint:
+            raise Exhausted(
+                f"{ref} has {len(mine)} lazy-pages servers already, the most per checkpoint (cer start "
+                f"--lazy-max-per-checkpoint): give back unused ones (checkpoint.lazy_put) or try again later"
+            )
+        if len(live) < self._settings.max_servers:
+            return
+        spare = next((s for s in live if s.state in ("starting", "spare") and s.request is None), None)
+        if spare is None:
+            raise Exhausted(
+                f"{len(live)} lazy-pages servers are running, the most this daemon runs (cer start --lazy-max-servers): "
+                f"give back unused ones (checkpoint.lazy_put) or try again later"
+            )
+        self._end(spare, "unused", "its place was needed for a restore")
 
     def _spawn(self, ref: CheckpointRef) -> _Server:
         images = self._wait(self._extractor.get(ref), "the checkpoint extractor")  # a user until the server ends
@@ -355,14 +414,43 @@ class LazyPagesServers(pykka.ThreadingActor):
         since = server.handed_out if server.handed_out is not None else server.started
         return round(max(0.0, since + self._settings.deadline - now), 3)
 
-    def _grab_uffds(self, server: _Server) -> list[int]:
-        held = []
+    def _hold_uffds(self, server: _Server) -> None:
+        """Hold a duplicate of each userfaultfd the server has, once: one the daemon holds already is not
+        taken again, however often a client binds."""
+        own = os.getpid()
         for fd in _uffd_fds(server.process.pid):
             try:
-                held.append(pidfd_getfd(server.pidfd, fd))
+                if any(same_open_file(own, held, server.process.pid, fd) for held in server.uffds):
+                    continue
+                server.uffds.append(pidfd_getfd(server.pidfd, fd))
             except OSError as error:  # closed meanwhile, or the server is gone: nothing to hold
                 logger.debug("lazy-pages server {}: cannot hold fd {}: {}", server.server_id, fd, error)
-        return held
+
+    def _restored_state(self, server: _Server, pid: int, pidfd: int) -> str:
+        """``serving`` when process ``pid`` is provably what ``server``'s restore made: its memory that waits on a
+        userfaultfd is the memory one of the server's serves, or (when nothing of its own waits any more, its
+        children's pages may still be on their way) it is the init of the pid namespace of a process whose is.
+        ``completed`` when nothing of it waits on a userfaultfd and the server, reached by its restore, has none
+        left (it has delivered all and is about to exit). Anything else is refused (BadRequest)."""
+        mappings = _uffd_mappings(pid)
+        tasks = [pid] if mappings else _tasks_of_namespace_led_by(pid)
+        tied = any(_serves_all(uffd, _uffd_mappings(task) if task != pid else mappings)
+                   for task in tasks for uffd in server.uffds)
+        # Read after the pidfd was opened and checked alive after: what was read was this very process's.
+        if _exited(pidfd, 0):
+            raise NotFound(f"process {pid} is not running")
+        if tied:
+            return "serving"
+        if _listening(server.process.pid):
+            raise BadRequest(f"no restore has reached lazy-pages server {server.server_id} yet: bind the process its "
+                             f"restore made, once the restore has returned")
+        if not mappings and not _uffd_fds(server.process.pid):
+            return "completed"
+        raise BadRequest(
+            f"process {pid} is not the restore of lazy-pages server {server.server_id}: "
+            + ("none of its memory waits on a userfaultfd" if not mappings else
+               "its lazily restored memory is not the memory this server's userfaultfds serve")
+        )
 
     def _end(self, server: _Server, outcome: str, reason: str) -> None:
         """End a server ourselves; the rest happens when its exit is reported (``_server_exited``)."""
@@ -539,17 +627,6 @@ def _kill(pidfd: int) -> bool:
         return False
 
 
-def _kill_pid(pid: int) -> bool:
-    try:
-        pidfd = pidfd_open(pid)
-    except ProcessLookupError:
-        return False
-    try:
-        return _kill(pidfd)
-    finally:
-        os.close(pidfd)
-
-
 def _uffd_fds(pid: int) -> list[int]:
     fds = []
     try:
@@ -563,6 +640,80 @@ def _uffd_fds(pid: int) -> list[int]:
         except OSError:
             continue
     return fds
+
+
+def _uffd_mappings(pid: int) -> list[tuple[int, int]]:
+    """The mappings (start, end) of process ``pid`` registered with a userfaultfd for missing pages (``um``
+    in smaps' VmFlags): those of a lazy restore wait on its server."""
+    mappings = []
+    start = end = 0
+    try:
+        with open(f"/proc/{pid}/smaps") as smaps:
+            for line in smaps:
+                first = line.split(None, 1)[0]
+                if "-" in first and not first.endswith(":"):
+                    low, _, high = first.partition("-")
+                    start, end = int(low, 16), int(high, 16)
+                elif first == "VmFlags:" and " um" in line:
+                    mappings.append((start, end))
+    except (OSError, ValueError):
+        return []
+    return mappings
+
+
+def _tasks_of_namespace_led_by(pid: int) -> list[int]:
+    """The processes of the pid namespace whose init is ``pid`` (a container's), none when ``pid`` is no such
+    init or its namespace is the daemon's own: killing an init kills its namespace, nothing outside it."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            nspid = next((line.split()[1:] for line in status if line.startswith("NSpid:")), [])
+        namespace = os.stat(f"/proc/{pid}/ns/pid").st_ino
+        if len(nspid) < 2 or nspid[-1] != "1" or namespace == os.stat("/proc/self/ns/pid").st_ino:
+            return []
+    except OSError:
+        return []
+    tasks = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if int(name) != pid and os.stat(f"/proc/{name}/ns/pid").st_ino == namespace:
+                tasks.append(int(name))
+        except OSError:
+            continue
+    return tasks
+
+
+def _listening(pid: int) -> bool:
+    """Whether process ``pid`` holds a listening unix socket: a lazy-pages server stops listening once its
+    restore has connected. (Told by inode: CRIU binds its socket by a name relative to its work directory.)"""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:["):-1])
+        with open("/proc/net/unix") as table:
+            next(table)
+            for line in table:
+                fields = line.split()
+                if len(fields) >= 7 and fields[6] in inodes and int(fields[3], 16) & 0x10000:
+                    return True
+    except (OSError, ValueError, StopIteration):
+        pass
+    return False
+
+
+def _serves_all(uffd: int, mappings: list[tuple[int, int]]) -> bool:
+    """Whether every one of ``mappings`` (the first and last page of each) is registered in the memory that
+    ``uffd`` serves: true of the process that memory is, and of no process whose layout differs."""
+    if not mappings:
+        return False
+    try:
+        return all(registered_page(uffd, start) and registered_page(uffd, end - 1)
+                   for start, end in mappings[:_MAX_CHECKED_MAPPINGS])
+    except OSError as error:  # that memory is gone, or being remapped: not provably the same
+        logger.debug("userfaultfd probe failed: {}", error)
+        return False
 
 
 def _has_uffd(pid: int) -> bool:

@@ -12,9 +12,14 @@ from loguru import logger
 
 from cer.actors.pool import PoolActor, PoolPeers, PoolSettings
 from cer.actors.told import tell, told
-from cer.config import MAX_POOLS, CheckpointEntry, Config
-from cer.errors import BadRequest, NotFound
+from cer.config import CheckpointEntry, Config
+from cer.errors import Exhausted, NotFound
 from cer.references import CheckpointRef
+
+MAX_RUNTIME_POOLS = 16
+"""Pools ``namespace.update`` may create for refs the configuration does not name. A quota of their own:
+however many a client makes, the configuration's pools (bounded by the file, cer.config.MAX_POOLS) are
+never refused for them."""
 
 
 @dataclass(frozen=True)
@@ -71,8 +76,14 @@ class Supervisor(pykka.ThreadingActor):
             # Told, not waited for: the pool's next message (a get, a status) sees the new capacity.
             tell(actor.proxy().set_capacity, capacity)
             return False
-        if actor is None and len(self._pools) >= MAX_POOLS:
-            raise BadRequest(f"the daemon already serves {MAX_POOLS} pools, its most: {ref} is not added")
+        if actor is None:
+            configured = {entry.ref for entry in self._config.checkpoints}
+            created = [other for other in self._pools if other not in configured]
+            if len(created) >= MAX_RUNTIME_POOLS:
+                raise Exhausted(
+                    f"{len(created)} pools were created by namespace.update for checkpoints the configuration does "
+                    f"not name, the most: {ref} is not added (name it in {self._config.path} and reload)"
+                )
         self._start_pool(entry)
         return actor is None
 

@@ -38,7 +38,7 @@ import mounts_support  # noqa: E402
 
 from cer.criu.checkpoint import read_checkpoint  # noqa: E402
 from cer.linux import namespaces as ns  # noqa: E402
-from cer.namespaces import Namespace, Recipe, build, remove_bundle, tear_down_mounts  # noqa: E402
+from cer.namespaces import Namespace, Recipe, build, destroy  # noqa: E402
 
 
 def in_thread(work):
@@ -80,14 +80,7 @@ def build_one(recipe: Recipe, bundles: Path, serial: int) -> dict:
 
 
 def tear_down(namespace: Namespace) -> None:
-    def work():
-        try:
-            tear_down_mounts(namespace)
-        finally:
-            os.close(namespace.namespace_id)
-            remove_bundle(namespace.bundle)
-
-    in_thread(work)
+    in_thread(lambda: destroy(namespace))
 
 
 def rounds(make, count: int, concurrency: int, live: int) -> tuple[list[dict], float]:
@@ -167,7 +160,7 @@ def main() -> None:
                   f"{rates[name][0]:12.0f} {rates[name][1]:10.0f}  {ratio:5.1f}x the time")
             if "tear_down" in sequential[0]:
                 tear_downs[name] = milliseconds(r["tear_down"] for r in sequential)
-        print("tear-down (setns, detach the tree, remove the bundle; off the get path), median ms: "
+        print("tear-down (close the namespace, remove the bundle from the host; off the get path), median ms: "
               + ", ".join(f"{name} {value.strip()}" for name, value in tear_downs.items()))
         target = rates["full"][1]
         print(f"\nfull mount list: {target:.0f} namespaces/s with {args.concurrency} at once "

@@ -81,22 +81,27 @@ def main(context: click.Context, debug: bool) -> None:
 @click.option("--workers", default=8, show_default=True, type=click.IntRange(1, 256), help="Requests served at once.")
 @click.option("--cold-timeout", default=10.0, show_default=True, type=click.FloatRange(0.1, 600), help="Longest wait, in seconds, for a namespace built on demand.")
 @click.option("--curve-keys", type=click.Path(file_okay=False, exists=True), help="Keys directory (see `cer keys`): tcp:// clients must present an authorized key.")
+@click.option("--insecure-tcp-any-local-user", "insecure_tcp", is_flag=True, help="Serve a loopback tcp:// --endpoint without --curve-keys. EVERY LOCAL USER then has the whole API (get and put anyone's namespaces, lazy restores, status): only for a host with no other users.")
 @click.option("--lease-timeout", default=300.0, show_default=True, type=click.FloatRange(1), help="Seconds after which a namespace neither put nor bound to a process is reported overdue.")
 @click.option("--containerd-address", default="/run/containerd/containerd.sock", show_default=True, help="containerd's socket, for entries without a path.")
 @click.option("--containerd-timeout", default=10.0, show_default=True, type=click.FloatRange(0.1, 600), help="Seconds a containerd call may take before containerd counts as unavailable.")
 @click.option("--http-port", type=click.IntRange(1, 65535), help="Serve POST /namespace/update and GET /metrics over HTTP on this port (off by default).")
 @click.option("--http-address", help="Address of the HTTP server.  [default: 127.0.0.1]")
-@click.option("--http-allow-remote", is_flag=True, help="Let --http-address be a non-loopback address (the HTTP server has no authentication).")
+@click.option("--http-allow-remote", is_flag=True, help="Let --http-address be a non-loopback address (updates need the token; /metrics is open to all who reach it).")
+@click.option("--http-unauthenticated-updates", is_flag=True, help="Take POST /namespace/update without the token of ROOT/http.token, as the original did: EVERY LOCAL USER (and with --http-allow-remote every host that reaches the port) can then resize pools and create new ones.")
 @click.option("--legacy-socket", is_flag=True, help="Also serve the original CER-Manager's protocol on ROOT/daemon.socket.")
 @click.option("--legacy-timeout", default=30.0, show_default=True, type=click.FloatRange(0.1, 3600), help="Seconds a --legacy-socket client may stay idle, or take to send one request.")
 @click.option("--lazy-deadline", default=300.0, show_default=True, type=click.FloatRange(0.5, 86400), help="Seconds a lazy-pages server (checkpoint.lazy) may live after it is handed out; then it and its restored process are stopped.")
 @click.option("--lazy-spares", default=1, show_default=True, type=click.IntRange(0, 16), help="Ready lazy-pages servers kept per checkpoint once it has been restored lazily.")
+@click.option("--lazy-max-servers", default=64, show_default=True, type=click.IntRange(1, 4096), help="Lazy-pages servers alive at once, spares included; checkpoint.lazy beyond is answered `exhausted`.")
+@click.option("--lazy-max-per-checkpoint", default=16, show_default=True, type=click.IntRange(1, 4096), help="Lazy-pages servers of one checkpoint handed out at once.")
 @click.option("--criu", default="criu", show_default=True, help="The CRIU that runs lazy-pages servers (the one the runtimes use).")
 @click.pass_context
 def start(
-    context, debug, root, config_path, endpoint, workers, cold_timeout, curve_keys, lease_timeout, containerd_address,
-    containerd_timeout, http_port, http_address, http_allow_remote, legacy_socket, legacy_timeout, lazy_deadline,
-    lazy_spares, criu,
+    context, debug, root, config_path, endpoint, workers, cold_timeout, curve_keys, insecure_tcp, lease_timeout, containerd_address,
+    containerd_timeout, http_port, http_address, http_allow_remote, http_unauthenticated_updates, legacy_socket,
+    legacy_timeout, lazy_deadline,
+    lazy_spares, lazy_max_servers, lazy_max_per_checkpoint, criu,
 ) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
     from cer.config import load_config  # noqa: PLC0415
@@ -110,8 +115,8 @@ def start(
     if os.geteuid() != 0:
         raise click.ClickException("cer start needs root: it creates namespaces and mounts")
     root = os.path.abspath(root)
-    if http_port is None and (http_address is not None or http_allow_remote):
-        raise click.UsageError("--http-address and --http-allow-remote need --http-port")
+    if http_port is None and (http_address is not None or http_allow_remote or http_unauthenticated_updates):
+        raise click.UsageError("--http-address, --http-allow-remote and --http-unauthenticated-updates need --http-port")
     try:
         config = load_config(config_path or os.path.join(root, CONFIG_NAME))
         settings = Settings(
@@ -121,6 +126,7 @@ def start(
             workers=workers,
             pool=PoolSettings(cold_timeout=cold_timeout, lease_timeout=lease_timeout),
             curve_keys=curve_keys,
+            insecure_tcp=insecure_tcp,
             containerd_address=containerd_address,
             containerd_timeout=containerd_timeout,
             legacy_socket=legacy_socket,
@@ -128,7 +134,9 @@ def start(
             http_port=http_port,
             http_address=http_address or "127.0.0.1",
             http_allow_remote=http_allow_remote,
-            lazy=LazySettings(deadline=lazy_deadline, spares=lazy_spares, criu=criu),
+            http_unauthenticated_updates=http_unauthenticated_updates,
+            lazy=LazySettings(deadline=lazy_deadline, spares=lazy_spares, criu=criu, max_servers=lazy_max_servers,
+                              max_per_checkpoint=lazy_max_per_checkpoint),
         )
         run(config, settings)
     except CerError as error:

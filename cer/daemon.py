@@ -35,7 +35,9 @@ from cer.protocol.legacy import DEFAULT_TIMEOUT as DEFAULT_LEGACY_TIMEOUT
 from cer.protocol.legacy import SOCKET_NAME as LEGACY_SOCKET_NAME
 from cer.protocol.legacy import LegacyFrontend
 from cer.protocol.http import DEFAULT_ADDRESS as DEFAULT_HTTP_ADDRESS
+from cer.protocol.http import TOKEN_NAME as HTTP_TOKEN_NAME
 from cer.protocol.http import HttpServer, check_address
+from cer.protocol.security import EndpointRefused, check_endpoint
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ class Settings:
     ask_timeout: float = 5.0
     pool: PoolSettings = PoolSettings()
     curve_keys: str | None = None
+    insecure_tcp: bool = False
+    """Serve a loopback tcp:// endpoint without CURVE keys, to every local user (--insecure-tcp-any-local-user)."""
     containerd_address: str = DEFAULT_CONTAINERD_ADDRESS
     containerd_timeout: float = DEFAULT_CONTAINERD_TIMEOUT
     legacy_socket: bool = False
@@ -57,6 +61,8 @@ class Settings:
     """Serve /namespace/update and /metrics over HTTP on this port (off when None)."""
     http_address: str = DEFAULT_HTTP_ADDRESS
     http_allow_remote: bool = False
+    http_unauthenticated_updates: bool = False
+    """Serve HTTP updates without the token of ROOT/http.token, to whoever reaches the port (the original's way)."""
     lazy: LazySettings = LazySettings()
     """The lazy-pages servers of lazy restores (checkpoint.lazy)."""
 
@@ -76,8 +82,13 @@ def run(config: Config, settings: Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda signum, _frame: signals.put(signum))  # SimpleQueue.put is reentrant
     signal.signal(signal.SIGUSR1, pykka.debug.log_thread_tracebacks)
+    # Refused before anything exists.
+    try:
+        check_endpoint(settings.endpoint, settings.curve_keys, settings.insecure_tcp)
+    except EndpointRefused as error:
+        raise DaemonError(f"cannot serve {settings.endpoint}: {error}") from None
     if settings.http_port is not None:
-        check_address(settings.http_address, settings.http_allow_remote)  # refused before anything exists
+        check_address(settings.http_address, settings.http_allow_remote)
     # The frontend's router thread answers warm gets itself; a thread busy in Python (a build, a tear-down,
     # a put) would otherwise keep it from the GIL for up to the default 5 ms switch interval.
     sys.setswitchinterval(_SWITCH_INTERVAL)
@@ -117,10 +128,12 @@ def run(config: Config, settings: Settings) -> None:
                 legacy.start()
             metrics.watch_pools(gateway.status)
             if settings.http_port is not None:
-                http = HttpServer(settings.http_address, settings.http_port, gateway, metrics, settings.http_allow_remote)
+                token = None if settings.http_unauthenticated_updates else os.path.join(root.root, HTTP_TOKEN_NAME)
+                http = HttpServer(settings.http_address, settings.http_port, gateway, metrics, settings.http_allow_remote, token)
                 http.start()
             frontend = Frontend(
-                settings.endpoint, gateway, settings.workers, settings.debug, settings.curve_keys, metrics.request_answered
+                settings.endpoint, gateway, settings.workers, settings.debug, settings.curve_keys, metrics.request_answered,
+                settings.insecure_tcp,
             )
             frontend.start()
             try:

@@ -1,7 +1,8 @@
 """What a pooled namespace holds, and how one is built and torn down.
 
-``build`` and ``tear_down`` run in a dedicated thread that does nothing else and then ends: the
-namespace belongs to that thread from ``unshare`` on, and the fd they return is what keeps it alive.
+``build`` runs in a dedicated thread that does nothing else and then ends: the namespace belongs to that
+thread from ``unshare`` on, and the fd it returns is what keeps it alive. ``destroy`` runs from outside,
+in a thread of the daemon's own mount namespace: it never enters a namespace that was handed out.
 
 A pooled mount namespace holds, under ``bundle/rootfs``: an overlay of the pool's read-only rootfs and
 the bundle's own ``upper``/``work``, and on it the container's mounts as the checkpoint's mountpoints
@@ -24,7 +25,7 @@ from cer.linux.namespaces import NAMESPACE_TYPES
 from cer.linux.sysv import populate_ipc_namespace
 from cer.mounts import MountError, MountPlan, mount_tree, plan_mounts, unmount_tree
 
-__all__ = ["NAMESPACE_TYPES", "Namespace", "Recipe", "build", "remove_bundle", "tear_down_mounts"]
+__all__ = ["NAMESPACE_TYPES", "Namespace", "Recipe", "build", "destroy", "remove_bundle"]
 
 
 @dataclass(frozen=True)
@@ -85,9 +86,26 @@ def build(ns_type: str, recipe: Recipe, bundle: str | None, fd_floor: int,
     The fd is moved to the lowest free number at or above ``fd_floor`` so that namespace ids are
     not reused right after a put: a late or repeated put then finds nothing instead of a namespace
     that was handed to somebody else. ``timings`` (mnt only) gets the seconds spent in ``overlay``,
-    ``mounts`` and ``tmpfs`` added.
+    ``mounts`` and ``tmpfs`` added. A mount namespace that fails half-built leaves no bundle behind: the
+    thread goes back to the daemon's mount namespace (the half-built one goes with it) and removes the
+    bundle from there, never from inside a tree whose root may already be the container's.
     """
-    ns.unshare(ns.CLONE_FLAGS[ns_type])
+    outside = ns.open_thread_namespace("mnt") if ns_type == "mnt" else None
+    try:
+        ns.unshare(ns.CLONE_FLAGS[ns_type])
+        try:
+            return _fill_and_open(ns_type, recipe, bundle, fd_floor, timings)
+        except BaseException as error:
+            if outside is not None:
+                _go_back_and_remove(outside, bundle, error)
+            raise
+    finally:
+        if outside is not None:
+            os.close(outside)
+
+
+def _fill_and_open(ns_type: str, recipe: Recipe, bundle: str | None, fd_floor: int,
+                   timings: dict[str, float] | None) -> Namespace:
     if ns_type == "uts" and recipe.uts is not None:
         ns.sethostname(recipe.uts.nodename)
         ns.setdomainname(recipe.uts.domainname)
@@ -102,6 +120,16 @@ def build(ns_type: str, recipe: Recipe, bundle: str | None, fd_floor: int,
     finally:
         os.close(opened)
     return Namespace(ns_type, fd, os.getpid(), bundle)
+
+
+def _go_back_and_remove(outside: int, bundle: str, error: BaseException) -> None:
+    """Leave a half-built mount namespace for the daemon's own and remove the bundle; ``error`` (what the
+    pool must hear about) gets a note when that fails."""
+    try:
+        ns.setns(outside, ns.CLONE_NEWNS)
+        remove_bundle(bundle)
+    except BaseException as cleanup:  # noqa: BLE001 - the build's own error is the one to raise
+        error.add_note(f"and its bundle {bundle} could not be removed: {cleanup}")
 
 
 def _build_mounts(recipe: Recipe, bundle: str, timings: dict[str, float] | None = None) -> None:
@@ -138,21 +166,32 @@ def _build_mounts(recipe: Recipe, bundle: str, timings: dict[str, float] | None 
         raise
 
 
-def tear_down_mounts(namespace: Namespace) -> None:
-    """Detach the bundle's rootfs and everything mounted in it inside the namespace; for a dedicated thread,
-    which it leaves in there.
+def destroy(namespace: Namespace) -> None:
+    """Close a namespace for good; a mount namespace's bundle is removed too. For a thread in the daemon's
+    own mount namespace, never one that entered a namespace cer handed out.
 
-    setns into a mount namespace refuses a thread that shares its filesystem attributes with the rest of
-    the process, hence the CLONE_FS unshare first.
+    Nothing here enters the namespace or reads anything in it: its root, its /proc and the paths in it are
+    the container's (it may have pivoted into its rootfs, detached the rest, planted the bundle's path in
+    its own root). Closing the daemon's fd is enough: a mount namespace that no process is in and no fd
+    holds is destroyed by the kernel with every mount in it, the overlay included. A process still in it
+    (a put while in use) keeps the namespace until it leaves, none of its mounts in the host's table; the
+    bundle (the overlay's ``upper`` and ``work`` are plain directories on the host's filesystem) is removed
+    from the host regardless, so nothing stays on disk after the put. Removing ``rootfs`` there makes the
+    kernel detach the tree mounted on it in that namespace too; a tree the container pivoted into is its
+    root and stays its own until it leaves.
     """
-    ns.unshare(ns.CLONE_FS)
-    ns.setns(namespace.namespace_id, ns.CLONE_NEWNS)
-    unmount_tree(namespace.rootfs)
+    try:
+        os.close(namespace.namespace_id)
+    finally:
+        if namespace.bundle is not None:
+            remove_bundle(namespace.bundle)
 
 
 def remove_bundle(bundle: str) -> None:
-    """Remove a bundle directory, never crossing into another filesystem: whatever is still mounted in it
-    where this runs (a bind of a host directory, a tmpfs) stays untouched, and so does its directory."""
+    """Remove a bundle directory, never following a link nor crossing into another filesystem: whatever is
+    still mounted in it where this runs (a bind of a host directory, a tmpfs) stays untouched, and so does
+    its directory. However deep the tree the container left in its upper layer: two fds at most, no
+    recursion."""
     try:
         top = os.lstat(bundle)
     except FileNotFoundError:
@@ -163,7 +202,9 @@ def remove_bundle(bundle: str) -> None:
     mount_points = _mount_points(bundle)
     if bundle in mount_points:
         return
-    _remove_below(bundle, top.st_dev, mount_points)
+    for _ in range(_MAX_WALKS):
+        if _empty_tree(bundle, top.st_dev, mount_points):
+            break
     _quietly(os.rmdir, bundle)
 
 
@@ -183,33 +224,75 @@ def _mount_points(below: str) -> set[str]:
         return found
 
 
-def _remove_below(directory: str, device: int, mount_points: set[str], parent_fd: int | None = None) -> None:
-    # Every step opens one name relative to its parent's fd, never a whole path: a process still
-    # writing in the bundle could swap a directory already passed for a link to the host's files.
-    name = directory if parent_fd is None else os.path.basename(directory)
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
-    except OSError:
-        return
+_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# A process still in the namespace can move directories while they are removed: the walk starts again
+# from the top when it finds one moved, this many times at most.
+_MAX_WALKS = 8
+
+
+def _empty_tree(top: str, device: int, mount_points: set[str]) -> bool:
+    """Remove everything below ``top`` that is on ``device`` and not a mount point, depth first; False when a
+    directory on the way was moved meanwhile (the walk must start again).
+
+    Every step opens one name relative to its parent's fd, never a whole path: a process still writing in
+    the bundle could swap a directory already passed for a link to the host's files. Going back up opens
+    ``..`` and checks it is the directory it came from."""
+    fd = os.open(top, _DIRECTORY)
     try:
         if os.fstat(fd).st_dev != device:
-            return
-        for entry in os.scandir(fd):
-            path = os.path.join(directory, entry.name)
-            if path in mount_points:
+            return True
+        # From ``top`` down to ``fd``: each directory's name, path, identity and subdirectories still to visit.
+        path = [(top, top, _identity(os.fstat(fd)), _unlink_files(fd, top, device, mount_points))]
+        while True:
+            name, where, _, pending = path[-1]
+            if pending:
+                child = pending.pop()
+                try:
+                    child_fd = os.open(child, _DIRECTORY, dir_fd=fd)
+                except OSError:
+                    continue
+                info = os.fstat(child_fd)
+                if info.st_dev != device:
+                    os.close(child_fd)
+                    continue
+                os.close(fd)
+                fd = child_fd
+                below = os.path.join(where, child)
+                path.append((child, below, _identity(info), _unlink_files(fd, below, device, mount_points)))
+                continue
+            if len(path) == 1:
+                return True
+            parent_fd = os.open("..", _DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = parent_fd
+            path.pop()
+            if _identity(os.fstat(fd)) != path[-1][2]:
+                return False
+            _quietly(os.rmdir, name, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_files(fd: int, where: str, device: int, mount_points: set[str]) -> list[str]:
+    """Unlink what is not a directory in ``fd`` (the directory at ``where``); the subdirectories to visit."""
+    directories = []
+    with os.scandir(fd) as entries:
+        for entry in entries:
+            if os.path.join(where, entry.name) in mount_points:
                 continue
             try:
                 info = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
-            if stat.S_ISDIR(info.st_mode):
-                if info.st_dev == device:
-                    _remove_below(path, device, mount_points, fd)
-                    _quietly(os.rmdir, entry.name, dir_fd=fd)
-            else:
+            if not stat.S_ISDIR(info.st_mode):
                 _quietly(os.unlink, entry.name, dir_fd=fd)
-    finally:
-        os.close(fd)
+            elif info.st_dev == device:
+                directories.append(entry.name)
+    return directories
+
+
+def _identity(info: os.stat_result) -> tuple[int, int]:
+    return info.st_dev, info.st_ino
 
 
 def _quietly(remove, *args, **kwargs) -> None:

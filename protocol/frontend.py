@@ -23,7 +23,7 @@ from loguru import logger
 from cer.actors.gateway import Gateway
 from cer.errors import CerError, InternalError, Unavailable
 from cer.protocol.methods import Method, find_method
-from cer.protocol.security import CurveServer, EndpointRefused, check_endpoint
+from cer.protocol.security import INSECURE_TCP_FLAG, CurveServer, EndpointRefused, bind_ipc, check_endpoint
 from cer.protocol.wire import MAX_REQUEST_BYTES, decode_request, encode_error, encode_result
 
 # Plain ints: pyzmq's flag enums cost microseconds per operation, and the router thread uses them for every request.
@@ -60,8 +60,10 @@ class Frontend:
         debug: bool = False,
         curve_keys: str | None = None,
         observe: Observer | None = None,
+        insecure_tcp: bool = False,
     ) -> None:
         self.endpoint = endpoint
+        self._insecure_tcp = insecure_tcp
         self._observe = observe
         self._curve_keys = curve_keys
         self._curve: CurveServer | None = None
@@ -80,7 +82,7 @@ class Frontend:
     def start(self) -> None:
         """Bind the endpoint and start serving; raises FrontendError when the endpoint cannot be served."""
         try:
-            check_endpoint(self.endpoint, self._curve_keys)
+            check_endpoint(self.endpoint, self._curve_keys, self._insecure_tcp)
         except EndpointRefused as error:
             raise FrontendError(f"cannot serve {self.endpoint}: {error}") from None
         self._context = zmq.Context()
@@ -92,9 +94,10 @@ class Frontend:
                 self._curve = CurveServer(self._context, self._curve_keys)
                 self._curve.start()
                 self._curve.secure(router)
-            router.bind(self.endpoint)
             if self.endpoint.startswith("ipc://"):
-                os.chmod(self.endpoint[len("ipc://"):], 0o600)  # whatever the umask made it
+                bind_ipc(router, self.endpoint[len("ipc://"):])
+            else:
+                router.bind(self.endpoint)
         except (zmq.ZMQError, EndpointRefused, OSError) as error:
             router.close()
             if self._curve is not None:
@@ -119,6 +122,9 @@ class Frontend:
         for thread in self._threads:
             thread.start()
         logger.info("serving {} with {} workers", self.endpoint, self._workers)
+        if self.endpoint.startswith("tcp://") and self._curve_keys is None:
+            logger.warning("{} has no authentication ({}): EVERY LOCAL USER can get, put and resize namespaces, "
+                           "start lazy restores and read the status", self.endpoint, INSECURE_TCP_FLAG)
 
     def stop(self) -> None:
         """Stop taking requests; the ones already taken are answered first."""

@@ -245,6 +245,9 @@ class NamespaceUpdate(Method):
 
     params: ``{"ref": REF, "capacity": N}`` (0 drains the pool)
     result: ``{"created": true|false}``
+
+    Pools of refs the configuration does not name are created within a quota of their own (``exhausted``
+    beyond), which never blocks the configuration's pools.
     """
 
     ref: CheckpointRef
@@ -371,7 +374,8 @@ class CheckpointLazy(Method):
     the restored process, so that it is killed rather than left with missing pages if the server ends any
     other way. A server still running ``deadline_seconds`` after this answer is stopped (and its bound
     process killed). With ``holder_pid`` the server is stopped when that process exits before a restore
-    reached it (``not_found`` when it is not running). ``unavailable`` when the host cannot restore lazily.
+    reached it (``not_found`` when it is not running). ``unavailable`` when the host cannot restore lazily;
+    ``exhausted`` beyond the daemon's caps on servers per checkpoint and in all.
     """
 
     ref: CheckpointRef
@@ -400,9 +404,11 @@ class CheckpointLazyBind(Method):
 
     From now on, if the server ends before its restore has all its pages (killed, failed, past its
     deadline, given back), the daemon kills that process (a container's init: its whole pid namespace)
-    before the process can read a page that never came. ``completed``: the server has delivered everything
-    already. A server that ended otherwise before this call is ``unavailable``, and the process is killed
-    at once. ``not_found`` for an unknown server or a process that is not running.
+    before the process can read a page that never came. Only a process the daemon ties to this server's
+    restore is taken (its userfaultfd-registered memory is the memory the server's userfaultfds serve);
+    any other is ``bad_request``. ``completed``: the server has delivered everything already. A server that
+    ended otherwise before this call is ``unavailable`` and nothing is killed: the client stops the process.
+    ``not_found`` for an unknown server or a process that is not running.
     """
 
     server_id: str

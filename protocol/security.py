@@ -1,11 +1,15 @@
 """Who may talk to the daemon.
 
-- ``ipc://``: libzmq does not set the socket file's mode, so the frontend makes it 0600 right after
-  binding; the default endpoint is also in a directory only root can enter (the daemon makes ROOT
-  0700), which closes the moment between bind and chmod. Abstract sockets (``ipc://@name``) have no
+- ``ipc://``: libzmq creates the socket file with whatever mode the umask gives, and replaces whatever
+  file is at the path. ``bind_ipc`` binds in a fresh directory only root can enter, makes the socket 0600
+  there and only then moves it to the endpoint's path, so no other user can connect in between wherever
+  the endpoint is; a path that holds anything but a socket is refused, never replaced. The default
+  endpoint is also in ROOT, which only root can enter. Abstract sockets (``ipc://@name``) have no
   permissions at all and are refused.
-- ``tcp://``: loopback addresses only, unless CURVE keys are given; with keys, every connection must
-  present a client key listed in the keys directory (the ZeroMQ "ironhouse" pattern).
+- ``tcp://``: only with CURVE keys: every connection must present a client key listed in the keys
+  directory (the ZeroMQ "ironhouse" pattern). Loopback is no access control on a shared host (every local
+  user reaches 127.0.0.1), so tcp without keys is refused, unless the operator asks for exactly that with
+  ``--insecure-tcp-any-local-user`` (loopback addresses only, and said loudly in the log).
 
 A keys directory holds ``server.key_secret`` (the daemon's key pair), ``server.key`` (its public half,
 for clients), and ``authorized/*.key`` (the public keys of the clients allowed in). ``cer keys DIR``
@@ -14,7 +18,10 @@ makes one with a first client key pair, ``client.key_secret``.
 
 import ipaddress
 import os
+import shutil
 import socket
+import stat
+import tempfile
 from urllib.parse import urlsplit
 
 import zmq
@@ -27,8 +34,12 @@ class EndpointRefused(CerError):
     """An endpoint the daemon will not serve as asked."""
 
 
-def check_endpoint(endpoint: str, curve_keys: str | None) -> None:
-    """Refuse a tcp endpoint that would let other hosts in without CURVE authentication."""
+INSECURE_TCP_FLAG = "--insecure-tcp-any-local-user"
+
+
+def check_endpoint(endpoint: str, curve_keys: str | None, insecure_tcp: bool = False) -> None:
+    """Refuse an endpoint that would let anyone but root (or an authorized CURVE key) in; ``insecure_tcp``
+    lets a loopback tcp endpoint be served without keys, open to every local user."""
     scheme, _, rest = endpoint.partition("://")
     if scheme == "ipc":
         if rest.startswith("@"):
@@ -38,8 +49,34 @@ def check_endpoint(endpoint: str, curve_keys: str | None) -> None:
         return
     if scheme != "tcp":
         raise EndpointRefused(f"{endpoint}: only ipc:// and tcp:// endpoints are served")
-    if curve_keys is None and not _is_loopback(urlsplit(f"tcp://{rest}").hostname or ""):
+    if curve_keys is not None:
+        return
+    if not _is_loopback(urlsplit(f"tcp://{rest}").hostname or ""):
         raise EndpointRefused(f"{endpoint} is not a loopback address: serving it needs --curve-keys")
+    if not insecure_tcp:
+        raise EndpointRefused(
+            f"{endpoint} without --curve-keys would give every local user the whole API (loopback is no access "
+            f"control): make keys with `cer keys DIR` and pass --curve-keys DIR, use an ipc:// endpoint, or accept "
+            f"exactly that with {INSECURE_TCP_FLAG}"
+        )
+
+
+def bind_ipc(server: zmq.Socket, path: str) -> None:
+    """Bind ``server`` to the unix socket ``path``, reachable by root alone from its first moment on."""
+    try:
+        existing = os.lstat(path).st_mode
+    except FileNotFoundError:
+        existing = None
+    if existing is not None and not stat.S_ISSOCK(existing):
+        raise EndpointRefused(f"{path} exists and is not a socket: it is not replaced")
+    private = tempfile.mkdtemp(prefix=".cer-", dir=os.path.dirname(path) or ".")  # 0700
+    try:
+        staged = os.path.join(private, "s")
+        server.bind(f"ipc://{staged}")
+        os.chmod(staged, 0o600)
+        os.rename(staged, path)  # the bound socket goes with its file
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def _is_loopback(host: str) -> bool:

@@ -33,6 +33,46 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str
         time.sleep(interval)
 
 
+UNPRIVILEGED_UID = 54321
+"""A uid nobody uses, for tests that play another local user."""
+
+# The interpreter and its site-packages may sit where another user cannot read (pyenv under /root): the
+# child imports what the tests' code needs as root, then drops to the unprivileged uid for good (setuid from
+# root clears every capability) before that code runs, so every access check it meets is another user's.
+_DROP_PRIVILEGES = f"""
+import encodings.idna, http.client, json, os, socket, sys, time
+import zmq
+import cer.errors, cer.protocol.client, cer.protocol.methods
+os.setgroups([])
+os.setgid({UNPRIVILEGED_UID})
+os.setuid({UNPRIVILEGED_UID})
+"""
+
+
+def as_unprivileged(code: str, *args: str, timeout: float = 60, wait: bool = True):
+    """Run Python ``code`` (with cer importable, ``args`` as sys.argv[1:]) as UNPRIVILEGED_UID, no groups: the
+    CompletedProcess, or with ``wait=False`` the running Popen (output piped)."""
+    argv = [sys.executable, "-c", _DROP_PRIVILEGES + code, *args]
+    if not wait:
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd="/")
+
+
+def unprivileged_can_connect(path: Path | str) -> bool:
+    """Whether UNPRIVILEGED_UID may connect to the unix socket ``path``."""
+    probe = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "try:\n"
+        f"    s.connect({str(path)!r})\n"
+        "except PermissionError:\n"
+        "    sys.exit(13)\n"
+    )
+    result = as_unprivileged(probe, timeout=30)
+    assert result.returncode in (0, 13), result.stderr
+    return result.returncode == 0
+
+
 def short_tempdir(prefix: str = "cer-") -> Path:
     # An ipc:// endpoint is a unix socket: its path must stay under ~107 bytes, so not under pytest's tmp_path.
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))

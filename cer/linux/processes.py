@@ -4,6 +4,8 @@ Unlike a pid, a pidfd cannot be recycled for a new process, so watching one is r
 """
 
 import ctypes
+import errno
+import os
 
 from cer.linux.libc import check, libc
 
@@ -13,8 +15,18 @@ libc.syscall.restype = ctypes.c_long
 
 
 def pidfd_open(pid: int) -> int:
-    """Open a pidfd for ``pid``; OSError(ESRCH) when no such process runs."""
-    return check(libc.syscall(_SYS_PIDFD_OPEN, ctypes.c_int(pid), ctypes.c_uint(0)), f"pidfd_open {pid}")
+    """Open a pidfd for ``pid``; ProcessLookupError (ESRCH) when no process has that id.
+
+    A pid comes from outside: a thread's id (the kernel answers ENOENT: a pidfd names a whole process) and
+    ids that cannot name a process (0, negative: EINVAL; past a C int, which ctypes would silently wrap onto
+    another pid) are no process either, not an internal error.
+    """
+    if not 0 < pid < 2**31:
+        raise ProcessLookupError(errno.ESRCH, f"pidfd_open {pid}: not a process id")
+    try:
+        return check(libc.syscall(_SYS_PIDFD_OPEN, ctypes.c_int(pid), ctypes.c_uint(0)), f"pidfd_open {pid}")
+    except FileNotFoundError:
+        raise ProcessLookupError(errno.ESRCH, f"pidfd_open {pid}: a thread, not a process") from None
 
 
 _SYS_PIDFD_GETFD = 438  # Linux 5.6
@@ -30,3 +42,19 @@ def pidfd_getfd(pidfd: int, target_fd: int) -> int:
         libc.syscall(_SYS_PIDFD_GETFD, ctypes.c_int(pidfd), ctypes.c_int(target_fd), ctypes.c_uint(0)),
         f"pidfd_getfd {target_fd}",
     )
+
+
+_SYS_KCMP = {"x86_64": 312, "aarch64": 272, "ppc64le": 354, "s390x": 343}
+_KCMP_FILE = 0
+
+
+def same_open_file(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
+    """Whether fd ``fd1`` of ``pid1`` and fd ``fd2`` of ``pid2`` are the same open file (kcmp(2)), e.g. a
+    duplicate this process took earlier; OSError when either is gone."""
+    number = _SYS_KCMP[os.uname().machine]
+    result = check(
+        libc.syscall(number, ctypes.c_int(pid1), ctypes.c_int(pid2), ctypes.c_int(_KCMP_FILE),
+                     ctypes.c_ulong(fd1), ctypes.c_ulong(fd2)),
+        f"kcmp {pid1}:{fd1} {pid2}:{fd2}",
+    )
+    return result == 0

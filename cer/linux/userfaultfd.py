@@ -43,3 +43,33 @@ def lazy_pages_unsupported() -> str | None:
     if missing:
         return f"the kernel's userfaultfd lacks the non-cooperative events CRIU needs ({', '.join(missing)})"
     return None
+
+
+_UFFDIO_COPY = 0xC028AA03  # _IOWR(0xAA, 0x03, struct uffdio_copy)
+_UFFDIO_COPY_MODE_DONTWAKE = 1
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class _UffdioCopy(ctypes.Structure):
+    _fields_ = [("dst", ctypes.c_uint64), ("src", ctypes.c_uint64), ("len", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("copy", ctypes.c_int64)]
+
+
+def registered_page(uffd: int, address: int) -> bool:
+    """Whether the page at ``address`` of the memory ``uffd`` serves (another process's) lies in a mapping
+    registered with a userfaultfd, asked without touching that memory.
+
+    A UFFDIO_COPY from source address 0, which is never mapped here: the kernel looks the destination up
+    first (ENOENT: no registered mapping there) and only then reads the source, which fails (EFAULT) before
+    any page is installed. OSError for anything else (ESRCH: that memory is gone; EAGAIN: it is being
+    remapped right now).
+    """
+    request = _UffdioCopy(dst=address - address % _PAGE, src=0, len=_PAGE, mode=_UFFDIO_COPY_MODE_DONTWAKE)
+    if libc.ioctl(uffd, ctypes.c_ulong(_UFFDIO_COPY), ctypes.byref(request)) == 0:
+        raise OSError(errno.EIO, "UFFDIO_COPY from address 0 copied a page")
+    err = ctypes.get_errno()
+    if err == errno.EFAULT:
+        return True
+    if err in (errno.ENOENT, errno.EINVAL):
+        return False
+    raise OSError(err, f"UFFDIO_COPY probe at {address:#x}: {os.strerror(err)}")

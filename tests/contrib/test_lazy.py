@@ -383,33 +383,125 @@ def _wchan(pid: int) -> str | None:
         return None
 
 
-@pytest.mark.timeout(240)
-def test_a_bind_after_the_server_died_kills_the_restored_process(lazy_cer, large, runc, workdir):
-    """The window between the restore and the bind: a server dead by then cannot be trusted with anything."""
-    from cer.errors import Unavailable
-    from cer.protocol.methods import CheckpointLazy, CheckpointLazyBind
+def _restore_without_bind(daemon, runc, checkpoint: Checkpoint, workdir: Path, prefix: str) -> tuple[dict, str]:
+    """A lazy restore the test binds itself: the server is stopped (SIGSTOP) before it can deliver every page,
+    so that it stays alive, serving nothing. Its reply and the container's id."""
+    from cer.protocol.methods import CheckpointLazy
     from cer.references import CheckpointRef
 
     for _attempt in range(3):
-        target = restorable(large, workdir / _unique("late"))
-        reply = lazy_cer.call(CheckpointLazy(CheckpointRef(large.name)))
-        container_id = _unique("late")
+        target = restorable(checkpoint, workdir / _unique(prefix))
+        reply = daemon.call(CheckpointLazy(CheckpointRef(checkpoint.name)))
+        container_id = _unique(prefix)
         runc("restore", "-d", "--lazy-pages", "--image-path", reply["images"], "--work-path", reply["work_dir"],
              "--bundle", str(target.bundle), container_id, timeout=120)
         with contextlib.suppress(ProcessLookupError):
             os.kill(reply["pid"], signal.SIGSTOP)  # before it has sent everything, unless it was very quick
-        if server(lazy_cer, reply["server_id"]) is not None:
-            break
+        if server(daemon, reply["server_id"]) is not None:
+            return reply, container_id
         runc.delete(container_id)  # it had delivered every page already: try again
-    else:
-        pytest.fail("in 3 tries the server always delivered all 256 MiB before it could be stopped")
+    pytest.fail(f"in 3 tries the server always delivered all {checkpoint.mib} MiB before it could be stopped")
+
+
+@pytest.mark.timeout(240)
+def test_a_bind_after_the_server_died_kills_nothing(lazy_cer, large, runc, workdir):
+    """The window between the restore and the bind: a server dead by then cannot be trusted with anything, and
+    the daemon cannot tell what the pid it is given is: it says so and kills nothing (issue 15, finding 2)."""
+    from cer.errors import Unavailable
+    from cer.protocol.methods import CheckpointLazyBind
+
+    reply, container_id = _restore_without_bind(lazy_cer, runc, large, workdir, "late")
     pid = runc.pid(container_id)
-    os.kill(reply["pid"], signal.SIGKILL)
-    assert wait_ended(lazy_cer, reply["server_id"])["outcome"] == "failed"
-    with pytest.raises(Unavailable, match=r"ended \(failed: killed by SIGKILL\).*was killed"):
-        lazy_cer.call(CheckpointLazyBind(reply["server_id"], pid))
-    runc_support.wait_exited(pid, 10)
-    assert runc.state(container_id)["status"] == "stopped"
+    bystander = subprocess.Popen(["sleep", "300"])
+    try:
+        os.kill(reply["pid"], signal.SIGKILL)
+        assert wait_ended(lazy_cer, reply["server_id"])["outcome"] == "failed"
+        for victim in (bystander.pid, pid):
+            with pytest.raises(Unavailable, match=r"ended \(failed: killed by SIGKILL\).*may lack pages"):
+                lazy_cer.call(CheckpointLazyBind(reply["server_id"], victim))
+        time.sleep(0.5)
+        assert bystander.poll() is None, "the daemon killed the pid a bind on an ended server named"
+        assert alive(pid), "the daemon killed a process it could not tie to a live server"
+    finally:
+        bystander.kill()
+        bystander.wait(10)
+        runc("delete", "--force", container_id, timeout=60)
+
+
+@pytest.mark.timeout(300)
+def test_a_bind_takes_only_the_servers_own_restore_and_holds_each_userfaultfd_once(lazy_cer, large, runc, workdir):
+    """Issue 15: through lazy_bind{restored_pid: VICTIM} any client had a root process SIGKILLed when the server
+    ended (finding 2), and every bind took one more duplicate of the server's userfaultfds (finding 7)."""
+    from cer.errors import BadRequest
+    from cer.protocol.methods import CheckpointLazy, CheckpointLazyBind, CheckpointLazyPut
+    from cer.references import CheckpointRef
+
+    reply, container_id = _restore_without_bind(lazy_cer, runc, large, workdir, "bind")
+    pid = runc.pid(container_id)
+    bystander = subprocess.Popen(["sleep", "300"])  # root's, as in the issue
+    other = lazy_cer.call(CheckpointLazy(CheckpointRef(large.name)))
+    try:
+        with pytest.raises(BadRequest, match=f"process {bystander.pid} is not the restore of lazy-pages server"):
+            lazy_cer.call(CheckpointLazyBind(reply["server_id"], bystander.pid))
+        # A server no restore reached cannot be bound, nor can one server's restore to another server.
+        with pytest.raises(BadRequest, match="no restore has reached"):
+            lazy_cer.call(CheckpointLazyBind(other["server_id"], pid))
+        binds = 200
+        with lazy_cer.client() as client:
+            for _ in range(binds):
+                assert client.call(CheckpointLazyBind(reply["server_id"], pid))["state"] == "serving"
+        held = daemon_fds(lazy_cer, "anon_inode:[userfaultfd]")
+        served = len([fd for fd in os.listdir(f"/proc/{reply['pid']}/fd")
+                      if os.readlink(f"/proc/{reply['pid']}/fd/{fd}") == "anon_inode:[userfaultfd]"])
+        assert 1 <= held == served, f"{binds} binds left the daemon holding {held} userfaultfds; the server has {served}"
+
+        # Ended with its restore bound: the daemon kills the restored container, and nothing else.
+        assert lazy_cer.call(CheckpointLazyPut(reply["server_id"]))["state"] == "released"
+        ended = wait_ended(lazy_cer, reply["server_id"])
+        assert ended["restored_pid"] == pid and ended["restored_killed"] is True, ended
+        runc_support.wait_exited(pid, 10)
+        assert bystander.poll() is None
+        assert wait_for(lambda: daemon_fds(lazy_cer, "anon_inode:[userfaultfd]") == 0, 10, 0.05,
+                        "the daemon to let go of the userfaultfds")
+    finally:
+        bystander.kill()
+        bystander.wait(10)
+        lazy_cer.call(CheckpointLazyPut(other["server_id"]))
+        runc("delete", "--force", container_id, timeout=60)
+
+
+@pytest.mark.timeout(180)
+def test_lazy_servers_are_capped_per_checkpoint_and_in_all(small, large):
+    """Issue 15: 100 criu lazy-pages processes in 3 s, no cap. A spare gives way to a restore, never the reverse."""
+    from cer.errors import Exhausted
+    from cer.protocol.methods import CheckpointLazy, CheckpointLazyPut
+    from cer.references import CheckpointRef
+
+    def lazy(checkpoint):
+        return daemon.call(CheckpointLazy(CheckpointRef(checkpoint.name)))
+
+    with running_daemon(_entries(small, large), "--lazy-max-per-checkpoint", "2", "--lazy-max-servers", "3",
+                        "--lazy-spares", "1") as daemon:
+        first, second = lazy(small), lazy(small)
+        with pytest.raises(Exhausted, match="the most per checkpoint.*--lazy-max-per-checkpoint"):
+            lazy(small)
+        daemon.call(CheckpointLazyPut(first["server_id"]))
+
+        def spare_of_small():
+            return next((s for s in lazy_status(daemon)["servers"]
+                         if s["ref"] == f"default/{small.name}" and s["state"] == "spare"), None)
+
+        spare = wait_for(spare_of_small, 15, 0.05, "a spare server of the checkpoint restored lazily")
+        taken = [lazy(large), lazy(large)]  # the second takes the spare's place
+        ended = wait_ended(daemon, spare["server_id"])
+        assert (ended["outcome"], ended["reason"]) == ("unused", "its place was needed for a restore"), ended
+        with pytest.raises(Exhausted, match="3 lazy-pages servers are running, the most.*--lazy-max-servers"):
+            lazy(small)
+        servers = lazy_status(daemon)["servers"]
+        assert sorted(s["server_id"] for s in servers) == sorted([second["server_id"], *(t["server_id"] for t in taken)])
+        assert len(processes_naming(daemon.root / "lazy")) >= 3
+        for reply in (second, *taken):
+            daemon.call(CheckpointLazyPut(reply["server_id"]))
 
 
 # --------------------------------------------------------------------------- servers nobody uses
@@ -568,3 +660,30 @@ def test_lazy_servers_of_unknown_checkpoints_and_holders_are_refused(daemon):
         daemon.call(CheckpointLazy(CheckpointRef("sample"), holder_pid=gone.pid))
     status = daemon.status()
     assert status["lazy"]["servers"] == [] and status["checkpoints"]["default/sample"]["users"] == 0
+
+
+@pytest.mark.timeout(30)
+def test_only_the_init_of_a_pid_namespace_other_than_the_daemons_leads_its_tasks():
+    """What a bind of a container's init may be tied through (its namespace's restored tasks): never the
+    host's init, never a process that is no namespace's init."""
+    from cer.actors.lazy import _tasks_of_namespace_led_by
+
+    container = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "sh", "-c", "sleep 60 & sleep 60 & wait"])
+    try:
+        def init_and_tasks():
+            children = Path(f"/proc/{container.pid}/task/{container.pid}/children").read_text().split()
+            if not children:
+                return None
+            init = int(children[0])
+            tasks = _tasks_of_namespace_led_by(init)
+            # Until they have exec'ed, the children are copies of sh.
+            sleeping = all(Path(f"/proc/{task}/cmdline").read_bytes().startswith(b"sleep") for task in tasks)
+            return (init, tasks) if len(tasks) == 2 and sleeping else None
+
+        init, tasks = wait_for(init_and_tasks, 10, 0.02, "the namespace's init and its two sleeping tasks")
+        assert _tasks_of_namespace_led_by(tasks[0]) == []  # not an init
+        assert _tasks_of_namespace_led_by(1) == []  # the daemon's own namespace
+        assert _tasks_of_namespace_led_by(os.getpid()) == []
+    finally:
+        container.kill()
+        container.wait(10)

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 
 import mounts_support  # noqa: E402
 
-from cer.namespaces import Namespace, Recipe, build, remove_bundle, tear_down_mounts  # noqa: E402
+from cer.namespaces import Namespace, Recipe, build, destroy  # noqa: E402
 
 
 def _checkpoint(tmp_path_factory, name: str, host_bind: bool) -> mounts_support.ContainerCheckpoint:
@@ -57,9 +57,8 @@ class Built:
         def create() -> None:
             try:
                 result["namespace"] = build("mnt", recipe, bundle, 2048)
-            except BaseException as error:  # noqa: BLE001 - handed to the test
+            except BaseException as error:  # noqa: BLE001 - handed to the test (build removed the bundle)
                 result["error"] = error
-                remove_bundle(bundle)
 
         thread = threading.Thread(target=create)
         thread.start()
@@ -75,12 +74,9 @@ class Built:
 
         def tear_down() -> None:
             try:
-                tear_down_mounts(namespace)
+                destroy(namespace)
             except BaseException as error:  # noqa: BLE001
                 errors.append(error)
-            finally:
-                os.close(namespace.namespace_id)
-                remove_bundle(namespace.bundle)
 
         thread = threading.Thread(target=tear_down)
         thread.start()

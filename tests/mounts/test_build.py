@@ -156,17 +156,25 @@ def test_a_mount_that_fails_fails_the_namespace_naming_it_and_leaves_nothing(con
 
 
 def test_a_busy_namespace_is_torn_down_all_the_same(plain_checkpoint, built):
-    """A process still working inside the tree (cwd in its /run tmpfs): the whole tree is detached anyway,
-    the bundle removed, the host's table untouched."""
+    """A process still working inside the tree (cwd in its /run tmpfs): tear-down never enters its namespace,
+    which stays the process's until it leaves; the bundle is removed from the host all the same, and with it
+    the directory the tree is mounted on, so the kernel detaches the whole tree in there too. The host's
+    table is untouched. (A tree that is the namespace's root, pivoted into, stays until its last process
+    leaves: tests/reliability/test_hostile_namespaces.py.)"""
     before = host_mounts()
     namespace = built.build(recipe_for(plain_checkpoint))
-    holder = subprocess.Popen(["nsenter", f"--mount={namespace.path}", f"--wd={namespace.rootfs}/run", "sleep", "60"])
+    # (nsenter's --wd opens its directory before entering: a shell does the cd inside.)
+    holder = subprocess.Popen(["nsenter", f"--mount={namespace.path}", "sh", "-c",
+                               f"cd {namespace.rootfs}/run && echo in && exec sleep 60"], stdout=subprocess.PIPE)
     try:
-        mounts_support.run(["nsenter", f"--mount={namespace.path}", "test", "-f",
-                            f"{namespace.rootfs}/run/cer/state.txt"])
+        assert holder.stdout.readline() == b"in\n"
+        state = f"{namespace.rootfs}/run/cer/state.txt"
+        mounts_support.run(["nsenter", f"--mount={namespace.path}", "test", "-f", state])
         built.destroy(namespace)
         assert not os.path.exists(namespace.bundle)
         assert host_mount_changes(before, built.bundles) == []
+        assert holder.poll() is None, holder.returncode
+        mounts_support.run(["nsenter", f"--mount=/proc/{holder.pid}/ns/mnt", "sh", "-c", f"test ! -e {state}"])
     finally:
         holder.kill()
         holder.wait(10)

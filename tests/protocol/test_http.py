@@ -1,16 +1,19 @@
 """The HTTP server of a real daemon (`cer start --http-port N`): capacity updates as the original took
-them, the Prometheus metrics matching what was done, malformed requests, and who may reach it."""
+them (with root's token), the Prometheus metrics matching what was done, malformed requests, and who may
+reach it: an unprivileged uid made by the test (setpriv) plays the other local users."""
 
 import http.client
 import json
 import socket
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import orjson
 import pytest
-from conftest import sample_config, short_tempdir, start_daemon, wait_for
+from conftest import as_unprivileged, sample_config, short_tempdir, start_daemon, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from cer.errors import CerError
@@ -30,13 +33,17 @@ def free_port() -> int:
 
 
 class Http:
-    """A daemon's HTTP server, asked through http.client so that tests control every header."""
+    """A daemon's HTTP server, asked through http.client so that tests control every header; updates carry
+    ``token`` (root's, from ROOT/http.token) unless told otherwise."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, token: str | None = None) -> None:
         self.port = port
+        self.token = token
 
     def request(self, verb: str, path: str, body: bytes | None = None, headers: dict | None = None):
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=15)
+        if self.token is not None and path.startswith("/namespace/"):
+            headers = {"Authorization": f"Bearer {self.token}", **(headers or {})}
         try:
             connection.request(verb, path, body=body, headers=headers or {})
             response = connection.getresponse()
@@ -70,9 +77,13 @@ def metric(samples: dict, name: str, **labels) -> float | None:
 def served():
     port = free_port()
     daemon = start_daemon(sample_config(), "--http-port", str(port))
-    yield daemon, Http(port)
+    yield daemon, Http(port, token_of(daemon))
     code = daemon.stop()
     assert code == 0, daemon.output()
+
+
+def token_of(daemon) -> str:
+    return (daemon.root / "http.token").read_text().strip()
 
 
 def listening_sockets(pid: int) -> set[str]:
@@ -224,6 +235,7 @@ def test_malformed_bodies_get_400_and_the_daemon_keeps_serving(served):
         connection = http.client.HTTPConnection("127.0.0.1", web.port, timeout=15)
         try:
             connection.putrequest("POST", "/namespace/update")
+            connection.putheader("Authorization", f"Bearer {web.token}")
             for name, value in headers.items():
                 connection.putheader(name, value)
             connection.endheaders()
@@ -301,8 +313,8 @@ def test_a_remote_address_is_served_with_a_loud_warning_when_allowed():
     port = free_port()
     daemon = start_daemon(sample_config(), "--http-port", str(port), "--http-address", "0.0.0.0", "--http-allow-remote")
     try:
-        assert "WITHOUT AUTHENTICATION" in daemon.output()
-        assert "WARNING" in next(line for line in daemon.output().splitlines() if "WITHOUT AUTHENTICATION" in line)
+        assert "to OTHER HOSTS" in daemon.output()
+        assert "WARNING" in next(line for line in daemon.output().splitlines() if "to OTHER HOSTS" in line)
         assert Http(port).request("GET", "/metrics")[0] == 200
     finally:
         assert daemon.stop() == 0
@@ -329,10 +341,12 @@ def in_process(monkeypatch):
 
     monkeypatch.setattr(http_module._Handler, "timeout", 1.0)
     gateway = DummyGateway()
-    server = http_module.HttpServer("127.0.0.1", free_port(), gateway, Metrics())
+    token_file = short_tempdir() / "http.token"
+    server = http_module.HttpServer("127.0.0.1", free_port(), gateway, Metrics(), token_file=str(token_file))
     server.start()
-    yield server, gateway, Http(int(server.url.rsplit(":", 1)[1]))
+    yield server, gateway, Http(int(server.url.rsplit(":", 1)[1]), token_file.read_text().strip())
     server.stop()
+    assert not token_file.exists()
 
 
 def closed_by_peer(connection: socket.socket, within: float) -> bool:
@@ -347,7 +361,8 @@ def test_a_client_that_stalls_mid_body_is_dropped_and_others_are_served(in_proce
     server, gateway, web = in_process
     stalled = socket.create_connection(("127.0.0.1", web.port))
     try:
-        stalled.sendall(b"POST /namespace/update HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"checkp")
+        stalled.sendall(b"POST /namespace/update HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+                        b"Authorization: Bearer " + web.token.encode() + b"\r\n\r\n{\"checkp")
         # Served meanwhile: the stalled client holds one thread, not the server.
         assert web.update(checkpoint_name="a", capacity=1)[0] == 200
         assert closed_by_peer(stalled, 5), "the stalled connection was not closed"
@@ -356,20 +371,36 @@ def test_a_client_that_stalls_mid_body_is_dropped_and_others_are_served(in_proce
     assert [call for call in gateway.calls if call[0] == "update"] == [("update", CheckpointRef("a"), 1)]
 
 
-def test_connections_beyond_the_bound_are_closed_at_once(in_process, monkeypatch):
+def test_connections_beyond_the_bounds_are_closed_at_once(in_process, monkeypatch):
     from cer.protocol import http as http_module
 
     server, _, web = in_process
     monkeypatch.setattr(http_module._Handler, "timeout", 10.0)
-    idle = [socket.create_connection(("127.0.0.1", web.port)) for _ in range(http_module._MAX_CONNECTIONS)]
+    monkeypatch.setattr(http_module, "_REQUEST_DEADLINE", 30.0)
+    monkeypatch.setattr(http_module, "_MAX_CONNECTIONS", http_module._MAX_PER_PEER + 2)
+    idle = [socket.create_connection(("127.0.0.1", web.port)) for _ in range(http_module._MAX_PER_PEER)]
     try:
-        # Each idle connection holds its thread until it times out; the next one is refused at once.
-        wait_for(lambda: server._server._slots._value == 0, 5, what="every slot to be taken")
+        # Each idle connection holds its thread; one more from the same user is refused at once.
+        wait_for(lambda: server._server.open_connections == http_module._MAX_PER_PEER, 5, what="the peer's slots to be taken")
         extra = socket.create_connection(("127.0.0.1", web.port))
         try:
             assert closed_by_peer(extra, 5)
         finally:
             extra.close()
+        # Another user still gets in, up to the bound on all connections.
+        others = as_unprivileged(
+            "import socket, time\n"
+            f"held = [socket.create_connection(('127.0.0.1', {web.port})) for _ in range(3)]\n"
+            "closed = []\n"
+            "for connection in held:\n"
+            "    connection.settimeout(1.5)\n"
+            "    try:\n"
+            "        closed.append(connection.recv(1) == b'')\n"
+            "    except TimeoutError:\n"
+            "        closed.append(False)\n"
+            "print(sum(closed))\n"
+        )
+        assert others.stdout.strip() == "1", others.stderr  # two fit under the bound, the third does not
     finally:
         for connection in idle:
             connection.close()
@@ -381,3 +412,135 @@ def test_connections_beyond_the_bound_are_closed_at_once(in_process, monkeypatch
             return False  # refused while the slots were still being given back
 
     wait_for(served_again, 10, interval=0.1, what="a slot to free up")
+
+
+SLOWLORIS = """
+import socket, sys, time
+port, count, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+started, opened, longest = time.monotonic(), {}, 0.0
+
+def connect():
+    try:
+        connection = socket.create_connection(("127.0.0.1", port), timeout=2)
+        connection.sendall(b"P")
+        opened[connection] = time.monotonic()
+    except OSError:
+        pass
+
+for _ in range(count):
+    connect()
+while time.monotonic() - started < seconds:
+    time.sleep(4)
+    for connection, since in list(opened.items()):
+        try:
+            connection.sendall(b"O")  # one byte every 4 s, as in the issue
+            connection.setblocking(False)
+            alive = connection.recv(1) != b""
+        except BlockingIOError:
+            alive = True
+        except OSError:
+            alive = False
+        connection.setblocking(True)
+        if not alive:
+            longest = max(longest, time.monotonic() - since)
+            del opened[connection]
+            connection.close()
+            connect()  # and straight back in
+longest = max([longest, *(time.monotonic() - since for since in opened.values())])
+print(round(longest, 1))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_slow_clients_of_another_user_keep_nobody_out(in_process, monkeypatch):
+    """Issue 15, finding 3: 32 clients sending a byte every 4 s kept every other HTTP request out, for as long
+    as they liked (a per-read timeout, no whole-request deadline, one bound for everyone)."""
+    from cer.protocol import http as http_module
+
+    server, gateway, web = in_process
+    monkeypatch.setattr(http_module._Handler, "timeout", http_module._SOCKET_TIMEOUT)  # the daemon's own
+    attack_seconds = 3 * http_module._REQUEST_DEADLINE + 6
+    attacker = as_unprivileged(SLOWLORIS, str(web.port), "32", str(attack_seconds), wait=False)
+    try:
+        wait_for(lambda: server._server.open_connections >= http_module._MAX_PER_PEER, 10, what="the slow clients")
+        served = 0
+        deadline = time.monotonic() + attack_seconds - 2
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            assert web.request("GET", "/metrics")[0] == 200
+            assert web.update(checkpoint_name="a", capacity=1)[0] == 200
+            assert time.monotonic() - started < 2, "a request waited behind the slow clients"
+            served += 1
+            time.sleep(0.25)
+        out, err = attacker.communicate(timeout=60)
+    finally:
+        attacker.kill()
+    assert attacker.returncode == 0, err
+    # However they trickle, no connection outlives the whole-request deadline (the attacker checks every 4 s).
+    assert float(out) <= http_module._REQUEST_DEADLINE + 4.5, out
+    assert served >= 10
+
+
+def test_updates_need_roots_token_and_metrics_stay_open():
+    """Issue 15, finding 3: an unprivileged user's POST /namespace/update built 3,000 namespaces."""
+    port = free_port()
+    daemon = start_daemon(sample_config(), "--http-port", str(port))
+    try:
+        token_file = daemon.root / "http.token"
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600 and token_file.stat().st_uid == 0
+        probe = (
+            "import http.client, json\n"
+            f"token = None\n"
+            "try:\n"
+            f"    token = open({str(token_file)!r}).read()\n"
+            "except PermissionError:\n"
+            "    pass\n"
+            "def ask(verb, path, body=None, headers={}):\n"
+            f"    connection = http.client.HTTPConnection('127.0.0.1', {port}, timeout=15)\n"
+            "    connection.request(verb, path, body=body, headers=headers)\n"
+            "    response = connection.getresponse()\n"
+            "    return response.status, response.read()\n"
+            "body = json.dumps({'checkpoint_name': 'sample', 'capacity': 1000}).encode()\n"
+            "update, reply = ask('POST', '/namespace/update', body)\n"
+            "guessed, _ = ask('POST', '/namespace/update', body, {'Authorization': 'Bearer guessed'})\n"
+            "metrics, _ = ask('GET', '/metrics')\n"
+            "print(json.dumps({'token': token, 'update': update, 'guessed': guessed, 'metrics': metrics,\n"
+            "                  'code': json.loads(reply)['error']['code']}))\n"
+        )
+        unprivileged = as_unprivileged(probe)
+        assert json.loads(unprivileged.stdout) == {"token": None, "update": 401, "guessed": 401, "metrics": 200,
+                                                   "code": "unauthorized"}, unprivileged.stderr
+        assert daemon.pool("sample")["capacity"] == 2
+        root = Http(port, token_of(daemon))
+        assert root.update(checkpoint_name="sample", capacity=3)[0] == 200
+        assert daemon.pool("sample")["capacity"] == 3
+    finally:
+        assert daemon.stop() == 0, daemon.output()
+    assert not (daemon.root / "http.token").exists()
+
+
+def test_unauthenticated_updates_only_when_asked_for_by_name():
+    port = free_port()
+    daemon = start_daemon(sample_config(), "--http-port", str(port), "--http-unauthenticated-updates")
+    try:
+        assert not (daemon.root / "http.token").exists()
+        assert Http(port).update(checkpoint_name="sample", capacity=1)[0] == 200
+        assert daemon.pool("sample")["capacity"] == 1
+        assert "WITHOUT AUTHENTICATION" in daemon.output()
+    finally:
+        assert daemon.stop() == 0, daemon.output()
+
+
+def test_updates_create_pools_of_unconfigured_refs_only_within_their_quota(served):
+    """Issue 15, finding 3: 254 junk refs made 254 pools, and then a new ref of root's own was refused."""
+    from cer.actors.supervisor import MAX_RUNTIME_POOLS
+
+    daemon, web = served
+    for index in range(MAX_RUNTIME_POOLS):
+        assert web.update(checkpoint_name=f"junk-{index}", capacity=0) == (200, {"v": 1, "ok": True, "result": {"created": True}})
+    status, reply = web.update(checkpoint_name="one-too-many", capacity=0)
+    assert (status, reply["error"]["code"]) == (503, "exhausted"), reply
+    assert "not added" in reply["error"]["message"]
+    assert len(daemon.status()["pools"]) == 2 + MAX_RUNTIME_POOLS
+    # The configuration's own pools are resized as ever.
+    assert web.update(checkpoint_name="sample", capacity=1)[0] == 200

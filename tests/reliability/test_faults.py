@@ -3,6 +3,7 @@
 import os
 import resource
 
+import mounts_support
 import pykka
 import pytest
 from conftest import SAMPLE, host_mounts, wait_for
@@ -93,6 +94,65 @@ def test_a_creation_thread_that_dies_still_answers_its_pool(factory):
     assert namespace is None and "mount overlay" in str(error)
     assert os.listdir(bundles) == []  # the half-built bundle went with the failure
     assert host_mounts() == mounts_before
+
+
+def test_a_mount_namespace_that_fails_after_changing_its_root_leaves_no_bundle(factory):
+    """As a build that pivots into the rootfs (issue 12) and fails after: the bundle is removed from the
+    daemon's mount namespace, not looked for under the thread's new root."""
+    proxy, bundles = factory
+
+    class PivotsThenFails:
+        """A mount plan that, once the overlay is up, moves the thread's root into it and fails."""
+
+        def __getattr__(self, name):
+            os.chroot(os.path.join(str(bundles), os.listdir(bundles)[0], "rootfs"))
+            raise OSError(5, "failed after the root moved")
+
+    mounts_before = mounts_support.host_mounts()
+    namespace, error = build_one(proxy, "mnt", Recipe(rootfs=str(SAMPLE / "rootfs"), mounts=PivotsThenFails()))
+    assert namespace is None and "failed after the root moved" in str(error)
+    assert os.listdir(bundles) == []
+    assert mounts_support.host_mount_changes(mounts_before, bundles) == []
+    namespace, error = build_one(proxy, "mnt", Recipe(rootfs=str(SAMPLE / "rootfs")))
+    assert error is None and namespace is not None
+
+
+class Keeper(pykka.ThreadingActor):
+    """Stands in for a pool that keeps what it gets; notes whether ``watched`` still exists at each delivery."""
+
+    def __init__(self, watched=None):
+        super().__init__()
+        self.watched = watched
+        self.results = []
+
+    def namespace_created(self, ns_type, namespace, error, seconds):
+        self.results.append((namespace, error, self.watched is not None and os.path.exists(self.watched)))
+
+    def collected(self):
+        return list(self.results)
+
+
+def test_a_slow_tear_down_never_holds_up_creations(tmp_path):
+    """How long removing a bundle takes depends on what the container wrote in it: creations, with one slot,
+    go on meanwhile."""
+    bundles = tmp_path / "bundles"
+    bundles.mkdir()
+    factory = NamespaceFactory.start(str(bundles), 1).proxy()
+    keeper = Keeper.start().proxy()
+    factory.create("mnt", Recipe(rootfs=str(SAMPLE / "rootfs")), keeper)
+    ((namespace, error, _),) = wait_for(lambda: keeper.collected().get(timeout=5), 20, what="the mnt namespace")
+    assert error is None
+    for name in range(2000):  # the container's writes land in the bundle's upper layer
+        os.mkdir(os.path.join(namespace.bundle, "upper", str(name)))
+    watcher = Keeper.start(namespace.bundle).proxy()
+    factory.destroy(namespace)
+    factory.create("uts", Recipe(), watcher)
+    ((created, error, bundle_still_there),) = wait_for(lambda: watcher.collected().get(timeout=5), 20, what="the uts namespace")
+    assert error is None and bundle_still_there
+    factory.destroy(created)
+    wait_for(lambda: not os.path.exists(namespace.bundle), 60, what="the bundle to be removed")
+    factory.actor_ref.stop(block=True, timeout=30)
+    assert os.listdir(bundles) == []
 
 
 def test_a_crashed_pool_is_started_again_and_the_others_are_unaffected(tmp_path):
