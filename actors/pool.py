@@ -23,6 +23,7 @@ from loguru import logger
 
 from cer.actors.timers import Timer, Timers, default_timers
 from cer.actors.told import tell, told
+from cer.budget import BudgetExceeded, PrefillBudget
 from cer.config import CheckpointEntry
 from cer.errors import BadRequest, Exhausted, NotFound, Unavailable
 from cer.linux.processes import pidfd_open
@@ -56,6 +57,8 @@ class PoolPeers:
     watcher: pykka.ActorProxy
     timers: Timers = field(default_factory=default_timers)
     shelves: "Shelves | None" = None
+    budget: PrefillBudget = field(default_factory=PrefillBudget)
+    """What every pool's pre-filled IPC namespaces may hold in all (shared, thread-safe)."""
 
 
 @dataclass(frozen=True)
@@ -303,6 +306,8 @@ class PoolActor(pykka.ThreadingActor):
         self._timers = peers.timers
         self._now = peers.timers.now
         self._shelves = peers.shelves
+        self._budget = peers.budget
+        self._over_budget = False
         self._cold_timeout = settings.cold_timeout
         self._lease_timeout = settings.lease_timeout
         self._capacity = entry.capacity
@@ -348,6 +353,12 @@ class PoolActor(pykka.ThreadingActor):
         self._recipe = recipe
         for pool in self._types.values():
             pool.shelf.ipc_default = recipe.ipc_default
+        try:
+            self._reserve(self._capacity, self._max_capacity)
+        except BudgetExceeded as error:
+            self._over_budget = True
+            self._fail_permanently(str(error))
+            return
         self._state = "ready"
         self._last_error = None
         logger.info("pool {}: checkpoint loaded, filling to {}", self.entry.ref, self._capacity)
@@ -457,7 +468,13 @@ class PoolActor(pykka.ThreadingActor):
     @told
     def set_capacity(self, capacity: int, max_capacity: int | None | object = ...) -> None:
         """Set how many idle namespaces each type keeps (the floor, for an adaptive pool) and, when given,
-        the adaptive ceiling (None: a fixed pool); shrinking destroys idle namespaces at once."""
+        the adaptive ceiling (None: a fixed pool); shrinking destroys idle namespaces at once. Raises
+        BudgetExceeded, changing nothing, when the pool would pass the daemon's pre-fill budget."""
+        ceiling = self._max_capacity if max_capacity is ... else max_capacity
+        self._reserve(capacity, ceiling)
+        if self._over_budget:
+            self._over_budget = False
+            self._state, self._last_error = "ready", None
         self._capacity = capacity
         if max_capacity is not ...:
             self._max_capacity = max_capacity
@@ -471,6 +488,7 @@ class PoolActor(pykka.ThreadingActor):
         holder's exit; then the pool stops itself and tells ``supervisor.pool_retired``."""
         self._withdraw_shelves()
         self._retired_to = supervisor
+        self._budget.release(self.actor_urn)
         self._state, self._last_error = "retired", "its entry was removed or replaced by a configuration reload"
         self._capacity, self._max_capacity = 0, None
         self._cancel_timers()
@@ -567,6 +585,7 @@ class PoolActor(pykka.ThreadingActor):
             "capacity": self._capacity,
             "max_capacity": self._max_capacity,
             "ipc_default": self.ipc_default(),
+            "ipc_prefill_bytes": None if self._recipe is None or self._recipe.ipc is None else self._recipe.ipc.prefill_bytes,
             "types": {
                 ns_type: {
                     "supported": self._recipe is None or self._recipe.supports(ns_type),
@@ -665,7 +684,7 @@ class PoolActor(pykka.ThreadingActor):
         return Lease(namespace, cold, self._recipe.ipc_default)
 
     def _refill(self) -> None:
-        if self._recipe is None or self._retry_timer is not None or self._retired_to is not None:
+        if self._recipe is None or self._retry_timer is not None or self._retired_to is not None or self._over_budget:
             return
         for ns_type, pool in self._types.items():
             if not self._recipe.supports(ns_type):
@@ -674,6 +693,14 @@ class PoolActor(pykka.ThreadingActor):
             for _ in range(missing):
                 pool.building += 1
                 tell(self._factory.create, ns_type, self._recipe, self._self)
+
+    def _reserve(self, capacity: int, max_capacity: int | None) -> None:
+        """Reserve in the daemon's budget what this pool's IPC namespaces pre-fill at most (none before the
+        checkpoint is read)."""
+        if self._recipe is None or self._recipe.ipc is None:
+            return
+        self._budget.reserve(self.actor_urn, f"checkpoint {self.entry.ref}", self._recipe.ipc.prefill_bytes,
+                             capacity if max_capacity is None else max_capacity)
 
     def _fail_permanently(self, message: str) -> None:
         logger.error("pool {}: {}", self.entry.ref, message)
@@ -686,6 +713,7 @@ class PoolActor(pykka.ThreadingActor):
         self._release_all()
 
     def _release_all(self) -> None:
+        self._budget.release(self.actor_urn)
         self._withdraw_shelves()
         self._cancel_timers()
         for ns_type, pool in self._types.items():

@@ -72,8 +72,10 @@ class Supervisor(pykka.ThreadingActor):
         entry = replace(self._entries.get(ref) or CheckpointEntry(ref=ref, capacity=capacity), capacity=capacity)
         actor = self._pools.get(ref)
         if actor is not None and actor.is_alive():
+            # The budget refuses here, in the reply, what the pool could only refuse after it (changing nothing);
+            # the resize itself is told, not waited for: the pool's next message sees the new capacity.
+            self._reserve_budget(actor, entry)
             self._entries[ref] = entry
-            # Told, not waited for: the pool's next message (a get, a status) sees the new capacity.
             tell(actor.proxy().set_capacity, capacity)
             return False
         if actor is None:
@@ -108,6 +110,7 @@ class Supervisor(pykka.ThreadingActor):
                 summary["added"].append(str(ref))
             elif replace(current, capacity=entry.capacity, max_capacity=entry.max_capacity) == entry and self._pools[ref].is_alive():
                 if (current.capacity, current.max_capacity) != (entry.capacity, entry.max_capacity):
+                    self._reserve_budget(self._pools[ref], entry)
                     self._entries[ref] = entry
                     tell(self._pools[ref].proxy().set_capacity, entry.capacity, entry.max_capacity)
                     summary["resized"].append(str(ref))
@@ -129,6 +132,11 @@ class Supervisor(pykka.ThreadingActor):
         )
         asked = tuple((ref, actor.proxy().status()) for ref, actor in [*self._pools.items(), *retired] if actor.is_alive())
         return PoolStatuses(crashed, asked)
+
+    def _reserve_budget(self, actor: pykka.ActorRef, entry: CheckpointEntry) -> None:
+        """Hold ``entry``'s new size to the pre-fill budget at the cost its pool reserved at (a lock, no wait):
+        BudgetExceeded, changing nothing, when it would pass."""
+        self._peers.budget.resize(actor.actor_urn, entry.capacity if entry.max_capacity is None else entry.max_capacity)
 
     def _start_pool(self, entry: CheckpointEntry) -> pykka.ActorRef:
         self._entries[entry.ref] = entry

@@ -15,6 +15,23 @@ from cer.references import CheckpointRef
 NAMESPACE_TYPE = click.Choice(NAMESPACE_TYPES)
 
 
+class _Size(click.ParamType):
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        from cer.budget import parse_size  # noqa: PLC0415
+
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
+
+
+_SIZE = _Size()
+
+
 def _endpoint_option(command):
     command = click.option(
         "--timeout",
@@ -96,12 +113,13 @@ def main(context: click.Context, debug: bool) -> None:
 @click.option("--lazy-max-servers", default=64, show_default=True, type=click.IntRange(1, 4096), help="Lazy-pages servers alive at once, spares included; checkpoint.lazy beyond is answered `exhausted`.")
 @click.option("--lazy-max-per-checkpoint", default=16, show_default=True, type=click.IntRange(1, 4096), help="Lazy-pages servers of one checkpoint handed out at once.")
 @click.option("--criu", default="criu", show_default=True, help="The CRIU that runs lazy-pages servers (the one the runtimes use).")
+@click.option("--prefill-budget", type=_SIZE, help="Most SysV memory (shm pages, queued messages) pre-filled into pooled IPC namespaces, all pools together, e.g. 8G; a pool that would pass it is refused.  [default: a quarter of the machine's memory]")
 @click.pass_context
 def start(
     context, debug, root, config_path, endpoint, workers, cold_timeout, curve_keys, insecure_tcp, lease_timeout, containerd_address,
     containerd_timeout, http_port, http_address, http_allow_remote, http_unauthenticated_updates, legacy_socket,
     legacy_timeout, lazy_deadline,
-    lazy_spares, lazy_max_servers, lazy_max_per_checkpoint, criu,
+    lazy_spares, lazy_max_servers, lazy_max_per_checkpoint, criu, prefill_budget,
 ) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
     from cer.config import load_config  # noqa: PLC0415
@@ -137,6 +155,7 @@ def start(
             http_unauthenticated_updates=http_unauthenticated_updates,
             lazy=LazySettings(deadline=lazy_deadline, spares=lazy_spares, criu=criu, max_servers=lazy_max_servers,
                               max_per_checkpoint=lazy_max_per_checkpoint),
+            prefill_budget=prefill_budget,
         )
         run(config, settings)
     except CerError as error:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from cer.documents import load_object, reject_unknown
 from cer.errors import BadRequest, CerError, ConfigError
+from cer.files import read_regular_file
 from cer.references import CheckpointRef
 
 DEFAULT_ROOT = "/var/lib/cermanager"
@@ -70,8 +71,8 @@ def validate_capacity(value: object, what: str, minimum: int = 1) -> int:
 def load_config(path: str) -> Config:
     """Read and check the whole file; raise ConfigError naming the file, the entry and the problem."""
     try:
-        with open(path, "rb") as file:
-            raw = file.read((1 << 20) + 1)
+        # A link is fine (a Kubernetes config map is one); a FIFO or a device must not hold a reload.
+        raw = read_regular_file(path, 1 << 20, follow_links=True)
     except OSError as error:
         raise ConfigError(f"{path}: cannot read the configuration: {error.strerror}") from None
     if len(raw) > 1 << 20:
@@ -153,8 +154,7 @@ def validate_image_directory(directory: str) -> None:
     """Check that ``directory`` holds CRIU images: its inventory.img must read as one."""
     inventory = os.path.join(directory, "inventory.img")
     try:
-        with open(inventory, "rb") as file:
-            head = file.read(8)
+        head = read_regular_file(inventory, 8)
     except OSError as error:
         raise BadRequest(f"path {directory} is not a CRIU image directory: {inventory}: {error.strerror}") from None
     if _INVENTORY_MAGIC not in (head[:4], head[4:8]):

@@ -5,7 +5,6 @@ import fcntl
 import gc
 import os
 import resource
-import shutil
 import queue
 import signal
 import socket
@@ -16,18 +15,20 @@ import pykka
 import pykka.debug
 from loguru import logger
 
-from cer.actors.extractor import CheckpointExtractor
+from cer.actors.extractor import CHECKPOINT_DIRECTORY, CheckpointExtractor
 from cer.actors.factory import NamespaceFactory
 from cer.actors.gateway import Gateway
-from cer.actors.lazy import LazyPagesServers, LazySettings
+from cer.actors.lazy import LAZY_DIRECTORY, LazyPagesServers, LazySettings
 from cer.actors.pool import PoolPeers, PoolSettings, Shelves
 from cer.actors.timers import Timers
 from cer.actors.supervisor import Supervisor
 from cer.actors.watcher import ProcessWatcher
+from cer.budget import PrefillBudget, describe_bytes
 from cer.config import Config
 from cer.containerd.client import DEFAULT_ADDRESS as DEFAULT_CONTAINERD_ADDRESS
 from cer.containerd.client import DEFAULT_TIMEOUT as DEFAULT_CONTAINERD_TIMEOUT
 from cer.errors import CerError
+from cer.files import UnsafePathError, open_private_directory, remove_unless_directory, remove_entry
 from cer.metrics import Metrics
 from cer.progress import FillReporter
 from cer.protocol.frontend import Frontend
@@ -65,6 +66,14 @@ class Settings:
     """Serve HTTP updates without the token of ROOT/http.token, to whoever reaches the port (the original's way)."""
     lazy: LazySettings = LazySettings()
     """The lazy-pages servers of lazy restores (checkpoint.lazy)."""
+    prefill_budget: int | None = None
+    """Bytes of SysV memory all pools together may pre-fill into IPC namespaces (None: a quarter of the memory)."""
+
+
+BUNDLES_DIRECTORY = "bundles"
+LOCK_NAME = "daemon.lock"
+# Directories under ROOT whose leftovers the actors remove as they start.
+CLEANED_BY_ACTORS = (CHECKPOINT_DIRECTORY, LAZY_DIRECTORY)
 
 
 _SWITCH_INTERVAL = 0.0002
@@ -115,7 +124,9 @@ def run(config: Config, settings: Settings) -> None:
             # After the watcher, which tells it when its servers exit; stopped before it, after the pools.
             lazy = LazyPagesServers.start(root.root, extractor.proxy(), watcher.proxy(), settings.lazy, settings.ask_timeout)
             actors.append(lazy)
-            peers = PoolPeers(factory.proxy(), extractor.proxy(), watcher.proxy(), timers, Shelves())
+            budget = PrefillBudget(settings.prefill_budget)
+            logger.info("IPC pre-fill budget: {}", describe_bytes(budget.limit))
+            peers = PoolPeers(factory.proxy(), extractor.proxy(), watcher.proxy(), timers, Shelves(), budget)
             supervisor = Supervisor.start(config, peers, settings.pool)
             actors.append(supervisor)
             gateway = Gateway(supervisor.proxy(), peers, settings.ask_timeout, settings.pool.cold_timeout, config.path,
@@ -196,38 +207,64 @@ def _notify_systemd(state: str) -> None:
 
 
 class _RootDirectory:
-    """ROOT, locked for this daemon; what the daemon keeps there (bundles, socket, lock) goes at exit."""
+    """ROOT, locked for this daemon; what the daemon keeps there (bundles, socket, lock) goes at exit.
+
+    ROOT must be a directory no other user can change (see :func:`cer.files.open_private_directory`):
+    the daemon removes what earlier runs left in it, as root. That clean-up goes by fd and never follows a
+    link, and the directories the actors clean up themselves (ROOT/checkpoint, ROOT/lazy) are made real
+    directories first, so a link planted there is removed rather than followed.
+    """
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
-        self.bundles = os.path.join(self.root, "bundles")
-        self._lock_path = os.path.join(self.root, "daemon.lock")
+        self.bundles = os.path.join(self.root, BUNDLES_DIRECTORY)
+        self._fd: int | None = None
         self._lock_fd: int | None = None
 
     def __enter__(self) -> "_RootDirectory":
         try:
-            os.makedirs(self.root, mode=0o700, exist_ok=True)
             # Whatever the umask or an earlier owner left: the socket lives here, so only root may enter.
-            os.chmod(self.root, 0o700)
-            self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            self._fd = open_private_directory(self.root, 0o700)
+        except UnsafePathError as error:
+            raise DaemonError(f"cannot use {self.root} as ROOT: {error.filename} is {error.strerror}") from None
         except OSError as error:
             raise DaemonError(f"cannot use {self.root}: {error.strerror}") from None
         try:
+            self._lock_fd = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK,
+                                    0o600, dir_fd=self._fd)
+        except OSError as error:
+            os.close(self._fd)
+            raise DaemonError(f"cannot use {self.root}: {LOCK_NAME}: {error.strerror}") from None
+        try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(self._lock_fd)
+            self._close()
             raise DaemonError(f"another cer daemon is running on {self.root}") from None
-        if os.path.lexists(self.bundles):
+        except OSError as error:  # not a file flock works on (a FIFO planted under the name)
+            self._close()
+            raise DaemonError(f"cannot lock {self.root}/{LOCK_NAME}: {error.strerror}") from None
+        if remove_entry(self._fd, BUNDLES_DIRECTORY):
             # Left by a daemon that was killed: its mount namespaces died with it, the directories did not.
             logger.warning("removing bundles left by an earlier run in {}", self.bundles)
-            shutil.rmtree(self.bundles, ignore_errors=True)
-        os.mkdir(self.bundles, 0o700)
+        os.mkdir(BUNDLES_DIRECTORY, 0o700, dir_fd=self._fd)
+        for name in CLEANED_BY_ACTORS:
+            if remove_unless_directory(self._fd, name):
+                logger.warning("removed {}/{}: not a directory (a link is never followed)", self.root, name)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        shutil.rmtree(self.bundles, ignore_errors=True)
-        os.unlink(self._lock_path)
-        os.close(self._lock_fd)
+        try:
+            remove_entry(self._fd, BUNDLES_DIRECTORY)
+        except OSError as error:
+            logger.error("cannot remove {}: {}", self.bundles, error)
+        os.unlink(LOCK_NAME, dir_fd=self._fd)
+        self._close()
+
+    def _close(self) -> None:
+        for fd in (self._lock_fd, self._fd):
+            if fd is not None:
+                os.close(fd)
+        self._lock_fd = self._fd = None
 
 
 def _raise_fd_limit() -> None:

@@ -53,6 +53,7 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from cer.criu.mountpoints import (
     MOUNT_FLAGS,
@@ -64,8 +65,8 @@ from cer.criu.mountpoints import (
     MountEntry,
     MountTree,
 )
-from cer.criu.tmpfs import ALLOWED_DEVICES, TmpfsContents, TmpfsEntry, allowed_device
-from cer.errors import CerError
+from cer.criu.tmpfs import ALLOWED_DEVICES, TmpfsContents, TmpfsEntry, allowed_device, entries_with_data
+from cer.errors import CerError, ImageError
 from cer.linux import namespaces as ns
 
 __all__ = ["MountError", "MountPlan", "MountStep", "mount_tree", "plan_mounts", "restore_contents", "unmount_tree"]
@@ -74,6 +75,7 @@ MS_REMOUNT, MS_BIND = ns.MS_REMOUNT, ns.MS_BIND
 _ATIME_FLAGS = MS_NOATIME | MS_NODIRATIME | MS_RELATIME | MS_STRICTATIME
 _MAX_SYMLINKS = 40
 _MAX_DETACH = 64
+_COPY_CHUNK = 1 << 20
 
 NAMESPACE_BOUND = {
     "proc": "a proc mount shows the PID namespace of whoever mounts it (here: every process of the host); "
@@ -398,8 +400,8 @@ def restore_contents(contents: TmpfsContents, directory: str) -> None:
     root = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     entry = contents.root
     try:
-        for entry in contents.entries:
-            _create(root, entry)
+        for entry, data in entries_with_data(contents):
+            _create(root, entry, data)
         for entry in reversed(contents.entries):
             if entry.kind == "dir":
                 os.utime(entry.name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=root, follow_symlinks=False)
@@ -413,21 +415,25 @@ def restore_contents(contents: TmpfsContents, directory: str) -> None:
         where = f"{entry.name!r}" if entry is not None and entry.name else "its root"
         image = os.path.basename(contents.image)
         raise MountError(f"restoring {where} from {image}: {error.strerror or error}") from error
+    except ImageError as error:
+        raise MountError(f"restoring tmpfs contents: {error}") from error
     finally:
         os.close(root)
         os.umask(old_umask)
 
 
-def _create(root: int, entry: TmpfsEntry) -> None:
+def _create(root: int, entry: TmpfsEntry, data: bytes | BinaryIO) -> None:
     name, kind = entry.name, entry.kind
     owned = (entry.uid, entry.gid) != (0, 0)
     times = (entry.mtime_ns, entry.mtime_ns)
     if kind == "file":
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, entry.mode, dir_fd=root)
         try:
-            view = memoryview(entry.data)
-            while view:
-                view = view[os.write(fd, view):]
+            # Kept bytes in one piece; bytes left in the archive as they are decompressed.
+            for chunk in [data] if isinstance(data, bytes) else iter(lambda: data.read(_COPY_CHUNK), b""):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
             if owned:
                 os.fchown(fd, entry.uid, entry.gid)
             if owned or entry.mode & 0o7000:  # chown drops set-id bits; open's mode may too

@@ -32,6 +32,7 @@ import re
 import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -461,3 +462,39 @@ def decode_image(path: str | os.PathLike, pretty: bool = False) -> dict:
     pycriu = _pycriu()
     with open(path, "rb") as f:
         return pycriu.images.load(f, pretty)
+
+
+def image_bytes(type_magic: int, entries, *, common_magic: bool = True) -> bytes:
+    """An image file's bytes: magics, then each entry (a message, or raw bytes written as is)."""
+    from cer.criu.images import IMG_COMMON_MAGIC  # noqa: PLC0415
+
+    out = bytearray(struct.pack("<II", IMG_COMMON_MAGIC, type_magic) if common_magic else struct.pack("<I", type_magic))
+    for entry in entries:
+        if isinstance(entry, (bytes, bytearray)):
+            out += entry
+        else:
+            raw = entry.SerializeToString()
+            out += struct.pack("<I", len(raw)) + raw
+    return bytes(out)
+
+
+def sparse_shm_checkpoint(target: str | os.PathLike, size: int = 1 << 30, pages: dict[int, bytes] | None = None) -> Path:
+    """A copy of the sample checkpoint whose IPC namespace holds one shm segment (id 7) of ``size`` bytes,
+    dumped through a pagemap that holds only ``pages`` (page number -> 4096 bytes; none by default): the
+    52-byte image of issue 15 that once cost ``size`` bytes per pooled namespace."""
+    from cer.criu import criu_pb2 as pb  # noqa: PLC0415
+    from cer.criu.images import IPCNS_SHM, PAGEMAP  # noqa: PLC0415
+
+    target = Path(target)
+    shutil.copytree(SAMPLE_DIR / "checkpoint", target)
+    for stale in [*target.glob("pagemap-shmem-*.img")]:
+        stale.unlink()
+    desc = pb.ipc_desc_entry(key=0x5EED, uid=0, gid=0, cuid=0, cgid=0, mode=0o600, id=7)
+    (target / "ipcns-shm-10.img").write_bytes(
+        image_bytes(IPCNS_SHM.magic, [pb.ipc_shm_entry(desc=desc, size=size, in_pagemaps=True)]))
+    pages = pages or {}
+    entries = [pb.pagemap_entry(vaddr=number * 4096, compat_nr_pages=1, flags=4) for number in sorted(pages)]
+    (target / "pagemap-shmem-7.img").write_bytes(image_bytes(PAGEMAP.magic, [pb.pagemap_head(pages_id=900), *entries]))
+    if pages:
+        (target / "pages-900.img").write_bytes(b"".join(pages[number] for number in sorted(pages)))
+    return target

@@ -21,12 +21,15 @@ import os
 import queue
 import secrets
 import shutil
+import stat
 import tarfile
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from loguru import logger
+
+from cer.files import open_regular_file, remove_entry
 
 READY_MARKER = ".cer-ready"
 """Written into an extracted checkpoint directory last; holds the archive's digest."""
@@ -150,10 +153,10 @@ def extract_once(
     return final
 
 
-def ready_digest(directory: str) -> str | None:
+def ready_digest(directory: str, dir_fd: int | None = None) -> str | None:
     """The digest in ``directory``'s ready marker; None when it is not a whole extraction."""
     try:
-        fd = os.open(os.path.join(directory, READY_MARKER), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = open_regular_file(os.path.join(directory, READY_MARKER), dir_fd=dir_fd)
     except OSError:
         return None
     try:
@@ -163,19 +166,28 @@ def ready_digest(directory: str) -> str | None:
 
 
 def remove_stale(base: str, keep: Iterable[str]) -> list[str]:
-    """Remove from ``base`` whatever is not a whole extraction named in ``keep``; returns the names removed."""
+    """Remove from ``base`` whatever is not a whole extraction named in ``keep``; returns the names removed.
+
+    By fd, never following a link: ``base`` itself must be a directory, not a link to one.
+    """
     keep = set(keep)
     try:
-        names = os.listdir(base)
+        base_fd = os.open(base, _DIR_FLAGS)
     except FileNotFoundError:
         return []
     removed = []
-    for name in sorted(names):
-        path = os.path.join(base, name)
-        if name in keep and not os.path.islink(path) and os.path.isdir(path) and ready_digest(path):
-            continue
-        _remove(path)
-        removed.append(name)
+    try:
+        for name in sorted(os.listdir(base_fd)):
+            if name in keep and stat.S_ISDIR(os.stat(name, dir_fd=base_fd, follow_symlinks=False).st_mode) \
+                    and ready_digest(name, dir_fd=base_fd):
+                continue
+            try:
+                remove_entry(base_fd, name)
+            except OSError as error:
+                logger.warning("cannot remove {}: {}", os.path.join(base, name), error)
+            removed.append(name)
+    finally:
+        os.close(base_fd)
     return removed
 
 

@@ -26,6 +26,7 @@ from cer.criu.images import (
     PAGEMAP,
     PSTREE,
     UTSNS,
+    ImageFile,
     ImageReader,
     ImageType,
     RawImage,
@@ -81,11 +82,34 @@ class UtsContents:
 
 
 @dataclass(frozen=True)
+class ShmPages:
+    """Where a segment's dumped pages lie in an image file, not the pages themselves: ``runs`` of
+    ``(offset in the segment, length, offset in source)``. What no run covers was never written before the
+    dump: a fresh segment reads zero there, and filling it costs nothing (CRIU's restore leaves it alone too).
+    ``source`` is None when no run is left."""
+
+    source: ImageFile | None
+    runs: tuple[tuple[int, int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.runs and self.source is None:
+            raise ValueError("pages to copy need the file they lie in")
+        if any(start < 0 or length <= 0 or offset < 0 for start, length, offset in self.runs):
+            raise ValueError(f"runs must have non-negative offsets and positive lengths: {self.runs}")
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes a fill writes."""
+        return sum(length for _, length, _ in self.runs)
+
+
+@dataclass(frozen=True)
 class ShmSegment:
     """A SysV shared memory segment. ``key`` is the 32-bit key as CRIU records it (unsigned);
     ``mode`` is the recorded ipc_perm mode, of which the permission bits are restored.
-    ``data`` holds exactly ``size`` bytes. ``hugetlb_flag`` is CRIU's shmget flag for a
-    segment backed by huge pages (SHM_HUGETLB and the page size), 0 otherwise."""
+    ``data`` is its contents: ``size`` bytes, or (as :func:`read_checkpoint` gives it) a
+    :class:`ShmPages` naming where the dumped pages lie in the image. ``hugetlb_flag`` is CRIU's
+    shmget flag for a segment backed by huge pages (SHM_HUGETLB and the page size), 0 otherwise."""
 
     id: int
     key: int
@@ -93,12 +117,39 @@ class ShmSegment:
     uid: int
     gid: int
     size: int
-    data: bytes = field(repr=False)
+    data: bytes | ShmPages = field(repr=False)
     hugetlb_flag: int = 0
 
     def __post_init__(self) -> None:
-        if len(self.data) != self.size:
+        if isinstance(self.data, ShmPages):
+            end = max((start + length for start, length, _ in self.data.runs), default=0)
+            if end > self.size:
+                raise ValueError(f"shm segment {self.id}: pages up to byte {end} for a size of {self.size}")
+        elif len(self.data) != self.size:
             raise ValueError(f"shm segment {self.id}: {len(self.data)} bytes of data for a size of {self.size}")
+
+    def read_bytes(self) -> bytes:
+        """The whole contents as bytes, zeros where no page was dumped: for checks and tools. Filling a
+        namespace never builds them (it copies the runs from the image file)."""
+        if not isinstance(self.data, ShmPages):
+            return self.data
+        contents = bytearray(self.size)
+        if self.data.runs:
+            fd = self.data.source.reopen()
+            try:
+                for start, length, source_offset in self.data.runs:
+                    contents[start:start + length] = os.pread(fd, length, source_offset)
+            finally:
+                os.close(fd)
+        return bytes(contents)
+
+    @property
+    def prefill_bytes(self) -> int:
+        """The memory a namespace holding it costs once filled: the bytes written, or the whole segment when
+        it is backed by huge pages (which shmget reserves at once)."""
+        if self.hugetlb_flag:
+            return self.size
+        return self.data.nbytes if isinstance(self.data, ShmPages) else len(self.data)
 
 
 @dataclass(frozen=True)
@@ -135,6 +186,12 @@ class IpcContents:
     shm: tuple[ShmSegment, ...] = ()
     sem: tuple[SemaphoreSet, ...] = ()
     msg: tuple[MessageQueue, ...] = ()
+
+    @property
+    def prefill_bytes(self) -> int:
+        """The memory one namespace filled with these objects costs: shm pages written and queued messages."""
+        return sum(segment.prefill_bytes for segment in self.shm) + sum(
+            len(text) for queue in self.msg for _, text in queue.messages)
 
     @property
     def is_default(self) -> bool:
@@ -282,37 +339,27 @@ def _owner(desc: pb.ipc_desc_entry) -> dict[str, int]:
     return {"id": desc.id, "key": desc.key, "mode": desc.mode, "uid": desc.uid, "gid": desc.gid}
 
 
-# The most shared memory cer reads from one checkpoint (it keeps the bytes to fill each namespace).
-MAX_SHM_BYTES = 4 << 30
-
-
 def _read_shm(directory: Path, path: Path) -> tuple[ShmSegment, ...]:
     segments = []
-    total = 0
     with _optional_image(path, IPCNS_SHM) as image:
         while (entry := image.read_entry()) is not None:
             shmid = entry.desc.id
-            # Sizes come from the image and every byte is held in memory: bound them before allocating.
-            total += entry.size
-            if total > MAX_SHM_BYTES:
-                raise image.error(f"shm segments of more than {MAX_SHM_BYTES >> 30} GiB in all (segment {shmid}: "
-                                  f"{entry.size} bytes); cer holds a checkpoint's shm contents in memory")
             if entry.in_pagemaps:
                 data = _read_shmem_pages(directory, shmid, entry.size)
             else:
                 # CRIU before 3.x wrote the bytes inline, padded to 4 (ipc_ns.c, dump_ipc_shm_pages).
-                data = image.read_payload(entry.size, 4, f"contents of shm segment {shmid}")
+                start = image.skip_payload(entry.size, 4, f"contents of shm segment {shmid}")
+                data = ShmPages(image.identity, ((0, entry.size, start),) if entry.size else ())
             segments.append(ShmSegment(**_owner(entry.desc), size=entry.size, data=data,
                                        hugetlb_flag=entry.hugetlb_flag))
     return tuple(segments)
 
 
-def _read_shmem_pages(directory: Path, shmid: int, size: int) -> bytes:
-    """A segment's bytes from pagemap-shmem-<shmid>.img and its pages image. Ranges the pagemap
-    leaves out were never touched and read as zeros."""
+def _read_shmem_pages(directory: Path, shmid: int, size: int) -> ShmPages:
+    """Where a segment's pages lie, from pagemap-shmem-<shmid>.img and its pages image. Ranges the pagemap
+    leaves out were never touched: they get no run."""
     mapped = -(-size // PAGE_SIZE) * PAGE_SIZE
-    # (offset in the segment, length, offset in the pages image or None for zeros), merged
-    # where contiguous so that a fully dumped segment is one read and no join.
+    # (offset in the segment, length, offset in the pages image), merged where contiguous.
     runs: list[list] = []
     position = pages_offset = 0
     with ImageReader(directory / f"pagemap-shmem-{shmid}.img", PAGEMAP) as pagemap:
@@ -332,37 +379,31 @@ def _read_shmem_pages(directory: Path, shmid: int, size: int) -> bytes:
             if not flags & PE_PRESENT:
                 raise pagemap.error(f"pages {start:#x}+{length:#x} are not in this image (flags {flags:#x}: in a "
                                     "parent checkpoint or left to a lazy-pages server)", offset)
-            _add_run(runs, position, start - position, None)
             _add_run(runs, start, length, pages_offset)
             position = start + length
             pages_offset += length
-        _add_run(runs, position, mapped - position, None)
 
         pages_path = directory / f"pages-{head.pages_id}.img"
         if not pages_offset and not pages_path.exists():
-            return bytes(size)  # never touched: CRIU may leave the empty pages image out
+            return ShmPages(None)  # never touched: CRIU may leave the empty pages image out
         with RawImage(pages_path) as pages:
             # A pages image belongs to one pagemap: pages beyond those it maps mean a pagemap
             # cut short, which would otherwise read as zeros.
             if pages.size != pages_offset:
                 raise pagemap.error(f"shm segment {shmid}: maps {pages_offset} bytes of pages, "
                                     f"{pages_path.name} holds {pages.size}")
-            parts = [bytes(length) if source is None else pages.read_at(source, length, f"pages of shm segment {shmid}")
-                     for _, length, source in runs]
-    excess = mapped - size  # the segment's last page reaches past its size
-    if excess:
-        parts[-1] = parts[-1][: len(parts[-1]) - excess]
-    return b"".join(parts)
+            source = pages.identity
+    if runs and runs[-1][0] + runs[-1][1] > size:
+        runs[-1][1] = size - runs[-1][0]  # the segment's last page reaches past its size
+    return ShmPages(source if runs else None, tuple(tuple(run) for run in runs))
 
 
-def _add_run(runs: list[list], start: int, length: int, source: int | None) -> None:
+def _add_run(runs: list[list], start: int, length: int, source: int) -> None:
     if not length:
         return
     if runs:
         last_start, last_length, last_source = runs[-1]
-        if (source is None and last_source is None) or (
-            source is not None and last_source is not None and last_source + last_length == source
-        ):
+        if last_start + last_length == start and last_source + last_length == source:
             runs[-1][1] += length
             return
     runs.append([start, length, source])

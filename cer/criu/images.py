@@ -16,8 +16,8 @@ instead of crashing, hanging or allocating what a garbled length claims.
 
 from __future__ import annotations
 
+import errno
 import os
-import stat
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +27,7 @@ from google.protobuf.message import DecodeError, Message
 
 from cer.criu import criu_pb2 as pb
 from cer.errors import ImageError
+from cer.files import UnsafePathError, open_regular_file
 
 IMG_COMMON_MAGIC = 0x54564319
 IMG_SERVICE_MAGIC = 0x55105940
@@ -64,6 +65,34 @@ IMAGE_TYPES = (INVENTORY, PSTREE, IDS, UTSNS, IPC_VAR, IPCNS_SHM, IPCNS_MSG, IPC
 _BY_MAGIC = {t.magic: t for t in IMAGE_TYPES}
 
 
+@dataclass(frozen=True)
+class ImageFile:
+    """A regular file of an image directory as it was when cer read it. cer keeps where data lie in it,
+    not the data: :meth:`reopen` opens it again to read them, and refuses a file that has changed since."""
+
+    path: str
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: str, st: os.stat_result) -> "ImageFile":
+        return cls(path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def reopen(self) -> int:
+        """An fd of the file, read-only; OSError when it cannot be opened or is no longer the file that was read."""
+        try:
+            fd = open_regular_file(self.path)
+        except OSError as e:
+            raise OSError(e.errno, f"{self.path}: {e.strerror}", self.path) from None
+        if ImageFile.of(self.path, os.fstat(fd)) != self:
+            os.close(fd)
+            raise OSError(errno.ESTALE, f"{self.path}: the file changed after the checkpoint was read (reload the "
+                          "configuration)", self.path)
+        return fd
+
+
 class RawImage:
     """A regular file read with every read checked against its size: a pages-<id>.img as is,
     and the base of :class:`ImageReader`. Use as a context manager."""
@@ -72,14 +101,14 @@ class RawImage:
         self.path = str(path)
         self.offset = 0
         try:
-            # O_NONBLOCK: a FIFO planted in an image directory must not block the open.
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            # CRIU writes regular files, never links: a FIFO or a link planted in an image directory is refused.
+            fd = open_regular_file(self.path)
+        except UnsafePathError as e:
+            raise ImageError(self.path, 0, e.strerror) from e
         except OSError as e:
             raise ImageError(self.path, 0, f"cannot open: {e.strerror}") from e
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            raise ImageError(self.path, 0, "not a regular file")
+        self.identity = ImageFile.of(self.path, st)
         # Buffered: read(n) returns n bytes unless the file ends, however large n (one read(2)
         # stops at 2 GiB), into one allocation.
         self._file = os.fdopen(fd, "rb")
@@ -189,6 +218,16 @@ class ImageReader(RawImage):
         data = self.read_exact(length, what)
         self.read_exact(padded - length, f"{what} padding")
         return data
+
+    def skip_payload(self, length: int, align: int, what: str) -> int:
+        """Step over the ``length`` raw bytes that follow an entry and their padding; return where they start."""
+        padded = -(-length // align) * align
+        if padded > self.remaining:
+            raise self.error(f"{what}: needs {padded} bytes, the file ends {self.remaining} bytes later")
+        start = self.offset
+        self.offset += padded
+        self._file.seek(self.offset)
+        return start
 
     def entries(self) -> Iterator[Message]:
         """Every remaining entry, parsed as the image type's message."""

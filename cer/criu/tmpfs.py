@@ -7,8 +7,10 @@ CRIU stores each tmpfs superblock it dumps as a gzipped GNU tar of the mount's r
 
 The archive comes from whoever made the checkpoint and cer restores it as root into every pooled
 mount namespace, so :func:`read_tmpfs_image` reads it once, completely, into frozen
-:class:`TmpfsEntry` values and refuses (``ImageError`` naming the file and the offset in the
-uncompressed tar) anything that could reach outside the mount it is restored into:
+:class:`TmpfsEntry` values (the files' bytes too when they are few, see :data:`INLINE_BYTES`; else
+:func:`entries_with_data` reads them from the archive again as each namespace is filled) and refuses
+(``ImageError`` naming the file and the offset in the uncompressed tar) anything that could reach outside
+the mount it is restored into:
 
 - names are relative: no absolute names, no ``..``; every entry's directory is the root or a
   directory listed before it, never a symbolic link or a file, so nothing is ever created through
@@ -23,20 +25,27 @@ uncompressed tar) anything that could reach outside the mount it is restored int
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import os
 import stat
 import tarfile
 import zlib
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import BinaryIO
 
-from cer.criu.images import RawImage
+from cer.criu.images import ImageFile, RawImage
 from cer.errors import ImageError
 
 MAX_TMPFS_BYTES = 64 << 20
-"""File bytes one tmpfs archive may hold (sparse files count at their full size): the contents are
-kept in memory by the pool and written into every namespace it builds."""
+"""File bytes one tmpfs archive may hold (sparse files count at their full size)."""
+INLINE_BYTES = 256 << 10
+"""Up to this many file bytes an archive's files are kept in memory, written into each namespace from
+there; beyond it, each fill decompresses the archive again and copies its files as they come (memory that
+does not grow with the number of pools, for some CPU per fill)."""
+_COPY_CHUNK = 1 << 20
 MAX_TMPFS_ENTRIES = 16384
 MAX_NAME = 4096
 MAX_COMPONENT = 255
@@ -73,6 +82,7 @@ class TmpfsEntry:
     data: bytes = field(default=b"", repr=False)
     link: str = ""
     device: tuple[int, int] | None = None
+    size: int = 0  # a file's length, also when its bytes are left in the archive
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,8 @@ class TmpfsContents:
     root: TmpfsEntry | None
     entries: tuple[TmpfsEntry, ...]
     size: int  # file bytes
+    source: ImageFile | None = None
+    """The archive, when the files' bytes were left in it (more than :data:`INLINE_BYTES`)."""
 
     @property
     def devices(self) -> tuple[TmpfsEntry, ...]:
@@ -101,23 +113,58 @@ def tmpfs_image_names(root_dev: int, mnt_id: int) -> tuple[str, str]:
 
 
 def read_tmpfs_image(path: str | os.PathLike[str], max_bytes: int = MAX_TMPFS_BYTES,
-                     max_entries: int = MAX_TMPFS_ENTRIES) -> TmpfsContents:
+                     max_entries: int = MAX_TMPFS_ENTRIES, inline_bytes: int = INLINE_BYTES) -> TmpfsContents:
     """Read and check a tmpfs archive; see the module docstring for what is refused."""
     path = str(path)
     with RawImage(path) as raw:
-        stream = _BoundedStream(gzip.GzipFile(fileobj=raw.file, mode="rb"), path,
-                                max_bytes + max_entries * _STREAM_OVERHEAD_PER_ENTRY + (1 << 20))
-        reader = _ArchiveReader(path, stream, max_bytes, max_entries)
-        try:
-            # "r|": one pass, no seeking back; tarfile parses GNU and PAX long names and sparse maps.
-            with tarfile.open(fileobj=stream, mode="r|") as archive:
-                for member in archive:
-                    reader.add(member, archive)
-        except ImageError:
-            raise
-        except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError, OverflowError) as e:
-            raise ImageError(path, stream.position, f"not a readable gzipped tar (uncompressed offset): {e}") from e
-        return TmpfsContents(image=path, root=reader.root, entries=tuple(reader.entries), size=reader.size)
+        reader = _ArchiveReader(path, max_bytes, max_entries, inline_bytes)
+        with _members(raw.file, path, max_bytes, max_entries) as archive:
+            for member in archive:
+                reader.add(member, archive)
+        entries = tuple(reader.entries)
+        if reader.size > inline_bytes:
+            entries = tuple(replace(entry, data=b"") for entry in entries)
+            return TmpfsContents(path, reader.root, entries, reader.size, source=raw.identity)
+        return TmpfsContents(image=path, root=reader.root, entries=entries, size=reader.size)
+
+
+@contextlib.contextmanager
+def _members(file: BinaryIO, path: str, max_bytes: int, max_entries: int):
+    """The archive's members, one pass ("r|": no seeking back; tarfile parses GNU and PAX long names and
+    sparse maps), any failure to read it an ImageError at its uncompressed offset."""
+    stream = _BoundedStream(gzip.GzipFile(fileobj=file, mode="rb"), path,
+                            max_bytes + max_entries * _STREAM_OVERHEAD_PER_ENTRY + (1 << 20))
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as archive:
+            yield archive
+    except ImageError:
+        raise
+    except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError, OverflowError) as e:
+        raise ImageError(path, stream.position, f"not a readable gzipped tar (uncompressed offset): {e}") from e
+
+
+def entries_with_data(contents: TmpfsContents) -> Iterator[tuple[TmpfsEntry, bytes | BinaryIO]]:
+    """Each entry of ``contents`` in order, with its file's bytes: the kept bytes, or (for an archive whose
+    files were left in it) a stream of them read from the archive as it is decompressed again; a stream is
+    valid until the next entry. Raises ImageError when the archive is no longer the one that was read."""
+    if contents.source is None:
+        for entry in contents.entries:
+            yield entry, entry.data
+        return
+    fd = contents.source.reopen()  # OSError naming the file when it changed or went
+    with os.fdopen(fd, "rb") as file:
+        expected = iter(contents.entries)
+        with _members(file, contents.image, contents.size, len(contents.entries) + 1) as archive:
+            for member in archive:
+                name = "/".join(part for part in member.name.split("/") if part not in ("", "."))
+                if name == "":
+                    continue
+                entry = next(expected, None)
+                if entry is None or entry.name != name or (entry.kind == "file" and member.size != entry.size):
+                    raise ImageError(contents.image, member.offset, "the archive changed after it was read")
+                yield entry, (archive.extractfile(member) if entry.kind == "file" and entry.size else b"")
+        if next(expected, None) is not None:
+            raise ImageError(contents.image, 0, "the archive changed after it was read: it ends early")
 
 
 class _BoundedStream(io.RawIOBase):
@@ -148,11 +195,11 @@ class _BoundedStream(io.RawIOBase):
 
 
 class _ArchiveReader:
-    def __init__(self, path: str, stream: _BoundedStream, max_bytes: int, max_entries: int) -> None:
+    def __init__(self, path: str, max_bytes: int, max_entries: int, inline_bytes: int) -> None:
         self.path = path
-        self.stream = stream
         self.max_bytes = max_bytes
         self.max_entries = max_entries
+        self.inline_bytes = inline_bytes
         self.root: TmpfsEntry | None = None
         self.entries: list[TmpfsEntry] = []
         self.kinds: dict[str, str] = {}
@@ -192,11 +239,18 @@ class _ArchiveReader:
             if member.size > self.max_bytes - self.size:
                 raise self.error(member, f"{member.size} bytes: the archive's files would exceed "
                                  f"{self.max_bytes} bytes")
-            data = archive.extractfile(member).read() if member.size else b""
-            if len(data) != member.size:
-                raise self.error(member, f"holds {len(data)} bytes, its header says {member.size}")
-            self.size += len(data)
-            return TmpfsEntry(name, kind, data=data, **common)
+            kept, length = [], 0
+            if member.size:
+                source = archive.extractfile(member)
+                while chunk := source.read(_COPY_CHUNK):
+                    length += len(chunk)
+                    if self.size + length <= self.inline_bytes:  # past it, the bytes stay in the archive
+                        kept.append(chunk)
+            if length != member.size:
+                raise self.error(member, f"holds {length} bytes, its header says {member.size}")
+            self.size += length
+            data = b"".join(kept) if self.size <= self.inline_bytes else b""
+            return TmpfsEntry(name, kind, data=data, size=length, **common)
         if kind == "symlink":
             if not member.linkname or len(member.linkname) > MAX_NAME or "\0" in member.linkname:
                 raise self.error(member, "a symbolic link without a usable target")

@@ -6,7 +6,6 @@ contrib/install-deps.
 
 import json
 import shutil
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,6 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 
 import criu_support  # noqa: E402
 
-from cer.criu.images import IMG_COMMON_MAGIC  # noqa: E402
 
 SAMPLE_CHECKPOINTS = {
     "sample": criu_support.SAMPLE_DIR / "checkpoint",
@@ -109,16 +107,7 @@ def sample_copy(tmp_path) -> Path:
     return target
 
 
-def image_bytes(type_magic: int, entries, *, common_magic: bool = True) -> bytes:
-    """An image file's bytes: magics, then each entry (a message, or raw bytes written as is)."""
-    out = bytearray(struct.pack("<II", IMG_COMMON_MAGIC, type_magic) if common_magic else struct.pack("<I", type_magic))
-    for entry in entries:
-        if isinstance(entry, (bytes, bytearray)):
-            out += entry
-        else:
-            raw = entry.SerializeToString()
-            out += struct.pack("<I", len(raw)) + raw
-    return bytes(out)
+image_bytes = criu_support.image_bytes
 
 
 @pytest.fixture

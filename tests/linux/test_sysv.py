@@ -167,19 +167,24 @@ def test_messages_beyond_criu_limits(in_fresh_namespaces):
     assert criu_support.inspect_namespaces(made.ipc, None)["msg"][0]["messages"] == [(9, big), (1, b"tail")]
 
 
+def refuse_map_files(monkeypatch) -> None:
+    """Make /proc/self/map_files unopenable for sysv, as it is without CAP_SYS_ADMIN."""
+    real_open = os.open
+
+    def no_map_files(path, *args, **kwargs):
+        if "/map_files/" in str(path):
+            raise PermissionError(1, "Operation not permitted", path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(sysv.os, "open", no_map_files)
+
+
 @pytest.mark.parametrize("map_files", [True, False], ids=["write", "memmove"])
 def test_shm_bytes_through_either_copy(in_fresh_namespaces, monkeypatch, map_files):
     """The segment's shmem file written through map_files, or (where that cannot be opened, as
     without CAP_SYS_ADMIN) a memmove into the mapping: the same bytes, the size unchanged."""
     if not map_files:
-        real_open = os.open
-
-        def no_map_files(path, *args, **kwargs):
-            if "/map_files/" in str(path):
-                raise PermissionError(1, "Operation not permitted", path)
-            return real_open(path, *args, **kwargs)
-
-        monkeypatch.setattr(sysv.os, "open", no_map_files)
+        refuse_map_files(monkeypatch)
     writes = []
     real_pwrite = os.pwrite
     monkeypatch.setattr(sysv.os, "pwrite", lambda *args: writes.append(args[2]) or real_pwrite(*args))
@@ -189,6 +194,72 @@ def test_shm_bytes_through_either_copy(in_fresh_namespaces, monkeypatch, map_fil
     (segment,) = criu_support.inspect_namespaces(made.ipc, None)["shm"]
     assert (segment["size"], segment["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
     assert bool(writes) == map_files
+
+
+def segment_memory(shmid: int) -> tuple[int, int]:
+    """(size, resident bytes) of a segment of the calling thread's IPC namespace, as the kernel reports them."""
+    with open("/proc/sysvipc/shm") as table:
+        header = table.readline().split()
+        for line in table:
+            row = dict(zip(header, line.split()))
+            if int(row["shmid"]) == shmid:
+                return int(row["size"]), int(row["rss"])
+    raise AssertionError(f"no shm segment {shmid}")
+
+
+@pytest.mark.timeout(60)
+def test_pages_absent_from_the_image_cost_nothing(in_fresh_namespaces, tmp_path):
+    """Issue 15, finding 4: a 1 GiB segment whose pagemap holds two pages costs two pages per namespace
+    (a fresh segment is zero and unbacked until written, as CRIU's restore leaves it), not 1 GiB."""
+    a, b = os.urandom(4096), os.urandom(4096)
+    contents = read_checkpoint(criu_support.sparse_shm_checkpoint(tmp_path / "images", 1 << 30, {3: a, 200_000: b})).ipc
+    (segment,) = contents.shm
+    assert segment.prefill_bytes == 2 * 4096
+    assert contents.prefill_bytes == 2 * 4096 + sum(len(text) for queue in contents.msg for _, text in queue.messages)
+
+    def build():
+        populate_ipc_namespace(contents)
+        address = sysv.shmat(7)
+        try:
+            pages = ctypes.string_at(address + 3 * 4096, 4096), ctypes.string_at(address + 200_000 * 4096, 4096)
+        finally:
+            sysv.shmdt(address)
+        return segment_memory(7), pages
+
+    made = in_fresh_namespaces(build)
+    (size, resident), pages = made.result
+    assert size == 1 << 30
+    assert resident == 2 * 4096
+    assert pages == (a, b)
+
+
+@pytest.mark.timeout(60)
+def test_an_empty_pagemap_fills_nothing(in_fresh_namespaces, tmp_path):
+    contents = read_checkpoint(criu_support.sparse_shm_checkpoint(tmp_path / "images", 1 << 30)).ipc
+    assert [segment.prefill_bytes for segment in contents.shm] == [0]
+    made = in_fresh_namespaces(lambda: (populate_ipc_namespace(contents), segment_memory(7))[1])
+    assert made.result == (1 << 30, 0)
+
+
+@pytest.mark.parametrize("map_files", [True, False], ids=["sendfile", "read-into-mapping"])
+def test_image_pages_through_either_copy(in_fresh_namespaces, monkeypatch, map_files):
+    """Pages copied from the image file into the segment's shmem file, or (where that cannot be opened) read
+    into the mapping: the bytes CRIU dumped, and nothing of them held in this process."""
+    if not map_files:
+        refuse_map_files(monkeypatch)
+    contents = read_checkpoint(SAMPLE).ipc
+    made = in_fresh_namespaces(lambda: populate_ipc_namespace(contents))
+    shm = {segment["id"]: segment for segment in criu_support.inspect_namespaces(made.ipc, None)["shm"]}
+    for segment in contents.shm:
+        assert shm[segment.id]["sha256"] == hashlib.sha256(segment.read_bytes()).hexdigest()
+
+
+def test_an_image_changed_after_it_was_read_is_refused(in_fresh_namespaces, tmp_path):
+    images = criu_support.sparse_shm_checkpoint(tmp_path / "images", 1 << 20, {0: b"a" * 4096})
+    contents = read_checkpoint(images).ipc
+    (images / "pages-900.img").write_bytes(b"b" * 4096)  # rewritten in place: a new mtime
+    with pytest.raises(IpcPopulateError, match=r"shm segment id 7 .*pages-900.img: the file changed after the checkpoint was read"):
+        in_fresh_namespaces(lambda: populate_ipc_namespace(contents))
 
 
 # --------------------------------------------------------------------------- failures

@@ -4,7 +4,6 @@ Tests that need runc, CRIU 4 or gcc fail (never skip) when they are missing: CI 
 contrib/install-deps.
 """
 
-import os
 import shutil
 import sys
 import tempfile

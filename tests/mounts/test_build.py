@@ -313,3 +313,45 @@ def test_restored_contents_are_exact_and_host_devices_are_never_made(tmp_path):
         (error,) = in_a_private_tmpfs(functools.partial(restore_contents, bad), directory)
         assert isinstance(error, MountError) and f"restoring '{hostile.name}'" in str(error), error
         assert "cer does not create" in str(error)
+
+
+def test_tmpfs_files_beyond_the_inline_bound_are_copied_from_the_archive_not_kept(tmp_path):
+    """Issue 13 item 7: an archive whose files hold more than INLINE_BYTES keeps none of them in memory; each
+    fill decompresses it again and writes the same files. An archive replaced after it was read is refused."""
+    import gzip
+    import io
+    import tarfile
+
+    from cer.criu.tmpfs import INLINE_BYTES, read_tmpfs_image
+    from cer.mounts import restore_contents
+
+    big, small = os.urandom(INLINE_BYTES + 1), b"small"
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data, kind in (("./", b"", tarfile.DIRTYPE), ("./d", b"", tarfile.DIRTYPE),
+                                 ("./d/big", big, tarfile.REGTYPE), ("./small", small, tarfile.REGTYPE),
+                                 ("./empty", b"", tarfile.REGTYPE)):
+            info = tarfile.TarInfo(name)
+            info.type, info.size, info.mode, info.mtime = kind, len(data), 0o640, 1000
+            tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+    image = tmp_path / "tmpfs-dev-9.tar.gz.img"
+    image.write_bytes(gzip.compress(buffer.getvalue()))
+    contents = read_tmpfs_image(image)
+    assert contents.source is not None and all(entry.data == b"" for entry in contents.entries)
+    assert [(entry.name, entry.size) for entry in contents.entries if entry.kind == "file"] == [
+        ("d/big", len(big)), ("small", 5), ("empty", 0)]
+
+    def look(path: str) -> dict:
+        restore_contents(contents, path)
+        return {name: (open(os.path.join(path, name), "rb").read(), oct(os.stat(os.path.join(path, name)).st_mode))
+                for name in ("d/big", "small", "empty")}
+
+    directory = tmp_path / "mnt"
+    directory.mkdir()
+    for _ in range(2):  # every fill reads the archive again
+        (rows,) = in_a_private_tmpfs(look, directory)
+        assert rows == {"d/big": (big, "0o100640"), "small": (small, "0o100640"), "empty": (b"", "0o100640")}
+
+    image.write_bytes(gzip.compress(buffer.getvalue()))  # rewritten: another mtime
+    (error,) = in_a_private_tmpfs(functools.partial(restore_contents, contents), directory)
+    assert isinstance(error, MountError) and "changed after the checkpoint was read" in str(error), error
