@@ -15,10 +15,17 @@ checkpoint that containerd does not have, or that is not a usable checkpoint, fa
 
 ``get`` answers at once: the directory when the checkpoint is extracted, else Unavailable saying what
 it waits for (the extraction's progress, or containerd).
+
+The extractor also owns the checkpoints' image views (cer.criu.views): ``get_view`` makes the view of a
+key once, in a thread of its own, under ``ROOT/views/<ref.key>/<view key>/``, and counts a user of the
+checkpoint for each view it hands out, as ``get`` does; ``put`` drops either. A view is made again when
+the checkpoint's images changed (their digest), and removed with the checkpoint; a start removes every
+view an earlier daemon left. ``find`` names the checkpoint whose identity images have a given digest.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -43,7 +50,8 @@ from cer.containerd.client import (
 )
 from cer.containerd.rootfs import Rootfs, RootfsError, SnapshotNames, build_rootfs, remove_rootfs
 from cer.criu.checkpoint import read_checkpoint
-from cer.errors import BadRequest, NotFound, Unavailable
+from cer.criu.views import VIEWS_DIRECTORY, ViewError, images_digest, make_view, remove_views, view_key
+from cer.errors import BadRequest, CerError, NotFound, Unavailable
 from cer.namespaces import Recipe
 from cer.references import CheckpointRef
 
@@ -59,11 +67,24 @@ class RetryPolicy:
     most: float = 10.0
 
 
+@dataclass(eq=False)
+class _View:
+    """One view of a checkpoint: being made (``waiters`` wait for it) or ready at ``path``."""
+
+    key: str
+    digest: str  # of the images it was made from
+    path: str
+    ready: bool = False
+    waiters: list = field(default_factory=list)  # futures of get_view calls
+
+
 @dataclass
 class _Checkpoint:
     entry: CheckpointEntry
     directory: str | None = None
     users: int = 0
+    digest: str | None = None  # images_digest of the directory, once read
+    views: dict = field(default_factory=dict)  # view key -> _View
     # containerd entries only:
     state: str = "loading"  # loading, waiting (for containerd), ready, failed
     error: str | None = None
@@ -86,6 +107,7 @@ class _Outcome:
     rootfs: Rootfs | None = None
     error: str | None = None
     retry: bool = False
+    digest: str | None = None
 
 
 class CheckpointExtractor(pykka.ThreadingActor):
@@ -107,12 +129,17 @@ class CheckpointExtractor(pykka.ThreadingActor):
     ) -> None:
         super().__init__()
         self._base = os.path.join(root, CHECKPOINT_DIRECTORY) if root else None
+        self._views_base = os.path.join(root, VIEWS_DIRECTORY) if root else None
         self._address = containerd_address
         self._timeout = containerd_timeout
         self._configured = tuple(configured)
         self._retry = retry
         self._timers = timers or default_timers()
         self._checkpoints: dict[CheckpointRef, _Checkpoint] = {}
+        # Users that a process gives back by exiting (bind_user): key -> the checkpoint counting it, and the
+        # process watcher that watches the process.
+        self._bound_users: dict[tuple, tuple[_Checkpoint, pykka.ActorProxy]] = {}
+        self._user_serials = itertools.count(1)
         self._loaders: set[threading.Thread] = set()
         self._cancel = threading.Event()
 
@@ -122,6 +149,9 @@ class CheckpointExtractor(pykka.ThreadingActor):
             removed = remove_stale(self._base, (ref.key for ref in self._configured))
             if removed:
                 logger.info("removed {} stale or incomplete checkpoint extraction(s) from {}", len(removed), self._base)
+        if self._views_base is not None and os.path.lexists(self._views_base):
+            # Views are cheap to make again, and those of an earlier daemon may show images since changed.
+            remove_views(self._views_base)
 
     # -- pools ----------------------------------------------------------------------------------------
 
@@ -130,10 +160,15 @@ class CheckpointExtractor(pykka.ThreadingActor):
         """Resolve ``entry`` and tell ``pool.recipe_loaded`` (or ``checkpoint_unavailable`` meanwhile)."""
         if entry.path is not None:
             known = self._checkpoints.get(entry.ref)
-            # A pool started again keeps the clients' count of gets of the directory.
-            self._checkpoints[entry.ref] = _Checkpoint(entry, entry.path, users=known.users if known else 0, state="ready")
+            # A pool started again keeps the clients' count of gets of the directory, and its views.
+            checkpoint = self._checkpoints[entry.ref] = _Checkpoint(entry, entry.path, users=known.users if known else 0, state="ready")
+            if known is not None and known.directory == entry.path:
+                checkpoint.views, checkpoint.digest = known.views, known.digest
+            for key, (counted_by, watcher) in self._bound_users.items():
+                if counted_by is known:
+                    self._bound_users[key] = (checkpoint, watcher)  # the count moved over with the users
             self._loaders = {thread for thread in self._loaders if thread.is_alive()}
-            loader = threading.Thread(target=_load, args=(entry, pool), name=f"cer-load-{entry.ref.key[:8]}", daemon=True)
+            loader = threading.Thread(target=_load, args=(entry, pool, self._self), name=f"cer-load-{entry.ref.key[:8]}", daemon=True)
             self._loaders.add(loader)
             loader.start()
             return
@@ -155,9 +190,12 @@ class CheckpointExtractor(pykka.ThreadingActor):
 
     @told
     def release(self, ref: CheckpointRef) -> None:
-        """The pool of ``ref`` is gone: drop its snapshots and lease, and its extraction unless in use."""
+        """The pool of ``ref`` is gone: drop its snapshots and lease, and its extraction and views unless in use."""
         checkpoint = self._checkpoints.pop(ref, None)
-        if checkpoint is None or checkpoint.entry.path is not None:
+        if checkpoint is None:
+            return
+        self._drop_views(checkpoint, "the checkpoint was removed")
+        if checkpoint.entry.path is not None:
             return
         checkpoint.generation += 1  # a worker still running reports to nobody and cleans up after itself
         if checkpoint.timer is not None:
@@ -174,18 +212,123 @@ class CheckpointExtractor(pykka.ThreadingActor):
         checkpoint.users += 1
         return checkpoint.directory
 
+    def get_view(self, ref: CheckpointRef, kinds: tuple[str, ...]) -> pykka.Future:
+        """A future of the path of ``ref``'s view for ``kinds`` (see cer.criu.views), made once per key;
+        counts a user, as ``get`` does, once the view is handed out. No kinds: the directory itself."""
+        checkpoint = self._find(ref)
+        key = view_key(kinds)
+        future = pykka.ThreadingFuture()
+        if not key:
+            future.set(self.get(ref))
+            return future
+        if checkpoint.directory is None:
+            raise Unavailable(f"checkpoint {ref} is not extracted yet: {self._describe(checkpoint)}")
+        if checkpoint.digest is None or self._views_base is None:
+            raise Unavailable(f"checkpoint {ref}: its images are still being read" if self._views_base
+                              else "this daemon has no ROOT to make image views in")
+        view = checkpoint.views.get(key)
+        if view is not None and view.digest != checkpoint.digest:
+            view = None  # the images changed under the same name: make it again (in the same place)
+        if view is None:
+            path = os.path.join(self._views_base, ref.key, key)
+            view = checkpoint.views[key] = _View(key, checkpoint.digest, path)
+            self._spawn(f"cer-view-{ref.key[:8]}", _build_view, checkpoint.directory, view, ref, self._self)
+        if view.ready:
+            checkpoint.users += 1
+            future.set(view.path)
+        else:
+            view.waiters.append(future)
+        return future
+
+    @told
+    def view_made(self, ref: CheckpointRef, view: _View, error: str | None) -> None:
+        """A view's thread is done (from that thread)."""
+        waiters, view.waiters = view.waiters, []
+        checkpoint = self._checkpoints.get(ref)
+        if checkpoint is None or checkpoint.views.get(view.key) is not view:
+            if checkpoint is None and error is None:
+                self._spawn(f"cer-unview-{ref.key[:8]}", remove_views, view.path)  # made for nobody
+            error = error or f"checkpoint {ref} was removed or changed while its view was made"
+        if error is not None:
+            if checkpoint is not None and checkpoint.views.get(view.key) is view:
+                del checkpoint.views[view.key]  # the next get tries again (the cause may be gone)
+            logger.error("checkpoint {}: {}", ref, error)
+            for future in waiters:
+                future.set_exception(exc_info=(ViewError, ViewError(error), None))
+            return
+        view.ready = True
+        checkpoint.users += len(waiters)
+        for future in waiters:
+            future.set(view.path)
+
+    @told
+    def digest_read(self, ref: CheckpointRef, directory: str, digest: str | None) -> None:
+        """The identity digest of a checkpoint's images (from the thread that read them)."""
+        checkpoint = self._checkpoints.get(ref)
+        if checkpoint is not None and checkpoint.directory == directory:
+            checkpoint.digest = digest
+
+    def find(self, digest: str) -> CheckpointRef:
+        """The checkpoint whose images have ``digest`` (see cer.criu.views.images_digest)."""
+        for ref, checkpoint in self._checkpoints.items():
+            if checkpoint.digest == digest:
+                return ref
+        raise NotFound(f"cer holds no checkpoint with images {digest} (or it is still loading)")
+
+    def _drop_views(self, checkpoint: _Checkpoint, why: str) -> None:
+        for view in checkpoint.views.values():
+            for future in view.waiters:
+                future.set_exception(exc_info=(ViewError, ViewError(f"checkpoint {checkpoint.entry.ref}: {why}"), None))
+            view.waiters = []
+        if checkpoint.views and checkpoint.users == 0 and self._views_base is not None:
+            # With users left, a restore may still read a view: the next start removes it.
+            self._spawn(f"cer-unview-{checkpoint.entry.ref.key[:8]}", remove_views,
+                        os.path.join(self._views_base, checkpoint.entry.ref.key))
+        checkpoint.views = {}
+
     def put(self, ref: CheckpointRef) -> int:
-        """Drop one user of ``ref``'s directory; returns how many remain."""
+        """Drop one user of ``ref``'s directory or of one of its views; returns how many remain."""
         checkpoint = self._find(ref)
         if checkpoint.users == 0:
             raise NotFound(f"checkpoint {ref} has no outstanding get")
         checkpoint.users -= 1
+        # A put ends a bound user first: its holder's exit then finds nothing to give back. (Ending an
+        # unbound one instead could count one user twice, should its client put after that exit.)
+        bound = next((key for key, (counted_by, _) in self._bound_users.items() if counted_by is checkpoint), None)
+        if bound is not None:
+            _, watcher = self._bound_users.pop(bound)
+            tell(watcher.unwatch, bound)
         return checkpoint.users
+
+    def bind_user(self, ref: CheckpointRef, pid: int, pidfd: int, watcher: pykka.ActorProxy) -> None:
+        """Tie one user of ``ref``, counted by a get, to process ``pid`` (``pidfd``, now ours): when it exits,
+        the user is given back unless a put came first. So a restore's client killed before its put leaves no
+        user behind, nor the views and extraction that user would keep."""
+        try:
+            checkpoint = self._find(ref)
+        except NotFound:
+            os.close(pidfd)
+            raise
+        key = ("checkpoint user", next(self._user_serials))
+        if not tell(watcher.watch, pidfd, pid, self._self, key):
+            os.close(pidfd)
+            raise Unavailable("the process watcher is not running (the daemon is stopping)")
+        self._bound_users[key] = (checkpoint, watcher)
+
+    @told
+    def holder_exited(self, key: tuple, pid: int) -> None:
+        """A process a user was bound to has exited (from the process watcher)."""
+        checkpoint, _ = self._bound_users.pop(key, (None, None))
+        if checkpoint is None or self._checkpoints.get(checkpoint.entry.ref) is not checkpoint or checkpoint.users == 0:
+            return  # removed meanwhile
+        checkpoint.users -= 1
+        logger.info("checkpoint {}: user given back, its process {} exited", checkpoint.entry.ref, pid)
 
     def status(self) -> dict:
         result = {}
         for ref, checkpoint in self._checkpoints.items():
-            item = {"directory": checkpoint.directory, "users": checkpoint.users}
+            item = {"directory": checkpoint.directory, "users": checkpoint.users, "images_digest": checkpoint.digest,
+                    "views": sorted(key for key, view in checkpoint.views.items() if view.ready)}
             if checkpoint.entry.path is None:
                 item.update(
                     state=checkpoint.state,
@@ -212,6 +355,7 @@ class CheckpointExtractor(pykka.ThreadingActor):
         if outcome.recipe is not None:
             checkpoint.state, checkpoint.error = "ready", None
             checkpoint.directory, checkpoint.recipe, checkpoint.rootfs = outcome.directory, outcome.recipe, outcome.rootfs
+            checkpoint.digest = outcome.digest
             logger.info("checkpoint {}: extracted to {}, rootfs {}", ref, outcome.directory, outcome.rootfs.lowerdir if outcome.rootfs else "none")
             self._tell_pools(checkpoint, "recipe_loaded", outcome.recipe, None)
         elif outcome.retry:
@@ -306,6 +450,8 @@ class CheckpointExtractor(pykka.ThreadingActor):
             # Workers stop at their next chunk or call; one in a call to a hung containerd ends with its
             # timeout and then removes what it built by itself.
             thread.join(self._timeout + 5.0)
+        if self._views_base is not None:
+            remove_views(self._views_base)  # links only: the checkpoints' files stay
         # The pools and the factory are gone: no mount namespace uses the snapshots any more.
         for checkpoint in self._checkpoints.values():
             if checkpoint.rootfs is not None:
@@ -363,6 +509,7 @@ class _Attempt:
                     self.progress.seconds = time.monotonic() - started[0]
                     logger.info("checkpoint {}: extracted {} MiB in {:.2f} s", ref, archive.size >> 20, self.progress.seconds)
                 contents = read_checkpoint(directory)
+                digest = _digest_or_none(directory)
                 labels = {"cer.checkpoint": str(ref)}
                 rootfs = build_rootfs(client, ref.namespace, checkpoint, SnapshotNames.for_key(ref.key), labels, self.cancel)
                 try:
@@ -380,7 +527,7 @@ class _Attempt:
         except Exception as error:  # noqa: BLE001 - a broken checkpoint is its pool's error, not the daemon's
             logger.opt(exception=error).debug("resolving checkpoint {} failed", ref)
             return _Outcome(error=f"extracting checkpoint image {ref.name!r} failed: {error}")
-        return _Outcome(directory=directory, recipe=recipe, rootfs=rootfs)
+        return _Outcome(directory=directory, recipe=recipe, rootfs=rootfs, digest=digest)
 
 
 def _remove_quietly(address: str, timeout: float, rootfs: Rootfs) -> None:
@@ -391,7 +538,30 @@ def _remove_quietly(address: str, timeout: float, rootfs: Rootfs) -> None:
         logger.warning("cannot remove snapshots and lease {}: {}", rootfs.names.lease, error)
 
 
-def _load(entry: CheckpointEntry, pool: pykka.ActorProxy) -> None:
+def _digest_or_none(directory: str) -> str | None:
+    try:
+        return images_digest(directory)
+    except CerError as error:
+        logger.warning("checkpoint images at {}: no digest ({}); restores cannot name it by its images", directory, error)
+        return None
+
+
+def _build_view(directory: str, view: _View, ref: CheckpointRef, extractor: pykka.ActorProxy) -> None:
+    error = None
+    try:
+        if images_digest(directory) != view.digest:
+            raise ViewError(f"the images at {directory} changed since they were read")
+        make_view(directory, view.path, view.key.split("+"))
+    except CerError as failure:
+        error = f"making its {view.key} view failed: {failure}"
+    except Exception as failure:  # noqa: BLE001 - reported to whoever waits for the view
+        logger.opt(exception=failure).debug("making view {} of {} failed", view.key, ref)
+        error = f"making its {view.key} view failed: {failure}"
+    tell(extractor.view_made, ref, view, error)
+
+
+def _load(entry: CheckpointEntry, pool: pykka.ActorProxy, extractor: pykka.ActorProxy) -> None:
+    tell(extractor.digest_read, entry.ref, entry.path, _digest_or_none(entry.path))
     try:
         contents = read_checkpoint(entry.path)
         recipe, error = Recipe.from_checkpoint(contents, entry.rootfs), None

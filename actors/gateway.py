@@ -20,7 +20,9 @@ from cer.actors.pool import Lease, PoolPeers, PoolRetired
 from cer.actors.told import MESSAGE_FAILURES
 from cer.config import load_config
 from cer.errors import CerError, NotFound, Unavailable
+from cer.linux.processes import pidfd_open
 from cer.references import CheckpointRef
+from cer.restore_mounts import criu_config_lines
 
 if TYPE_CHECKING:
     from cer.actors.lazy import LazyServer
@@ -62,8 +64,12 @@ class Gateway:
         config_path: str | None = None,
         lazy: pykka.ActorProxy | None = None,
         lazy_ready_timeout: float = 10.0,
+        mounts_script: str | None = None,
     ) -> None:
+        """``mounts_script``: the CRIU action script that completes the mounts of a restore into a pooled mount
+        namespace (cer.restore_mounts), named in the CRIU configuration of such restores."""
         self._supervisor = supervisor
+        self._mounts_script = mounts_script
         self._lazy = lazy
         self._lazy_ready_timeout = lazy_ready_timeout
         self._config_path = config_path
@@ -155,6 +161,50 @@ class Gateway:
 
     def get_checkpoint(self, ref: CheckpointRef) -> str:
         return self._wait(self._extractor.get(ref), "the checkpoint extractor")
+
+    def get_view(self, ref: CheckpointRef, kinds: tuple[str, ...]) -> str:
+        """``ref``'s image view for ``kinds`` (see cer.criu.views), made on first use; counts a user."""
+        pending = self._wait(self._extractor.get_view(ref, kinds), "the checkpoint extractor")
+        return self._wait(pending, f"the {'+'.join(kinds)} view of {ref}", self._cold_timeout + self._ask_timeout)
+
+    def find_checkpoint(self, images_digest: str) -> CheckpointRef:
+        return self._wait(self._extractor.find(images_digest), "the checkpoint extractor")
+
+    def prepare_restore(self, ref: CheckpointRef, ns_types: tuple[str, ...], view: tuple[str, ...],
+                        holder_pid: int) -> tuple[str, dict[str, Lease]]:
+        """Everything one restore of ``ref`` takes from cer: the images (its view for ``view``) and a
+        namespace of each of ``ns_types`` bound to ``holder_pid``. All or nothing: what was taken before a
+        failure is given back."""
+        images = self.get_view(ref, view)
+        leases: dict[str, Lease] = {}
+        try:
+            for ns_type in ns_types:
+                leases[ns_type] = self.get_namespace(ns_type, ref, holder_pid)
+            # The images' user goes with the holder too: a client killed before its checkpoint.put leaves none.
+            try:
+                pidfd = pidfd_open(holder_pid)
+            except ProcessLookupError:
+                raise NotFound(f"process {holder_pid} is not running") from None
+            self._wait(self._extractor.bind_user(ref, holder_pid, pidfd, self._watcher), "the checkpoint extractor")
+        except BaseException:
+            for ns_type, lease in leases.items():
+                try:
+                    self.put_namespace(ns_type, lease.namespace.namespace_id)
+                except CerError as error:
+                    logger.error("giving back {} namespace {} of a failed restore: {}", ns_type, lease.namespace.namespace_id, error)
+            try:
+                self.put_checkpoint(ref)
+            except CerError as error:
+                logger.error("releasing checkpoint {} of a failed restore: {}", ref, error)
+            raise
+        return images, leases
+
+    def criu_config(self, ns_types: tuple[str, ...]) -> list[str]:
+        """The CRIU options a restore joining ``ns_types`` needs beside the images: for a mount namespace, the
+        action script that completes its mounts."""
+        if "mnt" not in ns_types or self._mounts_script is None:
+            return []
+        return criu_config_lines(self._mounts_script)
 
     def put_checkpoint(self, ref: CheckpointRef) -> int:
         return self._wait(self._extractor.put(ref), "the checkpoint extractor")

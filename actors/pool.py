@@ -76,6 +76,7 @@ class Lease:
     namespace: Namespace
     cold: bool
     ipc_default: bool | None
+    ipc: dict | None = None  # an IPC namespace's contents (Recipe.ipc_info)
 
 
 @dataclass
@@ -138,6 +139,7 @@ class Shelf:
         self.ns_type = ns_type
         self.idle: deque[Namespace] = deque()
         self.ipc_default: bool | None = None
+        self.ipc: dict | None = None  # what an IPC namespace holds (Recipe.ipc_info), read once per checkpoint
         self.owner = owner
         self._shelves = shelves
         self._clock = clock
@@ -158,7 +160,7 @@ class Shelf:
             return None
         self._shelves.handed[(self.ns_type, namespace.namespace_id)] = self.owner
         self._shelves.reports.append((self.owner, _Taken(self.ns_type, namespace, holder, self._clock())))
-        return Lease(namespace, False, self.ipc_default)
+        return Lease(namespace, False, self.ipc_default, self.ipc)
 
 
 class Shelves:
@@ -351,8 +353,10 @@ class PoolActor(pykka.ThreadingActor):
             self._fail_permanently(error or "the checkpoint could not be loaded")
             return
         self._recipe = recipe
-        for pool in self._types.values():
+        ipc_info = recipe.ipc_info()
+        for ns_type, pool in self._types.items():
             pool.shelf.ipc_default = recipe.ipc_default
+            pool.shelf.ipc = ipc_info if ns_type == "ipc" else None
         try:
             self._reserve(self._capacity, self._max_capacity)
         except BudgetExceeded as error:
@@ -681,7 +685,7 @@ class PoolActor(pykka.ThreadingActor):
         handout = self._types[ns_type].in_use[namespace.namespace_id] = _Handout(namespace, self._now())
         if holder is not None:
             self._bind(ns_type, handout, holder)
-        return Lease(namespace, cold, self._recipe.ipc_default)
+        return Lease(namespace, cold, self._recipe.ipc_default, self._types[ns_type].shelf.ipc)
 
     def _refill(self) -> None:
         if self._recipe is None or self._retry_timer is not None or self._retired_to is not None or self._over_budget:

@@ -1,6 +1,7 @@
 """How fast cer builds mount namespaces for a real container checkpoint, and where the time goes.
 
     python3 benchmarks/bench_mnt.py [--count N] [--concurrency C]      (as root; needs runc, CRIU 4, gcc)
+    python3 benchmarks/bench_mnt.py --restore [--rounds R] [--extra-tmpfs N]
 
 Makes a checkpoint with runc + CRIU 4 first (tests/mounts/mount-workload.c in a bundle with /dev, /dev/pts,
 /dev/shm, /dev/mqueue, /proc, /sys with cgroups, /run and /tmp tmpfs, runc's masked and read-only paths and a
@@ -11,17 +12,36 @@ daemon's factory does (a new thread unshares, builds, opens /proc/thread-self/ns
 - ``overlay``: a bundle's upper/work/rootfs, mounts made private, the overlay (a checkpoint without a
   mountpoints image gets this);
 - ``full``: the overlay and the checkpoint's mount tree as cer makes it (tmpfs mounts with their contents,
-  devpts, the host bind, mount points of what the restore mounts, the read-only root).
+  devpts, the host bind, mount points of what the restore mounts, the read-only root, /proc/sys for CRIU),
+  then pivoted into the overlay.
 
 For ``full`` the time inside the thread is split into overlay, mounts and tmpfs (restoring contents). Rates are
 namespaces per second of wall time, one at a time and with C creations at once (the factory's default is 4).
 At most ``--live`` namespaces exist at a time (as in a pool); they are torn down between batches, outside the rates
 (tear-down runs off the get path; its median is printed apart).
+
+``--restore`` measures restores of a mount-heavy checkpoint (the workload's 27 mounts and N more tmpfs mounts,
+40 by default), each method restoring a new container from the same checkpoint, until the restoring command
+returns; rounds interleaved, the order rotating from round to round, pools full (warm) before each cer restore:
+
+- ``runc``: ``runc restore -d`` from the checkpoint's image directory: CRIU builds the mount namespace;
+- ``runc+mnt``: ``runc restore -d`` joining a pooled mount namespace (its path on the bundle's mount entry), cer's
+  "mnt" view as the images and cer's CRIU options (the action script) in a file named by org.criu.config; the
+  one ``checkpoint.restore`` request that takes them is timed apart;
+- ``cer`` and ``cer+mnt``: the same two through ``contrib/ctr-wrapper --runtime runc --external-checkpoint``
+  (``--external-ns mnt`` for the second), the wrapper's start-up and its request included.
+
+It prints medians, what the pooled namespace saves (runc / runc+mnt, cer / cer+mnt) and what the action script
+took inside ``runc+mnt`` restores (CRIU's log: from running post-restore scripts to the network unlock).
 """
 
 import argparse
+import json
 import os
+import re
+import resource
 import shutil
+import subprocess
 import statistics
 import sys
 import tempfile
@@ -35,10 +55,19 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 import mounts_support  # noqa: E402
+import runc_support  # noqa: E402
+from conftest import start_daemon  # noqa: E402
 
 from cer.criu.checkpoint import read_checkpoint  # noqa: E402
 from cer.linux import namespaces as ns  # noqa: E402
 from cer.namespaces import Namespace, Recipe, build, destroy  # noqa: E402
+from cer.protocol.client import Client  # noqa: E402
+from cer.protocol.methods import CheckpointPut, CheckpointRestore, NamespacePut  # noqa: E402
+from cer.references import CheckpointRef  # noqa: E402
+from cer.restore_mounts import install_action_script  # noqa: E402
+
+WRAPPER = REPO / "contrib" / "ctr-wrapper"
+RESTORE_METHODS = ("runc", "runc+mnt", "cer", "cer+mnt")
 
 
 def in_thread(work):
@@ -111,16 +140,161 @@ def milliseconds(values) -> str:
     return f"{statistics.median(values) * 1000:7.3f}"
 
 
+def restore_bundle(checkpoint, directory: Path, mount_namespace: str | None = None,
+                   criu_config: list[str] | None = None) -> Path:
+    """A bundle to restore the checkpoint's container from: its config, root.path the checkpoint's rootfs;
+    with ``mount_namespace``, that path on the mount entry and ``criu_config`` in a file org.criu.config names."""
+    directory.mkdir()
+    config = json.loads(json.dumps(checkpoint.config))
+    config["root"]["path"] = str(checkpoint.rootfs)
+    # No CRIU configuration file unless named: runc would read the host-wide /etc/criu/runc.conf otherwise,
+    # which other restores on this machine may be editing (ctr-wrapper's containerd path).
+    config.setdefault("annotations", {})["org.criu.config"] = ""
+    if mount_namespace is not None:
+        for entry in config["linux"]["namespaces"]:
+            if entry["type"] == "mount":
+                entry["path"] = mount_namespace
+        (directory / "criu.conf").write_text("".join(f"{line}\n" for line in criu_config or []))
+        config.setdefault("annotations", {})["org.criu.config"] = str(directory / "criu.conf")
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+def timed(argv: list[str]) -> float:
+    started = time.perf_counter()
+    result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+                            env=runc_support.runtime_env())
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({result.returncode}):\n{result.stdout}{result.stderr}")
+    return elapsed
+
+
+def _log_seconds(line: str) -> float:
+    return float(re.match(r"\((\d+\.\d+)\)", line).group(1))
+
+
+def script_seconds(log: Path) -> float:
+    """From CRIU's "Running post-restore scripts" to the next step it logs after them (the network unlock)."""
+    lines = log.read_text(errors="replace").splitlines()
+    start = next(i for i, line in enumerate(lines) if "Running post-restore scripts" in line)
+    after = next(line for line in lines[start + 1:] if re.match(r"\(\d", line) and "\t" not in line
+                 and "RPC" not in line and "restore-mounts" not in line)
+    return _log_seconds(after) - _log_seconds(lines[start])
+
+
+def restore_once(method: str, checkpoint, runc, daemon, work: Path, extra: dict) -> float:
+    container = f"m-{os.urandom(4).hex()}"
+    directory = work / container
+    directory.mkdir()
+    taken = None
+    try:
+        if method != "runc":
+            daemon.wait_full("mounts", ("mnt",), timeout=60)  # warm: the pool refilled since the last one
+        os.sync()
+        if method == "runc":
+            bundle = restore_bundle(checkpoint, directory / "bundle")
+            return timed(runc.argv("restore", "-d", "--image-path", str(checkpoint.images), "--work-path",
+                                   str(directory), "--bundle", str(bundle), container))
+        if method == "runc+mnt":
+            started = time.perf_counter()
+            with Client(daemon.endpoint, 30) as client:
+                taken = client.call(CheckpointRestore(CheckpointRef("mounts"), ("mnt",), os.getpid()))
+            extra.setdefault("request", []).append(time.perf_counter() - started)
+            bundle = restore_bundle(checkpoint, directory / "bundle", taken["namespaces"]["mnt"]["path"],
+                                    taken["criu_config"])
+            seconds = timed(runc.argv("restore", "-d", "--image-path", taken["images"], "--work-path", str(directory),
+                                      "--bundle", str(bundle), container))
+            extra.setdefault("script", []).append(script_seconds(directory / "restore.log"))
+            return seconds
+        bundle = restore_bundle(checkpoint, directory / "bundle")
+        namespaces = ["--external-ns", "mnt"] if method == "cer+mnt" else []
+        return timed([sys.executable, str(WRAPPER), "restore", "--endpoint", daemon.endpoint, "--runtime", "runc",
+                      "--runc-root", str(runc.root), "--bundle", str(bundle), *namespaces, "--external-checkpoint",
+                      "mounts", container])
+    finally:
+        runc.delete(container)
+        if taken is not None:
+            mnt = taken["namespaces"]["mnt"]
+            with Client(daemon.endpoint, 30) as client:
+                client.call(NamespacePut("mnt", mnt["namespace_id"], mnt["pid"]))
+                client.call(CheckpointPut(CheckpointRef("mounts")))
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def restore_benchmark(work: Path, rounds_count: int, extra_tmpfs: int) -> None:
+    runc_support.require("runc", "criu", "gcc")
+    print(f"making a runc + CRIU 4 checkpoint of tests/mounts/mount-workload with {extra_tmpfs} more tmpfs mounts ...",
+          flush=True)
+    checkpoint = mounts_support.make_container_checkpoint(work / "container", host_bind=False,
+                                                          extra_tmpfs=extra_tmpfs)
+    print(f"checkpoint: {len(checkpoint.mounts)} mounts in the container", flush=True)
+    daemon = start_daemon({"containerd_checkpoints": [{"name": "mounts", "capacity": 2, "path": str(checkpoint.images),
+                                                        "rootfs": str(checkpoint.rootfs)}]})
+    runc = runc_support.Runc(work / "runc")
+    times: dict[str, list[float]] = {method: [] for method in RESTORE_METHODS}
+    extra: dict[str, list[float]] = {}
+    try:
+        daemon.wait_full("mounts", ("mnt",), timeout=120)
+        for method in RESTORE_METHODS:  # warm-up: caches, the view (made on first use), Python's code paths
+            restore_once(method, checkpoint, runc, daemon, work, {})
+        for number in range(rounds_count):
+            shift = number % len(RESTORE_METHODS)
+            for method in RESTORE_METHODS[shift:] + RESTORE_METHODS[:shift]:
+                times[method].append(restore_once(method, checkpoint, runc, daemon, work, extra))
+    finally:
+        runc.cleanup()
+        daemon.stop()
+        shutil.rmtree(daemon.root.parent, ignore_errors=True)
+    medians = {method: statistics.median(values) for method, values in times.items()}
+    print(f"\nrestore of a {len(checkpoint.mounts)}-mount container, median of {rounds_count} interleaved rounds, seconds")
+    print("  ".join(f"{method:>9}" for method in RESTORE_METHODS))
+    print("  ".join(f"{medians[method]:>9.3f}" for method in RESTORE_METHODS))
+    print(f"runc / runc+mnt {medians['runc'] / medians['runc+mnt']:.2f}x ({medians['runc'] - medians['runc+mnt']:+.3f} s), "
+          f"cer / cer+mnt {medians['cer'] / medians['cer+mnt']:.2f}x ({medians['cer'] - medians['cer+mnt']:+.3f} s): "
+          "what the pooled mount namespace saves (> 1x: faster with it)")
+    print(f"inside runc+mnt: checkpoint.restore request {statistics.median(extra['request']) * 1000:.1f} ms (apart), "
+          f"the action script (post-restore) {statistics.median(extra['script']) * 1000:.1f} ms")
+    wall, cpu = script_start_up(work)
+    print(f"the action script's Python start-up and imports alone (20 runs): {wall * 1000:.1f} ms wall, "
+          f"{cpu * 1000:.1f} ms CPU (median; wall above CPU is waiting for a core)")
+
+
+def script_start_up(work: Path, runs: int = 20) -> tuple[float, float]:
+    """What the action script costs before it mounts anything: sh, Python's start, its imports (run for another
+    action than post-restore, after the shell's own filter, as a restore's second run would not)."""
+    script = install_action_script(str(work))
+    python_line = Path(script).read_text().splitlines()[-1].replace('"$plan"', "/nonexistent")
+    walls, cpus = [], []
+    for _ in range(runs):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.perf_counter()
+        subprocess.run(["sh", "-c", python_line], env={"CRTOOLS_SCRIPT_ACTION": "pre-resume"}, check=True, timeout=60)
+        walls.append(time.perf_counter() - started)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    return statistics.median(walls), statistics.median(cpus)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=500, help="namespaces per measurement (default 500)")
     parser.add_argument("--concurrency", type=int, default=4, help="creations at once for the parallel rate")
     parser.add_argument("--live", type=int, default=20, help="namespaces alive at most, as in a pool (default 20)")
+    parser.add_argument("--restore", action="store_true", help="measure restores with and without cer's mount namespace")
+    parser.add_argument("--rounds", type=int, default=10, help="--restore: interleaved rounds (default 10)")
+    parser.add_argument("--extra-tmpfs", type=int, default=40, help="--restore: tmpfs mounts added (default 40)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root: it creates mount namespaces and runs runc")
 
     work = Path(tempfile.mkdtemp(prefix="cer-bench-mnt-", dir="/tmp"))
+    if args.restore:
+        try:
+            restore_benchmark(work, args.rounds, args.extra_tmpfs)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     try:
         print("making a runc + CRIU 4 checkpoint of tests/mounts/mount-workload ...", flush=True)
         checkpoint = mounts_support.make_container_checkpoint(work / "container")

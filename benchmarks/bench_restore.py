@@ -1,26 +1,35 @@
-"""Container restore latency: stock containerd, runc from a fresh extraction, and runc through cer.
+"""Container restore latency: stock containerd, runc from an extracted directory, and runc through cer with
+and without cer's namespaces.
 
-    python3 benchmarks/bench_restore.py [--sizes 16,256,1024] [--rounds 5] [--no-containerd]   (as root)
+    python3 benchmarks/bench_restore.py [--sizes 16,256] [--rounds 5] [--no-ipc-heavy] [--no-containerd]   (as root)
 
-For each size a container runs benchmarks/memory-workload.c holding that many MiB of written memory and is
-checkpointed twice: by ``runc checkpoint`` (an image directory, also stored as a tar, the way containerd keeps
-a checkpoint's CRIU images in its content store) and, in a private containerd, by ``ctr c checkpoint --rw
---image --task``. Then, round after round (the methods interleaved, so drift hits them alike), each method
-restores a new container and the time until the restoring command returns is taken:
+Checkpoints, each made once by ``runc checkpoint`` (and, for the memory sizes, by ``ctr c checkpoint --rw
+--image --task`` in a private containerd):
 
-  ctr           stock ``ctr c restore --live ID CKPT``: containerd unpacks the checkpoint from its content
-                store and runs runc restore;
-  runc-fresh    extract the stored tar into a new directory (``tar -xf``), then ``runc restore -d`` from it:
-                what a restore costs when the images are not already on disk;
-  cer-wrapper   ``contrib/ctr-wrapper restore --runtime runc --external-ns uts --external-ns ipc
-                --external-checkpoint``: images pre-extracted by cer, IPC and UTS namespaces from cer's pools
-                (warm gets), the Python wrapper's start-up and its cer calls included;
-  runc-direct   ``runc restore -d`` from the pre-extracted directory with runc's own namespaces: the floor
-                the cer path adds its wrapper to (for reading the others, not a method of its own).
+  mem-N       benchmarks/memory-workload.c holding N MiB of written memory (no SysV IPC);
+  ipc-heavy   tests/contrib/ipc-live-workload.c with 64 MiB of unattached SysV shm, 1,000 semaphores (ten
+              sets) and 100 queued messages (and two IPC sysctls changed): what a pre-filled IPC
+              namespace saves a restore.
 
-Every restored container is killed and deleted before the next round, and dirty pages are written back
-(sync) before each measurement. Page cache is left warm for all methods (all images were just written).
-Medians are printed side by side with ratios to stock ctr (to runc-fresh with --no-containerd).
+Methods, each restoring a new container from the same checkpoint; the time until the restoring command
+returns is taken:
+
+  ctr         stock ``ctr c restore --live ID CKPT`` (containerd unpacks the checkpoint from its content
+              store, then runs runc restore); memory sizes only;
+  runc        ``runc restore -d`` from the extracted image directory, runc's own namespaces: the floor;
+  cer         ``contrib/ctr-wrapper restore --runtime runc --external-checkpoint``: cer's images, runc's own
+              namespaces (the wrapper's start-up and its one request to cer included);
+  cer+ns      the same with ``--external-ns uts --external-ns ipc``: cer's pre-filled IPC and UTS namespaces
+              (warm), and cer's image view (hard links to the same files; the IPC images left out).
+
+Rounds are interleaved: in each round every checkpoint is restored by every method, in an order that
+rotates from round to round, so drift hits all alike. Every restored container is killed and deleted
+before the next restore, dirty pages are written back (sync) before each measurement, and cer's pools
+are full again before each cer restore (warm gets). Page cache stays warm for all methods. Medians are
+printed with the ratios the issue's aims are about: cer / runc (aim: at most 1.1), ctr / cer (aim: above
+1), and cer / cer+ns (what cer's namespaces save; aim for ipc-heavy: above 1). A second table gives the CPU
+time each runc-based method used (the command and what it waited for: runc, CRIU; not the restored
+process), which a busy machine disturbs less than wall time: cer - runc is what the wrapper costs.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -35,6 +45,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,147 +55,163 @@ import containerd_support  # noqa: E402
 import runc_support  # noqa: E402
 from conftest import start_daemon  # noqa: E402
 
-WORKLOAD = REPO / "benchmarks" / "memory-workload.c"
+MEMORY_WORKLOAD = REPO / "benchmarks" / "memory-workload.c"
+IPC_WORKLOAD = REPO / "tests" / "contrib" / "ipc-live-workload.c"
+IPC_HEAVY_ARGS = ["0", "64", "1000", "100"]  # no attached segment, 64 MiB unattached, 1,000 semaphores, 100 messages
 WRAPPER = REPO / "contrib" / "ctr-wrapper"
 NAMESPACE = "cer-bench"
-METHODS = ("ctr", "runc-fresh", "cer-wrapper", "runc-direct")
+METHODS = ("ctr", "runc", "cer", "cer+ns")
 
 
 def settle() -> None:
-    """Write back what the previous round left dirty (a 1 GiB extraction), so it is not billed to this one."""
+    """Write back what the previous restore left dirty, so it is not billed to this one."""
     os.sync()
 
 
-def timed(argv: list[str], env: dict | None = None, timeout: float = 300) -> float:
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(argv: list[str], cpu: list[float], timeout: float = 300) -> float:
+    """Run argv; its wall time, and into ``cpu`` the CPU time it and what it waited for (runc, CRIU) used:
+    on a busy machine CPU time shows what a method costs where wall time also shows what it waited for."""
+    cpu_before = children_cpu()
     start = time.perf_counter()
     result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
-                            env=env or runc_support.runtime_env())
+                            env=runc_support.runtime_env())
     elapsed = time.perf_counter() - start
+    cpu.append(children_cpu() - cpu_before)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({result.returncode}):\n{result.stdout}{result.stderr}")
     return elapsed
 
 
-class Size:
-    """Everything one checkpoint size needs: bundle, runc images (dir + tar), containerd checkpoint."""
-
-    def __init__(self, mib: int, work: Path, binary: Path, runc: runc_support.Runc,
-                 containerd: containerd_support.PrivateContainerd | None) -> None:
-        self.mib = mib
-        self.name = f"mem-{mib}"
-        self.bundle = runc_support.make_bundle(work / f"{self.name}-bundle", binary, [str(mib)])
-        self.images = work / f"{self.name}-images"
-        self.images.mkdir()
-        container = f"{self.name}-{uuid.uuid4().hex[:6]}"
-        runc.run_detached(self.bundle, container, timeout=120)
-        runc.checkpoint(container, self.images, timeout=600)
-        self.tar = work / f"{self.name}-images.tar"
-        subprocess.run(["tar", "-cf", str(self.tar), "-C", str(self.images), "."], check=True, timeout=600)
-        self.ctr_checkpoint = None
-        if containerd is not None:
-            image = containerd_support.oci_image_archive(
-                work / f"{self.name}.oci.tar", f"docker.io/cer-bench/memory:{mib}",
-                {"bin/memory-workload": (binary.read_bytes(), 0o755)}, ["/bin/memory-workload", str(mib)])
-            containerd.import_image(image.archive, NAMESPACE)
-            containerd.run(image.name, container, namespace=NAMESPACE, timeout=120)  # waits for "ready"
-            self.ctr_checkpoint = f"cer-bench/checkpoint:{mib}"
-            containerd.checkpoint(container, self.ctr_checkpoint, NAMESPACE, timeout=600)
-            containerd.remove_container(container, NAMESPACE)
+@dataclass
+class Checkpoint:
+    name: str
+    bundle: runc_support.Bundle
+    images: Path
+    ctr_checkpoint: str | None = None
+    times: dict[str, list[float]] = field(default_factory=lambda: {method: [] for method in METHODS})
+    cpu: dict[str, list[float]] = field(default_factory=lambda: {method: [] for method in METHODS})
 
 
-def round_ctr(size: Size, containerd: containerd_support.PrivateContainerd) -> float:
-    container = f"r-{uuid.uuid4().hex[:8]}"
-    try:
-        settle()
-        start = time.perf_counter()
-        containerd.ctr("containers", "restore", "--live", container, size.ctr_checkpoint, namespace=NAMESPACE,
-                       timeout=300)
-        return time.perf_counter() - start
-    finally:
-        containerd.remove_container(container, NAMESPACE)
+def runc_checkpoint(name: str, work: Path, binary: Path, args: list[str], runc: runc_support.Runc) -> Checkpoint:
+    bundle = runc_support.make_bundle(work / f"{name}-bundle", binary, args)
+    images = work / f"{name}-images"
+    images.mkdir()
+    container = f"{name}-{uuid.uuid4().hex[:6]}"
+    runc.run_detached(bundle, container, ready_line=b"ready\n", timeout=120)
+    runc.checkpoint(container, images, timeout=600)
+    return Checkpoint(name, bundle, images)
 
 
-def round_runc_fresh(size: Size, runc: runc_support.Runc, work: Path) -> float:
-    container = f"r-{uuid.uuid4().hex[:8]}"
-    images = work / f"fresh-{container}"
-    restore_work = work / f"work-{container}"
-    try:
-        settle()
-        start = time.perf_counter()
-        images.mkdir()
-        subprocess.run(["tar", "-xf", str(size.tar), "-C", str(images)], check=True, timeout=600)
-        restore_work.mkdir()
-        timed(runc.argv("restore", "-d", "--image-path", str(images), "--work-path", str(restore_work),
-                        "--bundle", str(size.bundle.path), container))
-        return time.perf_counter() - start
-    finally:
-        runc.delete(container)
-        shutil.rmtree(images, ignore_errors=True)
-        shutil.rmtree(restore_work, ignore_errors=True)
+def ctr_checkpoint(checkpoint: Checkpoint, mib: int, work: Path, binary: Path,
+                   containerd: containerd_support.PrivateContainerd) -> None:
+    image = containerd_support.oci_image_archive(
+        work / f"{checkpoint.name}.oci.tar", f"docker.io/cer-bench/memory:{mib}",
+        {"bin/memory-workload": (binary.read_bytes(), 0o755)}, ["/bin/memory-workload", str(mib)])
+    containerd.import_image(image.archive, NAMESPACE)
+    container = f"{checkpoint.name}-{uuid.uuid4().hex[:6]}"
+    containerd.run(image.name, container, namespace=NAMESPACE, timeout=120)  # waits for "ready"
+    checkpoint.ctr_checkpoint = f"cer-bench/checkpoint:{mib}"
+    containerd.checkpoint(container, checkpoint.ctr_checkpoint, NAMESPACE, timeout=600)
+    containerd.remove_container(container, NAMESPACE)
 
 
-def round_runc_direct(size: Size, runc: runc_support.Runc, work: Path) -> float:
+def restore(method: str, checkpoint: Checkpoint, runc: runc_support.Runc, work: Path, daemon,
+            containerd: containerd_support.PrivateContainerd | None) -> float:
     container = f"r-{uuid.uuid4().hex[:8]}"
     restore_work = work / f"work-{container}"
     restore_work.mkdir()
     try:
+        if method.startswith("cer"):
+            # Warm gets only: the pool refilled after the previous cer restore before this one starts.
+            daemon.wait_full(checkpoint.name, ("ipc", "uts"), timeout=60)
         settle()
-        return timed(runc.argv("restore", "-d", "--image-path", str(size.images), "--work-path", str(restore_work),
-                               "--bundle", str(size.bundle.path), container))
+        if method == "ctr":
+            start = time.perf_counter()
+            containerd.ctr("containers", "restore", "--live", container, checkpoint.ctr_checkpoint,
+                           namespace=NAMESPACE, timeout=300)
+            return time.perf_counter() - start
+        if method == "runc":
+            return timed(runc.argv("restore", "-d", "--image-path", str(checkpoint.images), "--work-path",
+                                   str(restore_work), "--bundle", str(checkpoint.bundle.path), container),
+                         checkpoint.cpu[method])
+        namespaces = ["--external-ns", "uts", "--external-ns", "ipc"] if method == "cer+ns" else []
+        return timed([sys.executable, str(WRAPPER), "restore", "--endpoint", daemon.endpoint, "--runtime", "runc",
+                      "--runc-root", str(runc.root), "--bundle", str(checkpoint.bundle.path), *namespaces,
+                      "--external-checkpoint", checkpoint.name, container], checkpoint.cpu[method])
     finally:
-        runc.delete(container)
+        if method == "ctr":
+            containerd.remove_container(container, NAMESPACE)
+        else:
+            runc.delete(container)
         shutil.rmtree(restore_work, ignore_errors=True)
 
 
-def round_wrapper(size: Size, runc: runc_support.Runc, daemon) -> float:
-    container = f"r-{uuid.uuid4().hex[:8]}"
-    try:
-        settle()
-        return timed([sys.executable, str(WRAPPER), "restore", "--endpoint", daemon.endpoint, "--runtime", "runc",
-                      "--runc-root", str(runc.root), "--bundle", str(size.bundle.path), "--external-ns", "uts",
-                      "--external-ns", "ipc", "--external-checkpoint", size.name, container])
-    finally:
-        runc.delete(container)
-        # Back to a full pool before the next round, so every round gets warm namespaces.
-        daemon.wait_full(size.name, ("ipc", "uts"), timeout=30)
+def report(checkpoints: list[Checkpoint], rounds: int) -> None:
+    shown = [method for method in METHODS if any(c.times[method] for c in checkpoints)]
+    print(f"\nrestore latency, median of {rounds} rounds, seconds")
+    print(f"{'checkpoint':>10}  " + "  ".join(f"{method:>8}" for method in shown) +
+          f"  {'cer/runc':>9}  {'ctr/cer':>8}  {'cer/cer+ns':>10}  {'ns saved':>9}")
+    for checkpoint in checkpoints:
+        medians = {m: statistics.median(checkpoint.times[m]) for m in shown if checkpoint.times[m]}
+        cells = "  ".join(f"{medians[m]:>8.3f}" if m in medians else f"{'-':>8}" for m in shown)
+        best_cer = min(medians["cer"], medians["cer+ns"])
+        ctr_ratio = f"{medians['ctr'] / best_cer:>7.2f}x" if "ctr" in medians else f"{'-':>8}"
+        print(f"{checkpoint.name:>10}  {cells}  {best_cer / medians['runc']:>8.2f}x  {ctr_ratio}  "
+              f"{medians['cer'] / medians['cer+ns']:>9.2f}x  {medians['cer'] - medians['cer+ns']:>8.3f}s")
+    print("cer/runc: the faster cer path against the floor (aim <= 1.10); ctr/cer: stock ctr against it (aim > 1);\n"
+          "cer/cer+ns and ns saved: what cer's pre-filled namespaces save a restore (aim for ipc-heavy: > 1)")
+    print("\nCPU time of the restoring command and what it waited for (runc, CRIU), median, seconds")
+    print(f"{'checkpoint':>10}  {'runc':>8}  {'cer':>8}  {'cer+ns':>8}  {'cer-runc':>9}  {'ns saved':>9}")
+    for checkpoint in checkpoints:
+        cpu = {m: statistics.median(checkpoint.cpu[m]) for m in ("runc", "cer", "cer+ns")}
+        print(f"{checkpoint.name:>10}  {cpu['runc']:>8.3f}  {cpu['cer']:>8.3f}  {cpu['cer+ns']:>8.3f}  "
+              f"{cpu['cer'] - cpu['runc']:>8.3f}s  {cpu['cer'] - cpu['cer+ns']:>8.3f}s")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="16,256,1024", help="checkpoint sizes in MiB, comma-separated")
+    parser.add_argument("--sizes", default="16,256", help="memory checkpoint sizes in MiB, comma-separated")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-ipc-heavy", action="store_true", help="leave the IPC-heavy checkpoint out")
     parser.add_argument("--no-containerd", action="store_true", help="leave stock ctr out")
     options = parser.parse_args()
-    sizes = [int(size) for size in options.sizes.split(",")]
-    runc_support.require("runc", "criu", "gcc", "tar", *(() if options.no_containerd else ("containerd", "ctr")))
+    sizes = [int(size) for size in options.sizes.split(",") if size]
+    runc_support.require("runc", "criu", "gcc", *(() if options.no_containerd else ("containerd", "ctr")))
 
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="cer-bench-restore-", dir="/tmp"))
     containerd = None if options.no_containerd else containerd_support.PrivateContainerd("cer-bench-ctd-")
     runc = runc_support.Runc(work / "runc")
     daemon = None
-    results: dict[int, dict[str, list[float]]] = {}
+    checkpoints: list[Checkpoint] = []
     try:
         if containerd is not None:
             containerd.start()
-        binary = containerd_support.build_static(WORKLOAD.read_text(), "memory-workload", work / "build")
-        prepared = []
+        memory = containerd_support.build_static(MEMORY_WORKLOAD.read_text(), "memory-workload", work / "build")
         for mib in sizes:
             print(f"checkpointing {mib} MiB ...", file=sys.stderr, flush=True)
-            prepared.append(Size(mib, work, binary, runc, containerd))
-        entries = [{"name": size.name, "capacity": 2, "path": str(size.images)} for size in prepared]
-        daemon = start_daemon({"containerd_checkpoints": entries, "default_capacity": 2})
-        for size in prepared:
-            daemon.wait_full(size.name, ("ipc", "uts"), timeout=60)
-        for size in prepared:
-            times = results[size.mib] = {method: [] for method in METHODS}
-            for round_number in range(options.rounds):
-                print(f"{size.mib} MiB round {round_number + 1}/{options.rounds}", file=sys.stderr, flush=True)
-                if containerd is not None:
-                    times["ctr"].append(round_ctr(size, containerd))
-                times["runc-fresh"].append(round_runc_fresh(size, runc, work))
-                times["cer-wrapper"].append(round_wrapper(size, runc, daemon))
-                times["runc-direct"].append(round_runc_direct(size, runc, work))
+            checkpoint = runc_checkpoint(f"mem-{mib}", work, memory, [str(mib)], runc)
+            if containerd is not None:
+                ctr_checkpoint(checkpoint, mib, work, memory, containerd)
+            checkpoints.append(checkpoint)
+        if not options.no_ipc_heavy:
+            print("checkpointing ipc-heavy ...", file=sys.stderr, flush=True)
+            ipc = containerd_support.build_static(IPC_WORKLOAD.read_text(), "ipc-live-workload", work / "build")
+            checkpoints.append(runc_checkpoint("ipc-heavy", work, ipc, IPC_HEAVY_ARGS, runc))
+        entries = [{"name": c.name, "capacity": 1, "path": str(c.images)} for c in checkpoints]
+        daemon = start_daemon({"containerd_checkpoints": entries, "default_capacity": 1})
+        for round_number in range(options.rounds):
+            print(f"round {round_number + 1}/{options.rounds}", file=sys.stderr, flush=True)
+            for checkpoint in checkpoints:
+                methods = [m for m in METHODS if m != "ctr" or checkpoint.ctr_checkpoint]
+                shift = round_number % len(methods)
+                for method in methods[shift:] + methods[:shift]:
+                    checkpoint.times[method].append(restore(method, checkpoint, runc, work, daemon, containerd))
     finally:
         runc.cleanup()
         if daemon is not None:
@@ -194,16 +221,9 @@ def main() -> None:
             containerd.close()
         shutil.rmtree(work, ignore_errors=True)
 
-    baseline = "ctr" if containerd is not None else "runc-fresh"
-    shown = [method for method in METHODS if results and results[sizes[0]][method]]
-    print(f"\nrestore latency, median of {options.rounds} rounds, seconds (ratio = {baseline} / method)")
-    print(f"{'size':>8}  " + "  ".join(f"{method:>12}" for method in shown) + "  " +
-          "  ".join(f"{baseline + '/' + method:>22}" for method in shown if method != baseline))
-    for mib, times in results.items():
-        medians = {method: statistics.median(times[method]) for method in shown}
-        print(f"{mib:>5} MiB  " + "  ".join(f"{medians[method]:>12.3f}" for method in shown) + "  " +
-              "  ".join(f"{medians[baseline] / medians[method]:>21.2f}x" for method in shown if method != baseline))
-    print(json.dumps({"rounds": options.rounds, "seconds": results}), file=sys.stderr)
+    report(checkpoints, options.rounds)
+    print(json.dumps({"rounds": options.rounds, "seconds": {c.name: c.times for c in checkpoints},
+                      "cpu_seconds": {c.name: c.cpu for c in checkpoints}}), file=sys.stderr)
     print(f"\n(total run {time.monotonic() - started:.0f} s)")
 
 

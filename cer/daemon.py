@@ -1,6 +1,7 @@
 """The daemon's life: check the config, prepare ROOT, start the actors and the frontend, and on
 SIGTERM/SIGINT take it all down in reverse order, leaving nothing behind under ROOT."""
 
+import contextlib
 import fcntl
 import gc
 import os
@@ -27,6 +28,7 @@ from cer.budget import PrefillBudget, describe_bytes
 from cer.config import Config
 from cer.containerd.client import DEFAULT_ADDRESS as DEFAULT_CONTAINERD_ADDRESS
 from cer.containerd.client import DEFAULT_TIMEOUT as DEFAULT_CONTAINERD_TIMEOUT
+from cer.criu.views import VIEWS_DIRECTORY
 from cer.errors import CerError
 from cer.files import UnsafePathError, open_private_directory, remove_unless_directory, remove_entry
 from cer.metrics import Metrics
@@ -39,6 +41,7 @@ from cer.protocol.http import DEFAULT_ADDRESS as DEFAULT_HTTP_ADDRESS
 from cer.protocol.http import TOKEN_NAME as HTTP_TOKEN_NAME
 from cer.protocol.http import HttpServer, check_address
 from cer.protocol.security import EndpointRefused, check_endpoint
+from cer.restore_mounts import install_action_script
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,7 @@ class Settings:
 BUNDLES_DIRECTORY = "bundles"
 LOCK_NAME = "daemon.lock"
 # Directories under ROOT whose leftovers the actors remove as they start.
-CLEANED_BY_ACTORS = (CHECKPOINT_DIRECTORY, LAZY_DIRECTORY)
+CLEANED_BY_ACTORS = (CHECKPOINT_DIRECTORY, LAZY_DIRECTORY, VIEWS_DIRECTORY)
 
 
 _SWITCH_INTERVAL = 0.0002
@@ -130,7 +133,7 @@ def run(config: Config, settings: Settings) -> None:
             supervisor = Supervisor.start(config, peers, settings.pool)
             actors.append(supervisor)
             gateway = Gateway(supervisor.proxy(), peers, settings.ask_timeout, settings.pool.cold_timeout, config.path,
-                              lazy.proxy(), settings.lazy.ready_timeout)
+                              lazy.proxy(), settings.lazy.ready_timeout, root.mounts_script)
             # Before the ZeroMQ frontend: a daemon that answers there serves every socket it was asked for.
             if settings.legacy_socket:
                 legacy = LegacyFrontend(
@@ -207,7 +210,8 @@ def _notify_systemd(state: str) -> None:
 
 
 class _RootDirectory:
-    """ROOT, locked for this daemon; what the daemon keeps there (bundles, socket, lock) goes at exit.
+    """ROOT, locked for this daemon; what the daemon keeps there (bundles, socket, lock, the restores' action
+    script) goes at exit.
 
     ROOT must be a directory no other user can change (see :func:`cer.files.open_private_directory`):
     the daemon removes what earlier runs left in it, as root. That clean-up goes by fd and never follows a
@@ -250,6 +254,7 @@ class _RootDirectory:
         for name in CLEANED_BY_ACTORS:
             if remove_unless_directory(self._fd, name):
                 logger.warning("removed {}/{}: not a directory (a link is never followed)", self.root, name)
+        self.mounts_script = install_action_script(self.root)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -257,6 +262,8 @@ class _RootDirectory:
             remove_entry(self._fd, BUNDLES_DIRECTORY)
         except OSError as error:
             logger.error("cannot remove {}: {}", self.bundles, error)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.basename(self.mounts_script), dir_fd=self._fd)
         os.unlink(LOCK_NAME, dir_fd=self._fd)
         self._close()
 

@@ -45,37 +45,18 @@ image never leads a mount, a created mount point or a file outside it.
 
 from __future__ import annotations
 
-import errno
+import dataclasses
 import heapq
 import os
-import stat
-import time
-from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import BinaryIO
 
-from cer.criu.mountpoints import (
-    MOUNT_FLAGS,
-    MS_NOATIME,
-    MS_NODIRATIME,
-    MS_RDONLY,
-    MS_RELATIME,
-    MS_STRICTATIME,
-    MountEntry,
-    MountTree,
-)
-from cer.criu.tmpfs import ALLOWED_DEVICES, TmpfsContents, TmpfsEntry, allowed_device, entries_with_data
-from cer.errors import CerError, ImageError
-from cer.linux import namespaces as ns
+from cer.criu.mountpoints import MountEntry, MountTree
+from cer.criu.tmpfs import TmpfsContents, entries_with_data
+from cer.mounting import ALLOWED_DEVICES, MountError, allowed_device, mount_tree, restore_contents, unmount_tree
 
-__all__ = ["MountError", "MountPlan", "MountStep", "mount_tree", "plan_mounts", "restore_contents", "unmount_tree"]
-
-MS_REMOUNT, MS_BIND = ns.MS_REMOUNT, ns.MS_BIND
-_ATIME_FLAGS = MS_NOATIME | MS_NODIRATIME | MS_RELATIME | MS_STRICTATIME
-_MAX_SYMLINKS = 40
-_MAX_DETACH = 64
-_COPY_CHUNK = 1 << 20
+__all__ = ["MountError", "MountPlan", "MountStep", "mount_tree", "plan_document", "plan_mounts", "restore_contents",
+           "restore_plan_document", "unmount_tree"]
 
 NAMESPACE_BOUND = {
     "proc": "a proc mount shows the PID namespace of whoever mounts it (here: every process of the host); "
@@ -89,12 +70,6 @@ NAMESPACE_BOUND = {
 }
 _FRESH = ("tmpfs", "devpts", *NAMESPACE_BOUND)
 _PTY_ROOTS = ("/", "/ptmx")
-
-
-class MountError(CerError):
-    """A mount of the checkpoint cannot be reproduced, or making it failed; the message names it."""
-
-    code = "unavailable"
 
 
 @dataclass(frozen=True)
@@ -128,6 +103,12 @@ class MountPlan:
     def deferred(self) -> tuple[MountStep, ...]:
         """What the restore mounts (``mount_tree(..., restore=True)``)."""
         return tuple(step for step in self.steps if step.deferred is not None)
+
+    @property
+    def restore_mounts_proc(self) -> bool:
+        """Whether the restore mounts a proc at /proc, and CRIU then finds /proc/sys only if the pool put one
+        there (:func:`cer.mounting.mount_restore_sysctls`)."""
+        return any(step.entry.fstype == "proc" and step.entry.mountpoint == "/proc" for step in self.deferred)
 
 
 def plan_mounts(tree: MountTree, external: Mapping[str, str] | None = None) -> MountPlan:
@@ -260,86 +241,6 @@ def _order(tree: MountTree, steps: dict[int, MountStep], depends: dict[int, set[
     return ordered
 
 
-def mount_tree(plan: MountPlan, rootfs: str, *, restore: bool = False, external: Mapping[str, str] | None = None,
-               timings: dict[str, float] | None = None) -> None:
-    """Make the mounts of ``plan`` under ``rootfs``, in the calling thread's mount namespace.
-
-    ``restore=False`` (a pooled namespace): the mounts cer makes, the mount points of the deferred ones,
-    then the root's flags. ``restore=True``: the deferred mounts, run where the restored container's
-    PID, network, IPC and cgroup namespaces are; ``external`` then maps the keys of deferred external
-    binds (the container's cgroups) to host paths. Raises :class:`MountError` naming the mount that
-    failed; what was mounted before stays (the caller detaches the tree). ``timings`` gets the seconds
-    spent in ``mounts`` and in ``tmpfs`` (restoring contents) added.
-    """
-    if plan.problems:
-        raise MountError("; ".join(plan.problems))
-    external = dict(external or {})
-    rootfs = os.path.realpath(rootfs)
-    spent = {"mounts": 0.0, "tmpfs": 0.0}
-    started = time.perf_counter()
-    deferred = {step.entry.mnt_id for step in plan.deferred}
-    for step in plan.steps:
-        if (step.deferred is not None) != restore:
-            if not restore and step.entry.parent_mnt_id not in deferred:
-                # The restore mounts it on a mount cer made: its mount point must be there already.
-                _guard(step, _resolve, rootfs, step.entry.mountpoint, "dir")
-            continue
-        _guard(step, _make, step, rootfs, external, spent)
-    if not restore and plan.root_flags & MOUNT_FLAGS != MS_RELATIME:
-        try:
-            ns.mount("none", rootfs, None, MS_REMOUNT | MS_BIND | (plan.root_flags & MOUNT_FLAGS))
-        except OSError as error:
-            raise MountError(f"the root mount's flags {plan.root_flags:#x}: {error}") from error
-    if timings is not None:
-        timings["tmpfs"] = timings.get("tmpfs", 0.0) + spent["tmpfs"]
-        timings["mounts"] = timings.get("mounts", 0.0) + time.perf_counter() - started - spent["tmpfs"]
-
-
-def _guard(step: MountStep, action, *args) -> None:
-    """``action(*args)``, an OSError turned into a MountError that names the mount."""
-    try:
-        action(*args)
-    except MountError:
-        raise
-    except OSError as error:
-        raise MountError(f"mount {step.entry.describe()}: {error.strerror or error}"
-                         + (f" ({error.filename})" if error.filename else "")) from error
-
-
-def _make(step: MountStep, rootfs: str, external: dict[str, str], spent: dict[str, float]) -> None:
-    entry = step.entry
-    flags = entry.flags & MOUNT_FLAGS
-    if step.action == "mount":
-        target = _resolve(rootfs, entry.mountpoint, "dir")
-        sb_readonly = bool(entry.sb_flags & MS_RDONLY)
-        filled = step.contents is not None
-        # A filesystem to fill is mounted writable and made read-only once filled.
-        first = (flags & ~MS_RDONLY) | (MS_RDONLY if sb_readonly and not filled else 0)
-        ns.mount(step.source or entry.fstype, target, entry.fstype, first, entry.options or None)
-        if filled:
-            started = time.perf_counter()
-            try:
-                restore_contents(step.contents, target)
-            except MountError as error:
-                raise MountError(f"mount {entry.describe()}: {error}") from error
-            spent["tmpfs"] += time.perf_counter() - started
-            if sb_readonly:
-                ns.mount("none", target, None, MS_REMOUNT | (flags & ~MS_RDONLY) | MS_RDONLY)
-        if bool(flags & MS_RDONLY) != sb_readonly:
-            ns.mount("none", target, None, MS_REMOUNT | MS_BIND | flags)
-        return
-    if step.action == "bind":
-        source = _resolve(rootfs, step.source, None)
-    else:
-        source = step.source or external.get(entry.ext_key or "", "")
-        if not source:
-            raise MountError(f"mount {entry.describe()}: no host path given for external key {entry.ext_key!r}")
-    is_dir = stat.S_ISDIR(os.stat(source).st_mode)
-    target = _resolve(rootfs, entry.mountpoint, "dir" if is_dir else "file")
-    ns.mount(source, target, None, MS_BIND)
-    ns.mount("none", target, None, MS_REMOUNT | MS_BIND | flags)
-
-
 def _join(base: str, path: str) -> str:
     return "/" + "/".join(part for part in f"{base}/{path}".split("/") if part not in ("", "."))
 
@@ -348,133 +249,27 @@ def _below(path: str, directory: str) -> bool:
     return directory == "/" or path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
-def _resolve(rootfs: str, path: str, create: str | None) -> str:
-    """``rootfs/path`` with every symbolic link on the way resolved as if ``rootfs`` were ``/`` (an
-    absolute target starts again at rootfs, ``..`` stops there), so the result is always inside it.
-    ``create``: make what is missing, directories on the way and the last component as ``"dir"`` or
-    ``"file"`` (an empty file: a mount point for a bind of a file)."""
-    parts = deque(part for part in path.split("/") if part not in ("", "."))
-    resolved: list[str] = []
-    links = 0
-    while parts:
-        part = parts.popleft()
-        if part == "..":
-            if resolved:
-                resolved.pop()
-            continue
-        current = os.path.join(rootfs, *resolved, part)
-        try:
-            info = os.lstat(current)
-        except FileNotFoundError:
-            if create is None:
-                raise
-            if parts or create == "dir":
-                os.mkdir(current, 0o755)
-            else:
-                os.close(os.open(current, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
-            resolved.append(part)
-            continue
-        if stat.S_ISLNK(info.st_mode):
-            links += 1
-            if links > _MAX_SYMLINKS:
-                raise OSError(errno.ELOOP, "too many levels of symbolic links", current)
-            target = os.readlink(current)
-            if target.startswith("/"):
-                resolved = []
-            parts.extendleft(reversed([p for p in target.split("/") if p not in ("", ".")]))
-            continue
-        resolved.append(part)
-    return os.path.join(rootfs, *resolved)
+def restore_plan_document(tree: MountTree) -> dict:
+    """What a restore into a pooled mount namespace of ``tree``'s checkpoint mounts itself, as plain data
+    (:func:`plan_document`). External binds are the pool's to make, whatever their host paths: they are planned
+    with placeholders here, so that only what a restore can meet stays a problem."""
+    placeholders = {entry.ext_key: "/" for entry in tree.mounts if entry.ext_key is not None}
+    return plan_document(plan_mounts(tree, placeholders))
 
 
-def restore_contents(contents: TmpfsContents, directory: str) -> None:
-    """Write a tmpfs's checked contents into ``directory``, the root of that tmpfs, freshly mounted.
+def plan_document(plan: MountPlan, *, deferred_only: bool = True) -> dict:
+    """``plan`` as plain data for :func:`cer.mounting.plan_from_document`: by default only the steps a
+    restore makes (what a restore's action script needs); plain data (:func:`cer.mounting.encode_plan`)."""
+    def contents(found: TmpfsContents | None) -> dict | None:
+        if found is None:
+            return None
+        # A plan holds the files' bytes, also those a large archive left on disk (an action script reads no archive).
+        entries = [{**dataclasses.asdict(item), "data": data if isinstance(data, bytes) else data.read()}
+                   for item, data in entries_with_data(found)]
+        root = None if found.root is None else dataclasses.asdict(found.root)
+        return {"image": found.image, "root": root, "entries": entries, "size": found.size}
 
-    Every entry is created relative to an fd of the mount's root, exclusively (``O_EXCL``: nothing may
-    exist there yet) and without following a link in its last component; the archive was checked so
-    that no entry lies below anything but a directory it created. Modes are exact (the umask is set
-    to 0 meanwhile: the building thread's own, as it unshared its filesystem attributes with the mount
-    namespace), owners numeric, times as recorded, directories' times set last.
-    """
-    old_umask = os.umask(0)
-    root = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    entry = contents.root
-    try:
-        for entry, data in entries_with_data(contents):
-            _create(root, entry, data)
-        for entry in reversed(contents.entries):
-            if entry.kind == "dir":
-                os.utime(entry.name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=root, follow_symlinks=False)
-        if contents.root is not None:
-            top = contents.root
-            if (top.uid, top.gid) != (0, 0):
-                os.fchown(root, top.uid, top.gid)
-            os.fchmod(root, top.mode)
-            os.utime(root, ns=(top.mtime_ns, top.mtime_ns))
-    except OSError as error:
-        where = f"{entry.name!r}" if entry is not None and entry.name else "its root"
-        image = os.path.basename(contents.image)
-        raise MountError(f"restoring {where} from {image}: {error.strerror or error}") from error
-    except ImageError as error:
-        raise MountError(f"restoring tmpfs contents: {error}") from error
-    finally:
-        os.close(root)
-        os.umask(old_umask)
-
-
-def _create(root: int, entry: TmpfsEntry, data: bytes | BinaryIO) -> None:
-    name, kind = entry.name, entry.kind
-    owned = (entry.uid, entry.gid) != (0, 0)
-    times = (entry.mtime_ns, entry.mtime_ns)
-    if kind == "file":
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, entry.mode, dir_fd=root)
-        try:
-            # Kept bytes in one piece; bytes left in the archive as they are decompressed.
-            for chunk in [data] if isinstance(data, bytes) else iter(lambda: data.read(_COPY_CHUNK), b""):
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view):]
-            if owned:
-                os.fchown(fd, entry.uid, entry.gid)
-            if owned or entry.mode & 0o7000:  # chown drops set-id bits; open's mode may too
-                os.fchmod(fd, entry.mode)
-            os.utime(fd, ns=times)
-        finally:
-            os.close(fd)
-        return
-    if kind == "dir":
-        os.mkdir(name, entry.mode, dir_fd=root)
-        if owned:
-            os.chown(name, entry.uid, entry.gid, dir_fd=root, follow_symlinks=False)
-        if owned or entry.mode & 0o7000:  # mkdir ignores set-gid
-            os.chmod(name, entry.mode, dir_fd=root, follow_symlinks=False)
-        return  # its time is set once everything inside it exists
-    if kind == "hardlink":
-        os.link(entry.link, name, src_dir_fd=root, dst_dir_fd=root, follow_symlinks=False)
-        return
-    if kind == "symlink":
-        os.symlink(entry.link, name, dir_fd=root)
-    elif kind == "chardev" and allowed_device(entry):  # the plan refused the others: never the host's devices
-        os.mknod(name, stat.S_IFCHR | entry.mode, os.makedev(*entry.device), dir_fd=root)
-    elif kind == "fifo":
-        os.mkfifo(name, entry.mode, dir_fd=root)
-    else:
-        raise OSError(errno.EPERM, f"cer does not create a {kind} {entry.device or ''}")
-    if owned:
-        os.chown(name, entry.uid, entry.gid, dir_fd=root, follow_symlinks=False)
-    if kind != "symlink" and (owned or entry.mode & 0o7000):
-        os.chmod(name, entry.mode, dir_fd=root, follow_symlinks=False)
-    os.utime(name, ns=times, dir_fd=root, follow_symlinks=False)
-
-
-def unmount_tree(rootfs: str) -> None:
-    """Detach ``rootfs`` and everything mounted below it, in the calling thread's mount namespace
-    (also what was mounted over it). Lazy: a busy mount goes once its last user does."""
-    for _ in range(_MAX_DETACH):
-        try:
-            ns.umount(rootfs, ns.MNT_DETACH)
-        except OSError as error:
-            if error.errno == errno.EINVAL:  # not a mount point (any more)
-                return
-            raise
-    raise MountError(f"{rootfs}: still a mount point after {_MAX_DETACH} detaches")
+    steps = plan.deferred if deferred_only else plan.steps
+    return {"root_flags": plan.root_flags, "problems": list(plan.problems), "steps": [
+        {"entry": {**dataclasses.asdict(step.entry), "description": step.entry.describe()}, "action": step.action,
+         "source": step.source, "contents": contents(step.contents), "deferred": step.deferred} for step in steps]}

@@ -4,10 +4,15 @@
 thread from ``unshare`` on, and the fd it returns is what keeps it alive. ``destroy`` runs from outside,
 in a thread of the daemon's own mount namespace: it never enters a namespace that was handed out.
 
-A pooled mount namespace holds, under ``bundle/rootfs``: an overlay of the pool's read-only rootfs and
-the bundle's own ``upper``/``work``, and on it the container's mounts as the checkpoint's mountpoints
-image lists them, tmpfs contents restored (:mod:`cer.mounts` says which mounts, and which it leaves to
-the restore). A checkpoint without a mountpoints image gets the overlay alone.
+A pooled mount namespace is a container's mount namespace as runc would leave it: its root is an overlay of
+the pool's read-only rootfs and the bundle's own ``upper``/``work`` (mounted at ``bundle/rootfs``, then made the
+namespace's root with pivot_root, the host's tree detached), and on it the container's mounts as the
+checkpoint's mountpoints image lists them, tmpfs contents restored (:mod:`cer.mounts` says which mounts, and
+which it leaves to the restore). Where the restore mounts a proc, /proc holds what CRIU needs until then (a
+read-only tmpfs with only /proc/sys; :func:`cer.mounting.mount_restore_sysctls`). A checkpoint without a
+mountpoints image gets the overlay alone. A CRIU restore can join such a namespace (``join-ns mnt``) with a
+view of its images that keeps CRIU's hands off the mount tree (:mod:`cer.criu.views`), completing the
+restore-only mounts in an action script (:mod:`cer.restore_mounts`).
 """
 
 import contextlib
@@ -23,6 +28,7 @@ from cer.criu.checkpoint import CheckpointContents, IpcContents, UtsContents
 from cer.linux import namespaces as ns
 from cer.linux.namespaces import NAMESPACE_TYPES
 from cer.linux.sysv import populate_ipc_namespace
+from cer.mounting import enter_root, mount_restore_sysctls
 from cer.mounts import MountError, MountPlan, mount_tree, plan_mounts, unmount_tree
 
 __all__ = ["NAMESPACE_TYPES", "Namespace", "Recipe", "build", "destroy", "remove_bundle"]
@@ -56,6 +62,23 @@ class Recipe:
         """Whether the checkpoint's IPC namespace holds nothing a fresh one lacks (no objects, default sysctls)."""
         return self.ipc is None or self.ipc.is_default
 
+    def ipc_info(self) -> dict | None:
+        """What a pooled IPC namespace of this checkpoint holds, for a get's ``info.ipc``: the ids of the
+        SysV objects in it (``shm``, ``sem``, ``msg``), the segments left for the restore to create
+        (``left_to_restore``: those attached at dump time), and the image view a stock CRIU restore
+        joining it must use (``view``; None: the images as they are will do)."""
+        if self.ipc is None:
+            return None
+        held = self.ipc.prefill()
+        holds_objects = bool(held.shm or held.sem or held.msg)
+        return {
+            "shm": sorted(segment.id for segment in held.shm),
+            "sem": sorted(sem_set.id for sem_set in held.sem),
+            "msg": sorted(queue.id for queue in held.msg),
+            "left_to_restore": sorted(self.ipc.attached_shm),
+            "view": "ipc" if holds_objects else None,
+        }
+
     def supports(self, ns_type: str) -> bool:
         return ns_type != "mnt" or self.rootfs is not None
 
@@ -76,7 +99,9 @@ class Namespace:
 
     @property
     def rootfs(self) -> str | None:
-        return os.path.join(self.bundle, "rootfs") if self.bundle else None
+        """Where the container's root filesystem is inside the namespace: its root. (The host sees the bundle's
+        ``rootfs`` directory empty: the overlay was mounted there only in the namespace, which then pivoted.)"""
+        return "/" if self.bundle else None
 
 
 def build(ns_type: str, recipe: Recipe, bundle: str | None, fd_floor: int,
@@ -106,16 +131,18 @@ def build(ns_type: str, recipe: Recipe, bundle: str | None, fd_floor: int,
 
 def _fill_and_open(ns_type: str, recipe: Recipe, bundle: str | None, fd_floor: int,
                    timings: dict[str, float] | None) -> Namespace:
-    if ns_type == "uts" and recipe.uts is not None:
-        ns.sethostname(recipe.uts.nodename)
-        ns.setdomainname(recipe.uts.domainname)
-    elif ns_type == "ipc" and recipe.ipc is not None:
-        populate_ipc_namespace(recipe.ipc)
-    elif ns_type == "mnt":
-        assert bundle is not None and recipe.rootfs is not None
-        _build_mounts(recipe, bundle, timings)
+    # Opened before filling: a mount namespace's thread ends up with the container's root, without the host's /proc.
     opened = ns.open_thread_namespace(ns_type)
     try:
+        if ns_type == "uts" and recipe.uts is not None:
+            ns.sethostname(recipe.uts.nodename)
+            ns.setdomainname(recipe.uts.domainname)
+        elif ns_type == "ipc" and recipe.ipc is not None:
+            # Segments attached at dump time are left to the restore: stock CRIU maps only those it creates.
+            populate_ipc_namespace(recipe.ipc.prefill())
+        elif ns_type == "mnt":
+            assert bundle is not None and recipe.rootfs is not None
+            _build_mounts(recipe, bundle, timings)
         fd = fcntl.fcntl(opened, fcntl.F_DUPFD_CLOEXEC, fd_floor)
     finally:
         os.close(opened)
@@ -133,7 +160,7 @@ def _go_back_and_remove(outside: int, bundle: str, error: BaseException) -> None
 
 
 def _build_mounts(recipe: Recipe, bundle: str, timings: dict[str, float] | None = None) -> None:
-    """The overlay, then the checkpoint's mounts on it."""
+    """The overlay, the checkpoint's mounts on it, then the overlay made the namespace's root."""
     started = time.perf_counter()
     upper, work, rootfs = (os.path.join(bundle, part) for part in ("upper", "work", "rootfs"))
     os.mkdir(bundle, 0o700)
@@ -154,10 +181,13 @@ def _build_mounts(recipe: Recipe, bundle: str, timings: dict[str, float] | None 
     ns.mount("overlay", rootfs, "overlay", 0, f"lowerdir={recipe.rootfs},upperdir={upper},workdir={work}")
     if timings is not None:
         timings["overlay"] = timings.get("overlay", 0.0) + time.perf_counter() - started
-    if recipe.mounts is None:
-        return
     try:
-        mount_tree(recipe.mounts, rootfs, timings=timings)
+        if recipe.mounts is not None:
+            mount_tree(recipe.mounts, rootfs, timings=timings)
+            if recipe.mounts.restore_mounts_proc:
+                mount_restore_sysctls(os.path.join(rootfs, "proc"))
+        # Last: once pivoted, this thread's paths are the container's (the caller cleans up from outside).
+        enter_root(rootfs)
     except BaseException:
         # The namespace dies with this thread; detached, the tree cannot be reached by removing the bundle
         # (which never crosses a mount anyway). The mount that failed is what the pool must hear about.

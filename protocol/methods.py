@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from cer.config import MAX_CAPACITY
+from cer.criu.views import TRANSFORMS, view_kinds
 from cer.documents import reject_unknown
 from cer.errors import BadRequest, NotFound, Unavailable, UnknownMethod
 from cer.linux.namespaces import NAMESPACE_TYPES
@@ -17,6 +18,7 @@ from cer.references import CheckpointRef
 
 if TYPE_CHECKING:  # clients use these definitions without the daemon's actors
     from cer.actors.gateway import Gateway
+    from cer.actors.pool import Lease
 
 _MAX_EXTRA_REFS = 64
 _MAX_ID = 2**31 - 1
@@ -45,6 +47,27 @@ class _Params:
 
     def ref(self, name: str = "ref") -> CheckpointRef:
         return CheckpointRef.from_wire(self._raw.get(name), name)
+
+    def kinds(self, name: str, allowed, required: bool = True) -> tuple[str, ...]:
+        """A list of distinct names, each one of ``allowed``, as a sorted tuple."""
+        values = self._raw.get(name)
+        if values is None and not required:
+            return ()
+        allowed = sorted(allowed)
+        if (not isinstance(values, list) or len(values) > len(allowed)
+                or not all(isinstance(value, str) and value in allowed for value in values)
+                or len(set(values)) != len(values)):
+            raise BadRequest(f"{name} must be a list of distinct names from {', '.join(allowed)}, not {values!r}")
+        return tuple(sorted(values))
+
+    def images_digest(self, name: str = "images_digest") -> str | None:
+        value = self._raw.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", value):
+            raise BadRequest(f"{name} must be 'sha256:' and 64 lowercase hex digits, as cer.criu.views.images_digest "
+                             f"computes it, not {value!r}")
+        return value
 
     def refs(self, name: str) -> tuple[CheckpointRef, ...]:
         values = self._raw.get(name, [])
@@ -106,7 +129,8 @@ class NamespaceGet(Method):
     ``ipc`` the one checkpoint whose IPC namespace holds objects or non-default settings is served, and
     two such checkpoints are refused, since one namespace cannot hold both. ``info`` has ``cold`` (it was
     built for this get because none was idle), ``ref`` (the checkpoint served), ``ipc_default``, and for
-    ``mnt`` the ``bundle`` directory and its mounted ``rootfs``. With ``holder_pid`` the namespace is bound to
+    ``mnt`` the ``bundle`` directory and ``rootfs``, where the root filesystem is inside the namespace ("/": it
+    is pivoted into it). With ``holder_pid`` the namespace is bound to
     that process as it is handed out (see ``namespace.bind``), so no moment exists in which nobody holds it.
     """
 
@@ -137,22 +161,14 @@ class NamespaceGet(Method):
         ref = self.ref
         if self.namespace_type == "ipc" and self.extra_refs:
             ref = self._ref_owning_ipc(gateway)
-        return self._result(gateway.get_namespace(self.namespace_type, ref, self.holder_pid), ref)
+        return _namespace_reply(gateway.get_namespace(self.namespace_type, ref, self.holder_pid), ref)
 
     def handle_now(self, gateway: "Gateway") -> dict | None:
         """A warm get: a namespace off the pool's shelf (an ipc get for a pod asks pools first: not now)."""
         if self.namespace_type == "ipc" and self.extra_refs:
             return None
         lease = gateway.take_warm(self.namespace_type, self.ref, self.holder_pid)
-        return None if lease is None else self._result(lease, self.ref)
-
-    @staticmethod
-    def _result(lease, ref: CheckpointRef) -> dict:
-        namespace = lease.namespace
-        info = {"cold": lease.cold, "ref": ref.to_wire(), "ipc_default": lease.ipc_default}
-        if namespace.bundle is not None:
-            info.update(bundle=namespace.bundle, rootfs=namespace.rootfs)
-        return {"namespace_id": namespace.namespace_id, "pid": namespace.pid, "path": namespace.path, "info": info}
+        return None if lease is None else _namespace_reply(lease, self.ref)
 
     def _ref_owning_ipc(self, gateway: "Gateway") -> CheckpointRef:
         refs = list(dict.fromkeys((self.ref, *self.extra_refs)))
@@ -165,6 +181,16 @@ class NamespaceGet(Method):
             names = ", ".join(map(str, not_default))
             raise BadRequest(f"checkpoints {names} each hold IPC objects or settings; one IPC namespace cannot hold them all")
         return not_default[0] if not_default else self.ref
+
+
+def _namespace_reply(lease: "Lease", ref: CheckpointRef) -> dict:
+    namespace = lease.namespace
+    info = {"cold": lease.cold, "ref": ref.to_wire(), "ipc_default": lease.ipc_default}
+    if lease.ipc is not None:
+        info["ipc"] = lease.ipc
+    if namespace.bundle is not None:
+        info.update(bundle=namespace.bundle, rootfs=namespace.rootfs)
+    return {"namespace_id": namespace.namespace_id, "pid": namespace.pid, "path": namespace.path, "info": info}
 
 
 @_method("namespace", "put")
@@ -270,20 +296,85 @@ class NamespaceUpdate(Method):
 class CheckpointGet(Method):
     """The directory of the checkpoint's CRIU images, ready for ``criu restore -D``/``--image-path``.
 
-    params: ``{"ref": REF}``; result: ``{"path": DIR}``. Each get counts a user until ``checkpoint.put``.
+    params: ``{"ref": REF, "view": [KIND, ...]}``; result: ``{"path": DIR}``. Each get counts a user until
+    ``checkpoint.put``. With ``view`` (kinds: ``ipc``), the path is the checkpoint's image view for a
+    restore that joins cer's namespaces of those kinds: the checkpoint's own files, hard-linked, except
+    the images that would make CRIU re-create what cer's namespace holds (see ``checkpoint.restore``).
+    Made once per checkpoint and kind, shared, read-only, removed with the checkpoint.
     """
 
     ref: CheckpointRef
+    view: tuple[str, ...] = ()
 
     @classmethod
     def parse(cls, raw: dict) -> "CheckpointGet":
-        return cls(_Params(raw, {"ref"}).ref())
+        params = _Params(raw, {"ref", "view"})
+        return cls(params.ref(), params.kinds("view", TRANSFORMS, required=False))
 
     def params(self) -> dict:
-        return {"ref": self.ref.to_wire()}
+        params = {"ref": self.ref.to_wire()}
+        return {**params, "view": list(self.view)} if self.view else params
 
     def handle(self, gateway: "Gateway") -> dict:
-        return {"path": gateway.get_checkpoint(self.ref)}
+        return {"path": gateway.get_view(self.ref, self.view) if self.view else gateway.get_checkpoint(self.ref)}
+
+
+@_method("checkpoint", "restore")
+@dataclass(frozen=True)
+class CheckpointRestore(Method):
+    """Everything one restore of a checkpoint takes from cer, in one request.
+
+    params: ``{"ref": REF, "images_digest": DIGEST, "types": ["ipc"|"uts"|"mnt", ...], "holder_pid": PID}``
+    (``ref`` or ``images_digest``, or both, which must then name the same checkpoint)
+    result: ``{"ref": REF, "images": DIR, "namespaces": {TYPE: {"namespace_id", "pid", "path", "info"}},
+    "criu_config": [LINE, ...]}``
+
+    ``images`` is the image view that a stock CRIU restore joining these namespaces needs (see
+    ``checkpoint.get`` with ``view``), counted as one user of the checkpoint until ``checkpoint.put`` or, if
+    none comes, ``holder_pid``'s exit.
+    Each namespace is as ``namespace.get`` answers it, bound to ``holder_pid`` from the start; bind them to
+    the restored container's init with ``namespace.bind`` afterwards, or give them back with
+    ``namespace.put``. ``criu_config`` lists CRIU options the restore must add (in a file named by the
+    spec's ``org.criu.config`` annotation, or ``criu restore --config``); empty when there are none. All or
+    nothing: a failure gives back what was taken. ``images_digest`` names the checkpoint by its images:
+    ``cer.criu.views.images_digest`` of the directory a runtime was told to restore from; a checkpoint cer
+    does not hold (or has not read yet) is ``not_found`` at once.
+    """
+
+    ref: CheckpointRef | None
+    types: tuple[str, ...]
+    holder_pid: int
+    images_digest: str | None = None
+
+    @classmethod
+    def parse(cls, raw: dict) -> "CheckpointRestore":
+        params = _Params(raw, {"ref", "images_digest", "types", "holder_pid"})
+        digest = params.images_digest()
+        ref = params.ref() if raw.get("ref") is not None or digest is None else None
+        return cls(ref, params.kinds("types", NAMESPACE_TYPES), params.integer("holder_pid", 1, _MAX_ID), digest)
+
+    def params(self) -> dict:
+        params: dict = {"types": list(self.types), "holder_pid": self.holder_pid}
+        if self.ref is not None:
+            params["ref"] = self.ref.to_wire()
+        if self.images_digest is not None:
+            params["images_digest"] = self.images_digest
+        return params
+
+    def handle(self, gateway: "Gateway") -> dict:
+        ref = self.ref
+        if self.images_digest is not None:
+            found = gateway.find_checkpoint(self.images_digest)
+            if ref is not None and found != ref:
+                raise NotFound(f"checkpoint {ref} does not have the images {self.images_digest} (checkpoint {found} has)")
+            ref = found
+        images, leases = gateway.prepare_restore(ref, self.types, view_kinds(self.types), self.holder_pid)
+        return {
+            "ref": ref.to_wire(),
+            "images": images,
+            "namespaces": {ns_type: _namespace_reply(lease, ref) for ns_type, lease in leases.items()},
+            "criu_config": gateway.criu_config(self.types),
+        }
 
 
 @_method("checkpoint", "put")

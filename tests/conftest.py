@@ -1,5 +1,6 @@
 """Fixtures shared by the whole suite: a real cer daemon run as a separate process, and actor hygiene."""
 
+import contextlib
 import json
 import os
 import signal
@@ -163,6 +164,21 @@ def start_daemon(config: dict | str, *args: str, root: Path | None = None, wait:
 
         wait_for(answering, 20, 0.05, "the daemon to answer")
     return daemon
+
+
+@contextlib.contextmanager
+def serving_daemon(config: dict, types: tuple[str, ...] = ("ipc", "uts", "mnt"), timeout: float = 60):
+    """A daemon started with ``config``, every configured pool full of ``types``; stopped (status 0 asserted)
+    and its directory removed afterwards."""
+    daemon = start_daemon(config)
+    try:
+        for entry in config["containerd_checkpoints"]:
+            daemon.wait_full(entry["name"], types, timeout=timeout)
+        yield daemon
+    finally:
+        code = daemon.stop()
+        subprocess.run(["rm", "-rf", str(daemon.root.parent)], timeout=60)
+    assert code == 0, daemon.output()
 
 
 @pytest.fixture

@@ -172,16 +172,18 @@ class PrivateContainerd:
         self.ctr("images", "import", str(archive), namespace=namespace, timeout=300)
 
     def run(self, image: str, container: str, *args: str, namespace: str = "default", timeout: float = 30,
-            capabilities: tuple[str, ...] = ("CAP_SYS_ADMIN",)) -> int:
+            capabilities: tuple[str, ...] = ("CAP_SYS_ADMIN",), runc_binary: str | None = None) -> int:
         """``ctr run -d`` (a container as runc's default spec makes it, plus ``capabilities``) with stdout to a
-        file; waits for the workload's "ready" line; returns its pid.
+        file; waits for the workload's "ready" line; returns its pid. ``runc_binary``: ``--runc-binary``
+        (the runc options' BinaryName, which a checkpoint of the container carries on to its restores).
 
         Not --privileged: a privileged container's /dev holds the host's devices, which no checkpoint that
         cer serves should (cer refuses block devices in a checkpoint's tmpfs archives).
         """
         output = self.dir / f"{container}.out"
         caps = [f"--cap-add={cap}" for cap in capabilities]
-        self.ctr("run", "--detach", *caps, f"--log-uri=file://{output}", image, container, *args,
+        runc = ["--runc-binary", runc_binary] if runc_binary else []
+        self.ctr("run", "--detach", *caps, *runc, f"--log-uri=file://{output}", image, container, *args,
                  namespace=namespace, timeout=timeout)
         deadline = time.monotonic() + timeout
         while b"ready" not in (output.read_bytes() if output.exists() else b""):
@@ -440,6 +442,7 @@ def make_checkpoint(
     args: tuple[str, ...] | None = None,
     keep_container: bool = False,
     capabilities: tuple[str, ...] = ("CAP_SYS_ADMIN",),
+    runc_binary: str | None = None,
 ) -> Checkpoint:
     """Build and import an image holding ``workload`` (default: the sample IPC workload, which needs its
     ``--empty-ipc`` argument in a container: /proc/sys is read-only there), run it, change files in its rw
@@ -453,7 +456,8 @@ def make_checkpoint(
     container = f"cer-{secrets.token_hex(4)}"
     args = (f"/{WORKLOAD_PATH}", hostname) if args is None else args
     try:
-        pid = containerd.run(image_name, container, *args, namespace=namespace, capabilities=capabilities)
+        pid = containerd.run(image_name, container, *args, namespace=namespace, capabilities=capabilities,
+                             runc_binary=runc_binary)
         live = stable_description(criu_support.inspect_namespaces(f"/proc/{pid}/ns/ipc", f"/proc/{pid}/ns/uts"))
         root = Path(f"/proc/{pid}/root")
         for changed, data in CHANGED_FILES.items():

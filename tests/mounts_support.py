@@ -13,8 +13,10 @@ unshare), root.
   with /dev, /dev/pts, /dev/shm, /dev/mqueue, /proc, /sys (+ cgroups), /run and /tmp tmpfs, runc's masked and
   read-only paths and, optionally, a read-only bind of a host directory at /data; record its mount table and
   tmpfs files while it runs; ``runc checkpoint --image-path``; return a ``ContainerCheckpoint``.
-- ``mount_table`` / ``container_mount_table``: ``findmnt -R -J`` of a pooled namespace's rootfs (under
-  nsenter) or of a running container, flattened to (target, fstype, options) rows.
+- ``mount_table`` / ``container_mount_table``: ``findmnt -R -J`` of a pooled namespace (through a thread of
+  this process that joined it: its root is the container's, without findmnt) or of a running container,
+  flattened to (target, fstype, options) rows.
+- ``joined`` / ``read_file`` / ``write_file`` / ``list_directory``: work inside a pooled mount namespace.
 - ``tmpfs_digest``: every file of a tmpfs mount (type, mode, owner, seconds of mtime, sha256, link target,
   device), not crossing into other mounts, read inside any mount namespace.
 - ``cgroup_mapping``: host cgroup directories for the container's external cgroup mounts (a restore's).
@@ -25,11 +27,14 @@ Every child process is bounded by a timeout; containers are deleted on the way o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,9 +112,10 @@ class ContainerCheckpoint:
         return {"/data": str(self.hostdata)} if self.hostdata else {}
 
 
-def make_container_checkpoint(directory: str | os.PathLike, *, host_bind: bool = True,
+def make_container_checkpoint(directory: str | os.PathLike, *, host_bind: bool = True, extra_tmpfs: int = 0,
                               timeout: float = 120) -> ContainerCheckpoint:
-    """Run the mount workload with runc in a bundle under ``directory``, record what it sees, checkpoint it."""
+    """Run the mount workload with runc in a bundle under ``directory``, record what it sees, checkpoint it.
+    ``extra_tmpfs``: that many more (empty) tmpfs mounts at /extra/NN, for a mount-heavy checkpoint."""
     require()
     directory = Path(directory)
     bundle = runc_support.make_bundle(directory / "bundle", build_workload(), [])
@@ -121,6 +127,8 @@ def make_container_checkpoint(directory: str | os.PathLike, *, host_bind: bool =
          "options": ["nosuid", "nodev", "mode=755", "size=16m"]},
         {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "noexec"]},
     ]
+    config["mounts"] += [{"destination": f"/extra/{number:02d}", "type": "tmpfs", "source": "tmpfs",
+                          "options": ["nosuid", "nodev", "size=1m"]} for number in range(extra_tmpfs)]
     hostdata = None
     if host_bind:
         hostdata = directory / "hostdata"
@@ -170,11 +178,93 @@ def container_mount_table(pid: int) -> list[tuple[str, str, str]]:
     return _flatten(tree, "")
 
 
-def mount_table(ns_path: str, rootfs: str) -> list[tuple[str, str, str]]:
-    """The mounts under ``rootfs`` in the mount namespace at ``ns_path``, targets relative to rootfs."""
-    tree = json.loads(run(["nsenter", f"--mount={ns_path}", "findmnt", "-R", "-J", "-o", "TARGET,FSTYPE,OPTIONS",
-                           rootfs], 30).stdout)
+def mount_table(ns_path: str, rootfs: str = "/") -> list[tuple[str, str, str]]:
+    """The mounts under ``rootfs`` (default: all) in the mount namespace at ``ns_path``, targets relative to
+    rootfs: ``findmnt -N TID`` of a thread that joined it (a pooled namespace's root is the container's, where
+    no findmnt is)."""
+    with joined(ns_path) as inside:
+        tree = json.loads(run(["findmnt", "-N", str(inside.tid), "-R", "-J", "-o", "TARGET,FSTYPE,OPTIONS",
+                               rootfs], 30).stdout)
     return _flatten(tree, rootfs.rstrip("/"))
+
+
+class _Joined:
+    """A thread of this process that joined a mount namespace and runs what it is given, until closed."""
+
+    def __init__(self, ns_path: str) -> None:
+        self.requests: queue.Queue = queue.Queue()
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.tid = 0
+        self.thread = threading.Thread(target=self._serve, args=(ns_path,), daemon=True)
+        self.thread.start()
+        if not self.ready.wait(10):
+            raise MountSupportError(f"joining {ns_path} took more than 10 s")
+        if self.error is not None:
+            raise MountSupportError(f"joining {ns_path}: {self.error}")
+
+    def _serve(self, ns_path: str) -> None:
+        from cer.linux import namespaces as ns
+
+        try:
+            fd = os.open(ns_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                ns.unshare(ns.CLONE_FS)  # setns into a mount namespace needs filesystem attributes of our own
+                ns.setns(fd, ns.CLONE_NEWNS)
+            finally:
+                os.close(fd)
+            self.tid = threading.get_native_id()
+        except BaseException as error:  # noqa: BLE001 - handed to the caller
+            self.error = error
+            return
+        finally:
+            self.ready.set()
+        while (request := self.requests.get()) is not None:
+            work, answer = request
+            try:
+                answer.put((True, work()))
+            except BaseException as error:  # noqa: BLE001
+                answer.put((False, error))
+
+    def call(self, work, timeout: float = 30):
+        """``work()`` run in the thread (its paths resolve in the namespace, from its root)."""
+        answer: queue.Queue = queue.Queue()
+        self.requests.put((work, answer))
+        ok, value = answer.get(timeout=timeout)
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        self.requests.put(None)
+        self.thread.join(10)
+
+
+@contextlib.contextmanager
+def joined(ns_path: str):
+    """A ``_Joined`` thread in the mount namespace at ``ns_path``; it ends (with its hold on the namespace) after."""
+    inside = _Joined(ns_path)
+    try:
+        yield inside
+    finally:
+        inside.close()
+
+
+def read_file(ns_path: str, path: str) -> bytes:
+    """The bytes of ``path`` as the mount namespace at ``ns_path`` shows it."""
+    with joined(ns_path) as inside:
+        return inside.call(lambda: Path(path).read_bytes())
+
+
+def write_file(ns_path: str, path: str, data: bytes) -> None:
+    """Write ``path`` in the mount namespace at ``ns_path``."""
+    with joined(ns_path) as inside:
+        inside.call(lambda: Path(path).write_bytes(data))
+
+
+def list_directory(ns_path: str, path: str) -> list[str]:
+    with joined(ns_path) as inside:
+        return sorted(inside.call(lambda: os.listdir(path)))
 
 
 DIGEST_SCRIPT = r"""
@@ -214,10 +304,19 @@ print(json.dumps(out))
 
 def tmpfs_digest(path: str, ns_path: str | None = None) -> dict:
     """Every entry of the mount at ``path`` (not crossing into mounts below it), by path relative to it;
-    inside the mount namespace at ``ns_path`` when given."""
-    prefix = ["nsenter", f"--mount={ns_path}"] if ns_path else []
-    result = run([*prefix, sys.executable, "-I", "-c", DIGEST_SCRIPT, path], 30)
-    return json.loads(result.stdout)
+    inside the mount namespace at ``ns_path`` when given (read by a thread that joined it)."""
+    if ns_path is None:
+        return json.loads(run([sys.executable, "-I", "-c", DIGEST_SCRIPT, path], 30).stdout)
+    code = compile(DIGEST_SCRIPT.replace("top = sys.argv[1]", "top = TOP").replace("print(json.dumps(out))", ""),
+                   "digest", "exec")
+
+    def digest() -> dict:
+        scope = {"TOP": path}
+        exec(code, scope)  # noqa: S102 - our own script, run where the namespace's paths are
+        return scope["out"]
+
+    with joined(ns_path) as inside:
+        return inside.call(digest)
 
 
 # --------------------------------------------------------------------------- the host's mount table

@@ -11,7 +11,9 @@ What needs what (contrib/install-deps installs all of it): runc 1.1.5 from Debia
 - ``require``: fail with one clear message when a tool is missing (tests turn it into a failure).
 - ``make_bundle``: a runc bundle whose rootfs holds one static binary (the sample IPC workload, the
   benchmark's memory workload), with the capabilities the workload needs to set its host name and IPC
-  sysctls.
+  sysctls, and no CRIU configuration file (runc would read the host-wide one);
+- ``bundle_with_results``, ``restore_bundle``: the same with a host directory at /results for a workload's
+  own reports, and a copy of it to restore with (own rootfs, own results, namespaces to join).
 - ``Runc``: runc with a private ``--root`` state directory, so tests never see or touch other
   containers on the machine; ``run_detached``, ``checkpoint``, ``restore``, ``state``; ``cleanup``
   deletes every container in that root (also the ones a wrapper under test restored there).
@@ -126,6 +128,9 @@ def make_bundle(directory: str | os.PathLike, binary: Path, args: list[str]) -> 
     process["capabilities"] = {kind: list(WORKLOAD_CAPABILITIES) for kind in process["capabilities"]}
     linux = config["linux"]
     linux["readonlyPaths"] = [p for p in linux["readonlyPaths"] if p != "/proc/sys"]
+    # No CRIU configuration file: without this annotation runc reads the host-wide /etc/criu/runc.conf,
+    # which anything else on the machine may be editing (a wrapper's join-ns lines would join this restore).
+    config.setdefault("annotations", {})["org.criu.config"] = ""
     (path / "config.json").write_text(json.dumps(config, indent=2))
     return Bundle(path, rootfs)
 
@@ -263,3 +268,40 @@ def _state(pid: int) -> str | None:
     except OSError:
         return None
     return match.group(1) if match else None
+
+
+# --------------------------------------------------------------------------- workloads that report
+
+def bundle_with_results(directory: str | os.PathLike, binary: Path, args: list[str]) -> Bundle:
+    """``make_bundle`` in directory/bundle, with directory/results (a host directory) bound at /results: a
+    self-checking workload writes its reports there, where they outlive the process."""
+    directory = Path(directory)
+    results = directory / "results"
+    results.mkdir(parents=True)
+    bundle = make_bundle(directory / "bundle", binary, args)
+    (bundle.rootfs / "results").mkdir()
+    config = bundle.config()
+    config["mounts"].append({"destination": "/results", "type": "bind", "source": str(results), "options": ["rbind", "rw"]})
+    bundle.config_path.write_text(json.dumps(config, indent=2))
+    return bundle
+
+
+def restore_bundle(bundle: Bundle, directory: str | os.PathLike, namespace_paths: dict[str, str] | None = None) -> tuple[Path, Path]:
+    """A bundle to restore ``bundle``'s checkpoint with, in directory: a copy of its root filesystem (runc
+    prepares a restore's bind mounts inside it, so two restores must not share one), /results bound to a
+    fresh directory of its own, and the ``linux.namespaces`` entries of ``namespace_paths`` (runc's type
+    names: ipc, uts, mount) joined at those paths. Returns (bundle directory, results directory)."""
+    directory = Path(directory)
+    results = directory / "results"
+    results.mkdir(parents=True)
+    shutil.copytree(bundle.rootfs, directory / "rootfs", symlinks=True)
+    config = bundle.config()
+    config["root"]["path"] = str(directory / "rootfs")
+    for mount in config["mounts"]:
+        if mount["destination"] == "/results":
+            mount["source"] = str(results)
+    for entry in config["linux"]["namespaces"]:
+        if namespace_paths and entry["type"] in namespace_paths:
+            entry["path"] = namespace_paths[entry["type"]]
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return directory, results

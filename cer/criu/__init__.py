@@ -2,33 +2,35 @@
 
 ``images`` reads single image files (CRIU's framing, checked against the file's size);
 ``checkpoint`` turns an image directory into frozen contents, with ``mountpoints`` (the mount tree)
-and ``tmpfs`` (tmpfs contents from their tar images); ``criu.proto`` is the schema.
+and ``tmpfs`` (tmpfs contents from their tar images); ``views`` makes image views for restores that
+join cer's namespaces; ``criu.proto`` is the schema.
+
+The names below are loaded on first use: runtime wrappers import ``cer.criu.views`` on every restore
+and must not pay for the image reader (protobuf) they do not use.
 """
 
-from cer.criu.checkpoint import (
-    CheckpointContents,
-    IpcContents,
-    MessageQueue,
-    SemaphoreSet,
-    ShmPages,
-    ShmSegment,
-    UtsContents,
-    read_checkpoint,
-)
-from cer.criu.mountpoints import MountEntry, MountTree
-from cer.criu.tmpfs import TmpfsContents, TmpfsEntry
+import importlib
 
-__all__ = [
-    "CheckpointContents",
-    "IpcContents",
-    "MessageQueue",
-    "MountEntry",
-    "MountTree",
-    "SemaphoreSet",
-    "ShmPages",
-    "ShmSegment",
-    "TmpfsContents",
-    "TmpfsEntry",
-    "UtsContents",
-    "read_checkpoint",
-]
+_EXPORTS = {
+    "CheckpointContents": "checkpoint",
+    "IpcContents": "checkpoint",
+    "MessageQueue": "checkpoint",
+    "SemaphoreSet": "checkpoint",
+    "ShmPages": "checkpoint",
+    "ShmSegment": "checkpoint",
+    "UtsContents": "checkpoint",
+    "read_checkpoint": "checkpoint",
+    "MountEntry": "mountpoints",
+    "MountTree": "mountpoints",
+    "TmpfsContents": "tmpfs",
+    "TmpfsEntry": "tmpfs",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

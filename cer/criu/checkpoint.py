@@ -12,7 +12,7 @@ import os
 import re
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cer.criu import criu_pb2 as pb
@@ -23,6 +23,7 @@ from cer.criu.images import (
     IPCNS_MSG,
     IPCNS_SEM,
     IPCNS_SHM,
+    MM,
     PAGEMAP,
     PSTREE,
     UTSNS,
@@ -45,6 +46,8 @@ PAGE_SIZE = 4096
 # pagemap_entry.flags (criu/include/pagemap.h)
 PE_PARENT = 1 << 0
 PE_PRESENT = 1 << 2
+# vma_entry.status of a SysV shm attachment (criu/include/image.h); its shmid is the segment's id.
+VMA_AREA_SYSVIPC = 1 << 10
 
 # ipc_var_entry fields and the sysctl each one records, as CRIU's ipc_sysctl_req() pairs them.
 # auto_msgmni is left out: Linux ignores it since 4.0.
@@ -186,6 +189,17 @@ class IpcContents:
     shm: tuple[ShmSegment, ...] = ()
     sem: tuple[SemaphoreSet, ...] = ()
     msg: tuple[MessageQueue, ...] = ()
+    # Ids of the segments some task had attached at dump time. Stock CRIU maps an attached segment
+    # only if it created it from the images itself, so a namespace that a restore joins must not
+    # hold these (see cer.criu.views).
+    attached_shm: frozenset[int] = frozenset()
+
+    def prefill(self) -> IpcContents:
+        """What a pooled namespace that a stock CRIU restore joins holds: everything but the attached
+        segments, which the restore creates from its image view."""
+        if not self.attached_shm:
+            return self
+        return replace(self, shm=tuple(segment for segment in self.shm if segment.id not in self.attached_shm))
 
     @property
     def prefill_bytes(self) -> int:
@@ -225,28 +239,68 @@ def read_checkpoint(directory: str | os.PathLike[str]) -> CheckpointContents:
     mount tree is reported in ``mounts_error`` instead.
     """
     directory = Path(directory)
-    inventory = read_single_entry(directory / "inventory.img", INVENTORY)
-    if inventory.img_version != IMAGES_VERSION:
-        raise ImageError(str(directory / "inventory.img"), 0, f"image set version {inventory.img_version}, "
-                         f"only version {IMAGES_VERSION} is supported")
-    root = _root_task_ids(directory)
-    host = inventory.root_ids if inventory.HasField("root_ids") else None
-
+    root, host = _task_and_host_ids(directory)
     ipc_id = _root_namespace_image(directory, "ipc", r"ipcns-var-(\d+)\.img", root, host)
     uts_id = _root_namespace_image(directory, "uts", r"utsns-(\d+)\.img", root, host)
-    mnt_id = _root_namespace_image(directory, "mnt", r"mountpoints-(\d+)\.img", root, host)
-    mounts, mounts_error = None, None
-    if mnt_id is not None:
-        try:
-            mounts = read_mount_tree(directory, mnt_id)
-        except ImageError as error:
-            mounts_error = str(error)
+    mounts, mounts_error = _read_root_mounts(directory, root, host)
     return CheckpointContents(
-        ipc=None if ipc_id is None else _read_ipc(directory, ipc_id),
+        ipc=None if ipc_id is None else _read_ipc(directory, ipc_id, attached_shm_ids(directory)),
         uts=None if uts_id is None else _read_uts(directory / f"utsns-{uts_id}.img"),
         mounts=mounts,
         mounts_error=mounts_error,
     )
+
+
+def read_checkpoint_mounts(directory: str | os.PathLike[str]) -> MountTree | None:
+    """The root task's mount tree alone (None: it has none), as :func:`read_checkpoint` reads it, without the
+    IPC objects' bytes; an unreadable tree raises :class:`~cer.errors.ImageError`."""
+    directory = Path(directory)
+    mounts, mounts_error = _read_root_mounts(directory, *_task_and_host_ids(directory))
+    if mounts_error is not None:
+        raise ImageError(str(directory), 0, mounts_error)
+    return mounts
+
+
+def _task_and_host_ids(directory: Path) -> tuple[pb.task_kobj_ids_entry | None, pb.task_kobj_ids_entry | None]:
+    """The root task's ids and the dumping CRIU's own (inventory.img), the version checked."""
+    inventory = read_single_entry(directory / "inventory.img", INVENTORY)
+    if inventory.img_version != IMAGES_VERSION:
+        raise ImageError(str(directory / "inventory.img"), 0, f"image set version {inventory.img_version}, "
+                         f"only version {IMAGES_VERSION} is supported")
+    return _root_task_ids(directory), (inventory.root_ids if inventory.HasField("root_ids") else None)
+
+
+def _read_root_mounts(directory: Path, root, host) -> tuple[MountTree | None, str | None]:
+    mnt_id = _root_namespace_image(directory, "mnt", r"mountpoints-(\d+)\.img", root, host)
+    if mnt_id is None:
+        return None, None
+    try:
+        return read_mount_tree(directory, mnt_id), None
+    except ImageError as error:
+        return None, str(error)
+
+
+def root_ipc_namespace_id(directory: str | os.PathLike[str]) -> int | None:
+    """The id that names the root task's ipcns-*-<id>.img files; None when it has none (it shared the
+    dumping host's IPC namespace)."""
+    directory = Path(directory)
+    return _root_namespace_image(directory, "ipc", r"ipcns-var-(\d+)\.img", *_task_and_host_ids(directory))
+
+
+def attached_shm_ids(directory: str | os.PathLike[str]) -> frozenset[int]:
+    """The SysV shm segments that any task of the checkpoint had attached at dump time.
+
+    Every mm-<id>.img is read (threads share one; each process has its own): a vma with
+    VMA_AREA_SYSVIPC in its status maps the segment whose id is its shmid.
+    """
+    directory = Path(directory)
+    found = set()
+    for name in sorted(os.listdir(directory)):
+        if re.fullmatch(r"mm-\d+\.img", name):
+            with ImageReader(directory / name, MM) as image:
+                while (entry := image.read_entry()) is not None:
+                    found.update(vma.shmid for vma in entry.vmas if vma.status & VMA_AREA_SYSVIPC)
+    return frozenset(found)
 
 
 def _root_task_ids(directory: Path) -> pb.task_kobj_ids_entry | None:
@@ -312,11 +366,13 @@ def _read_uts(path: Path) -> UtsContents:
     return UtsContents(nodename=text(entry.nodename), domainname=text(entry.domainname))
 
 
-def _read_ipc(directory: Path, ns_id: int) -> IpcContents:
+def _read_ipc(directory: Path, ns_id: int, attached_shm: frozenset[int]) -> IpcContents:
     var_path = directory / f"ipcns-var-{ns_id}.img"
+    shm = _read_shm(directory, directory / f"ipcns-shm-{ns_id}.img")
     return IpcContents(
+        attached_shm=attached_shm & {segment.id for segment in shm},
         sysctls=_sysctls(var_path, read_single_entry(var_path, IPC_VAR)),
-        shm=_read_shm(directory, directory / f"ipcns-shm-{ns_id}.img"),
+        shm=shm,
         sem=_read_sem(directory / f"ipcns-sem-{ns_id}.img"),
         msg=_read_msg(directory / f"ipcns-msg-{ns_id}.img"),
     )

@@ -17,6 +17,7 @@ instead of crashing, hanging or allocating what a garbled length claims.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import struct
 from collections.abc import Iterator
@@ -60,8 +61,9 @@ IPCNS_SEM = ImageType("IPCNS_SEM", 0x59573019, pb.ipc_sem_entry)
 # The first entry of a pagemap is a pagemap_head; every later one a pagemap_entry.
 PAGEMAP = ImageType("PAGEMAP", 0x56084025, pb.pagemap_entry)
 MNTS = ImageType("MNTS", 0x55563928, pb.mnt_entry)
+MM = ImageType("MM", 0x57492820, pb.mm_entry)
 
-IMAGE_TYPES = (INVENTORY, PSTREE, IDS, UTSNS, IPC_VAR, IPCNS_SHM, IPCNS_MSG, IPCNS_SEM, PAGEMAP, MNTS)
+IMAGE_TYPES = (INVENTORY, PSTREE, IDS, UTSNS, IPC_VAR, IPCNS_SHM, IPCNS_MSG, IPCNS_SEM, PAGEMAP, MNTS, MM)
 _BY_MAGIC = {t.magic: t for t in IMAGE_TYPES}
 
 
@@ -97,9 +99,15 @@ class RawImage:
     """A regular file read with every read checked against its size: a pages-<id>.img as is,
     and the base of :class:`ImageReader`. Use as a context manager."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], data: bytes | None = None) -> None:
+        """Open the file at ``path``, or read ``data`` (``path`` then only names it in errors)."""
         self.path = str(path)
         self.offset = 0
+        if data is not None:
+            self._file = io.BytesIO(data)
+            self.size = len(data)
+            self.identity = None  # no file to reopen
+            return
         try:
             # CRIU writes regular files, never links: a FIFO or a link planted in an image directory is refused.
             fd = open_regular_file(self.path)
@@ -162,8 +170,9 @@ class ImageReader(RawImage):
     of :data:`IMAGE_TYPES` and tells which in :attr:`type`. Use as a context manager.
     """
 
-    def __init__(self, path: str | os.PathLike[str], image_type: ImageType | None = None) -> None:
-        super().__init__(path)
+    def __init__(self, path: str | os.PathLike[str], image_type: ImageType | None = None,
+                 data: bytes | None = None) -> None:
+        super().__init__(path, data)
         try:
             self.type = self._read_magic(image_type)
         except BaseException:
@@ -246,15 +255,28 @@ def read_entries(path: str | os.PathLike[str], image_type: ImageType) -> list[Me
         return list(image.entries())
 
 
-def read_single_entry(path: str | os.PathLike[str], image_type: ImageType) -> Message:
-    """The one entry of an image that holds exactly one (inventory, ids, utsns, ipcns-var)."""
-    with ImageReader(path, image_type) as image:
+def read_single_entry(path: str | os.PathLike[str], image_type: ImageType, data: bytes | None = None) -> Message:
+    """The one entry of an image that holds exactly one (inventory, ids, utsns, ipcns-var); from ``data`` when
+    given (``path`` then names it in errors)."""
+    with ImageReader(path, image_type, data) as image:
         entry = image.read_entry()
         if entry is None:
             raise image.error(f"no {image_type.entry.DESCRIPTOR.name} entry")
         if image.remaining:
             raise image.error("unexpected data after the only entry")
         return entry
+
+
+def encode_image(image_type: ImageType, entries: list[Message]) -> bytes:
+    """An image file holding ``entries`` (messages of the type's entry, no payloads), framed as CRIU writes it."""
+    magics = (IMG_COMMON_MAGIC, image_type.magic) if image_type.common_magic else (image_type.magic,)
+    parts = [_U32.pack(magic) for magic in magics]
+    for entry in entries:
+        if not isinstance(entry, image_type.entry):
+            raise TypeError(f"a {type(entry).__name__} in an image of {image_type.entry.DESCRIPTOR.name} entries")
+        raw = entry.SerializeToString()
+        parts += [_U32.pack(len(raw)), raw]
+    return b"".join(parts)
 
 
 def read_pagemap(path: str | os.PathLike[str]) -> tuple[pb.pagemap_head, list[pb.pagemap_entry]]:

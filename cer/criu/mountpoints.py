@@ -21,6 +21,7 @@ from pathlib import Path
 from cer.criu.images import MNTS, ImageReader, text
 from cer.criu.tmpfs import MAX_TMPFS_BYTES, TmpfsContents, read_tmpfs_image, tmpfs_image_names
 from cer.errors import ImageError
+from cer.linux.namespaces import MOUNT_FLAGS, MS_RDONLY
 
 MAX_MOUNTS = 4096
 
@@ -32,21 +33,12 @@ FSTYPES = {
     14: "mqueue", 15: "fuse", 16: "auto", 17: "overlay", 18: "autofs", 19: "tracefs", 23: "cgroup2",
 }
 
-# Per-mount flags (MS_* values) as CRIU records them from /proc/PID/mountinfo; it adds
-# MS_STRICTATIME when a mount shows none of the other atime flags.
-MS_RDONLY = 0x1
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_NOEXEC = 0x8
+# Per-mount flags: MOUNT_FLAGS, as CRIU records them from /proc/PID/mountinfo (it adds MS_STRICTATIME when a
+# mount shows none of the other atime flags). Superblock flags:
 MS_SYNCHRONOUS = 0x10
 MS_MANDLOCK = 0x40
 MS_DIRSYNC = 0x80
-MS_NOATIME = 0x400
-MS_NODIRATIME = 0x800
-MS_RELATIME = 0x200000
-MS_STRICTATIME = 0x1000000
 MS_LAZYTIME = 0x2000000
-MOUNT_FLAGS = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_NOATIME | MS_NODIRATIME | MS_RELATIME | MS_STRICTATIME
 SUPERBLOCK_FLAGS = MS_RDONLY | MS_SYNCHRONOUS | MS_MANDLOCK | MS_DIRSYNC | MS_LAZYTIME
 
 

@@ -38,6 +38,9 @@ from typing import BinaryIO
 
 from cer.criu.images import ImageFile, RawImage
 from cer.errors import ImageError
+# ALLOWED_DEVICES: the character devices runc (and the OCI runtime spec's default set) creates in a container's
+# /dev, the only ones cer makes; defined beside the code that makes them, which an action script imports alone.
+from cer.mounting import ALLOWED_DEVICES, allowed_device  # noqa: F401
 
 MAX_TMPFS_BYTES = 64 << 20
 """File bytes one tmpfs archive may hold (sparse files count at their full size)."""
@@ -49,16 +52,6 @@ _COPY_CHUNK = 1 << 20
 MAX_TMPFS_ENTRIES = 16384
 MAX_NAME = 4096
 MAX_COMPONENT = 255
-
-# The character devices runc (and the OCI runtime spec's default set) creates in a container's /dev.
-ALLOWED_DEVICES = {
-    (1, 3): "null",
-    (1, 5): "zero",
-    (1, 7): "full",
-    (1, 8): "random",
-    (1, 9): "urandom",
-    (5, 0): "tty",
-}
 
 _REGULAR_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.GNUTYPE_SPARSE)
 _KINDS = {tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hardlink", tarfile.CHRTYPE: "chardev",
@@ -100,11 +93,6 @@ class TmpfsContents:
     @property
     def devices(self) -> tuple[TmpfsEntry, ...]:
         return tuple(entry for entry in self.entries if entry.kind in ("chardev", "blockdev"))
-
-
-def allowed_device(entry: TmpfsEntry) -> bool:
-    """Whether ``entry`` is a device node cer may create: one of :data:`ALLOWED_DEVICES`."""
-    return entry.kind == "chardev" and entry.device in ALLOWED_DEVICES
 
 
 def tmpfs_image_names(root_dev: int, mnt_id: int) -> tuple[str, str]:

@@ -1,10 +1,21 @@
 """The C library handle shared by the syscall wrappers, and the one way they report failures."""
 
 import ctypes
-import ctypes.util
 import os
 
-libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+def _load() -> ctypes.CDLL:
+    # glibc's soname first: find_library runs ldconfig (or a compiler) in a subprocess, which costs a restore's
+    # action script more than all its mounts.
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        from ctypes.util import find_library
+
+        return ctypes.CDLL(find_library("c"), use_errno=True)
+
+
+libc = _load()
 
 
 def check(result: int, what: str, path: str | None = None) -> int:

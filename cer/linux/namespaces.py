@@ -13,16 +13,36 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_FS = 0x00000200
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_NOEXEC = 0x8
 MS_REMOUNT = 0x20
+MS_NOATIME = 0x400
+MS_NODIRATIME = 0x800
 MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
+MS_RELATIME = 0x200000
+MS_STRICTATIME = 0x1000000
+# The per-mount flags (as /proc/PID/mountinfo shows them and a bind remount sets them).
+MOUNT_FLAGS = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_NOATIME | MS_NODIRATIME | MS_RELATIME | MS_STRICTATIME
 MNT_DETACH = 0x2
+
+# open_tree(2) and move_mount(2): a bind taken as a detached mount in one mount namespace can be attached in
+# another (a path bind cannot cross namespaces). Numbers are the same on every architecture since 5.2.
+OPEN_TREE_CLONE = 0x1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+_AT_FDCWD = -100
+_SYSCALLS = {
+    "x86_64": {"pivot_root": 155, "open_tree": 428, "move_mount": 429},
+    "aarch64": {"pivot_root": 41, "open_tree": 428, "move_mount": 429},
+}.get(os.uname().machine, {"open_tree": 428, "move_mount": 429})
 
 # Namespace type names as the protocol and /proc/*/ns/ spell them, with their clone flags.
 CLONE_FLAGS = {"ipc": CLONE_NEWIPC, "uts": CLONE_NEWUTS, "mnt": CLONE_NEWNS}
@@ -34,6 +54,7 @@ libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
 libc.setdomainname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
 libc.unshare.argtypes = [ctypes.c_int]
 libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+libc.syscall.restype = ctypes.c_long
 
 
 def unshare(flags: int) -> None:
@@ -89,3 +110,26 @@ def make_mounts_private() -> None:
 def namespace_inode(path: str) -> int:
     """The inode that identifies a namespace, as ``ls -iL /proc/PID/ns/TYPE`` shows it."""
     return os.stat(path).st_ino
+
+
+def pivot_root(new_root: str, put_old: str) -> None:
+    """pivot_root(2) (glibc has no wrapper); ``pivot_root(".", ".")`` from inside the new root stacks the old
+    root on it, to be detached with ``umount(".", MNT_DETACH)``."""
+    number = _SYSCALLS.get("pivot_root")
+    if number is None:
+        raise OSError(38, f"pivot_root: no syscall number known for {os.uname().machine}")
+    check(libc.syscall(ctypes.c_long(number), new_root.encode(), put_old.encode()), "pivot_root", new_root)
+
+
+def open_tree(path: str) -> int:
+    """A detached bind of ``path`` (not recursive) as an fd, attachable in any mount namespace with
+    :func:`move_mount`; close it when done (an unattached tree goes with its last fd)."""
+    flags = OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC
+    return check(libc.syscall(ctypes.c_long(_SYSCALLS["open_tree"]), ctypes.c_int(_AT_FDCWD), path.encode(),
+                              ctypes.c_uint(flags)), "open_tree", path)
+
+
+def move_mount(tree_fd: int, target: str) -> None:
+    """Attach the detached mount ``tree_fd`` (from :func:`open_tree`) at ``target``."""
+    check(libc.syscall(ctypes.c_long(_SYSCALLS["move_mount"]), ctypes.c_int(tree_fd), b"", ctypes.c_int(_AT_FDCWD),
+                       target.encode(), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)), "move_mount to", target)

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import SAMPLE, host_mounts, sample_config, short_tempdir, start_daemon, wait_for
 
+import mounts_support
+
 from cer.errors import BadRequest, NotFound, Unavailable
 from cer.protocol.methods import (
     CheckpointGet,
@@ -49,16 +51,16 @@ def test_mnt_namespace_shows_the_rootfs_and_stays_out_of_the_host(daemon):
     before = host_mounts()
     daemon.wait_full("sample")
     reply = daemon.call(NamespaceGet("mnt", SAMPLE_REF))
-    rootfs = reply["info"]["rootfs"]
-    assert rootfs.startswith(str(daemon.root / "bundles"))
-    motd = nsenter(f"--mount={reply['path']}", "cat", f"{rootfs}/etc/motd")
+    # The namespace's root is the container's (pivoted into the overlay); its bundle holds the upper layer.
+    assert reply["info"]["rootfs"] == "/" and reply["info"]["bundle"].startswith(str(daemon.root / "bundles"))
+    motd = mounts_support.read_file(reply["path"], "/etc/motd").decode()
     assert motd == (SAMPLE / "rootfs" / "etc" / "motd").read_text()
     # Writes land in the bundle's upper layer, never in the shared lower layer.
-    nsenter(f"--mount={reply['path']}", "sh", "-c", f"echo changed > {rootfs}/etc/motd")
+    mounts_support.write_file(reply["path"], "/etc/motd", b"changed\n")
     assert (SAMPLE / "rootfs" / "etc" / "motd").read_text() != "changed\n"
     assert (Path(reply["info"]["bundle"]) / "upper" / "etc" / "motd").read_text() == "changed\n"
     assert host_mounts() == before
-    assert not os.listdir(rootfs)  # the host sees the bare mount point
+    assert not os.listdir(Path(reply["info"]["bundle"]) / "rootfs")  # the host sees the bare mount point
 
 
 def test_concurrent_gets_never_share_a_namespace(daemon):
@@ -159,7 +161,7 @@ def test_an_empty_pool_serves_a_cold_get(daemon):
     daemon.call(NamespaceUpdate(SAMPLE_REF, 0))
     reply = daemon.call(NamespaceGet("mnt", SAMPLE_REF))
     assert reply["info"]["cold"] is True
-    assert nsenter(f"--mount={reply['path']}", "cat", f"{reply['info']['rootfs']}/etc/hostname").strip() == "cer-sample"
+    assert mounts_support.read_file(reply["path"], "/etc/hostname").strip() == b"cer-sample"
     assert daemon.pool("sample")["types"]["mnt"]["cold_gets"] == 1
 
 

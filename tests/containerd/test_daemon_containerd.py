@@ -16,6 +16,7 @@ from conftest import SAMPLE, start_daemon, wait_for
 
 import containerd_support
 import criu_support
+import mounts_support
 from cer.errors import Unavailable
 from cer.protocol.methods import CheckpointGet, CheckpointPut, NamespaceGet
 from cer.references import CheckpointRef
@@ -63,16 +64,16 @@ def test_a_containerd_checkpoint_is_extracted_and_served_with_its_rootfs(running
 
         # The mount namespace's root: the image's files with the container's rw-layer changes on top.
         mnt = daemon.call(NamespaceGet("mnt", ref))
-        rootfs = mnt["info"]["rootfs"]
-        listing = nsenter(f"--mount={mnt['path']}", "ls", "-A", f"{rootfs}/etc").decode().split()
+        rootfs = mnt["info"]["rootfs"]  # "/": the namespace's root is the container's
+        listing = mounts_support.list_directory(mnt["path"], f"{rootfs}/etc")
         assert sorted(listing) == ["cer-image-file", "cer-new-file", "cer-untouched"]
         for name, data in {**checkpoint.changed_files, "etc/cer-untouched": checkpoint.image_files["etc/cer-untouched"]}.items():
-            assert nsenter(f"--mount={mnt['path']}", "cat", f"{rootfs}/{name}") == data
-        workload = nsenter(f"--mount={mnt['path']}", "cat", f"{rootfs}/{containerd_support.WORKLOAD_PATH}")
+            assert mounts_support.read_file(mnt["path"], f"{rootfs}/{name}") == data
+        workload = mounts_support.read_file(mnt["path"], f"{rootfs}/{containerd_support.WORKLOAD_PATH}")
         built = running.dir / "build" / "container-ipc-workload"
         assert hashlib.sha256(workload).digest() == hashlib.sha256(built.read_bytes()).digest()
         # The pool's namespaces each have their own upper layer: a write there reaches no snapshot.
-        nsenter(f"--mount={mnt['path']}", "sh", "-c", f"echo scribble > {rootfs}/etc/cer-untouched")
+        mounts_support.write_file(mnt["path"], f"{rootfs}/etc/cer-untouched", b"scribble\n")
         status = daemon.status()
         lower = status["checkpoints"][str(ref)]["rootfs"].split(":")
         assert len(lower) == 2 and all(layer.startswith(str(running.snapshots_dir)) for layer in lower)
@@ -173,8 +174,8 @@ def test_a_base_image_that_is_not_unpacked_is_unpacked(running, checkpoint):
         assert chain_id in running.snapshot_keys()
         mnt = daemon.call(NamespaceGet("mnt", ref))
         rootfs = mnt["info"]["rootfs"]
-        assert nsenter(f"--mount={mnt['path']}", "cat", f"{rootfs}/etc/cer-untouched") == b"left alone\n"
-        assert nsenter(f"--mount={mnt['path']}", "cat", f"{rootfs}/etc/cer-new-file") == b"made in the container\n"
+        assert mounts_support.read_file(mnt["path"], f"{rootfs}/etc/cer-untouched") == b"left alone\n"
+        assert mounts_support.read_file(mnt["path"], f"{rootfs}/etc/cer-new-file") == b"made in the container\n"
     finally:
         assert daemon.stop() == 0, daemon.output()
     # Like containerd's own unpacker, cer labels the image config so the snapshot outlives its lease.

@@ -1,12 +1,11 @@
-"""contrib/ctr-wrapper end to end: real runc, real containerd, real CRIU 4, a real cer daemon.
+"""contrib/ctr-wrapper's runc path end to end: real runc, real CRIU 4, a real cer daemon (its containerd path,
+through cer-runc, is tests/contrib/test_cer_runc.py).
 
-The checkpoints are made here, by ``runc checkpoint`` (and ``ctr c checkpoint``) of the sample IPC workload
-running in a container. Some tests put a fake runtime in place (a script that blocks or records what it was
-given) where the point is what the wrapper does around the runtime: dying mid-way, signals, runc's CRIU
-config file. runc, containerd or CRIU missing is a failure, not a skip: CI runs contrib/install-deps first.
+The checkpoints are made here, by ``runc checkpoint`` of the sample IPC workload running in a container. Some
+tests put a fake runtime in place (a script that blocks) where the point is what the wrapper does around the
+runtime: dying mid-way, signals. runc, containerd or CRIU missing is a failure, not a skip: CI runs contrib/install-deps first.
 """
 
-import base64
 import contextlib
 import json
 import os
@@ -22,16 +21,11 @@ import pytest
 
 from conftest import REPO, SAMPLE, short_tempdir, start_daemon, wait_for
 
-import containerd_support
 import criu_support
 import runc_support
 from runc_support import RuntimeSupportError
 
 WRAPPER = REPO / "contrib" / "ctr-wrapper"
-CRIU_CONF = Path("/etc/criu/runc.conf")
-SAVED_CONF = Path("/run/cer-ctr-wrapper.runc-conf.json")
-CTR_NAMESPACE = "cer-test"
-CTR_CHECKPOINT = "cer-wrapper-checkpoint"  # make_checkpoint names a file after it: no slashes
 
 pytestmark = pytest.mark.slow
 
@@ -95,7 +89,7 @@ def runc_cer(empty_checkpoint, ipc_checkpoint):
 
 @pytest.fixture
 def sample_cer():
-    """A cer daemon serving the bundled sample checkpoint, with mount namespaces (for the fake runtimes)."""
+    """A cer daemon serving the bundled sample checkpoint, with mount namespaces."""
     entries = [{"name": "sample", "capacity": 1, "path": str(SAMPLE / "checkpoint-empty-ipc"),
                 "rootfs": str(SAMPLE / "rootfs")}]
     yield from _daemon({"containerd_checkpoints": entries, "default_capacity": 1})
@@ -193,64 +187,14 @@ def _write_script(path: Path, body: str) -> Path:
 
 @pytest.fixture
 def fakes(tmp_path):
-    """Fake runtimes. ``runc``: writes its pid to $FAKE_MARKER, then blocks (a restore that hangs).
-    ``ctr``: ``containers restore`` records its argv and what /etc/criu/runc.conf holds at that moment into
-    $FAKE_RECORD, then blocks if $FAKE_BLOCK, else exits $FAKE_EXIT; ``tasks ls`` lists $FAKE_ID as running
-    with pid $FAKE_PID."""
+    """A fake runtime. ``runc``: writes its pid to $FAKE_MARKER, then blocks (a restore that hangs)."""
     runc = _write_script(tmp_path / "fake-runc", """
         import os, time
         with open(os.environ["FAKE_MARKER"], "w") as file:
             file.write(str(os.getpid()))
         time.sleep(300)
     """)
-    ctr = _write_script(tmp_path / "fake-ctr", """
-        import json, os, sys, time
-        args = sys.argv[1:]
-        if "tasks" in args:
-            print("TASK    PID    STATUS")
-            print(f"{os.environ['FAKE_ID']}    {os.environ['FAKE_PID']}    RUNNING")
-            sys.exit(0)
-        try:
-            conf = open("/etc/criu/runc.conf").read()
-        except FileNotFoundError:
-            conf = None
-        record = {"argv": args, "criu_conf": conf, "pid": os.getpid()}
-        with open(os.environ["FAKE_RECORD"] + ".tmp", "w") as file:
-            json.dump(record, file)
-        os.rename(os.environ["FAKE_RECORD"] + ".tmp", os.environ["FAKE_RECORD"])
-        if os.environ.get("FAKE_BLOCK"):
-            time.sleep(300)
-        sys.exit(int(os.environ.get("FAKE_EXIT", "0")))
-    """)
-    return {"runc": runc, "ctr": ctr, "marker": tmp_path / "marker", "record": tmp_path / "record"}
-
-
-@pytest.fixture
-def sleeper():
-    """A process that stands in for a restored container's init."""
-    process = subprocess.Popen(["sleep", "300"])
-    yield process
-    process.kill()
-    process.wait(10)
-
-
-@pytest.fixture
-def criu_conf():
-    """Leaves /etc/criu/runc.conf (and the wrapper's saved copy) exactly as the test found them."""
-    before = runc_support.criu_conf_state()
-    mode = CRIU_CONF.stat().st_mode if before is not None else None
-    dir_existed = CRIU_CONF.parent.is_dir()
-    assert not SAVED_CONF.exists(), f"{SAVED_CONF} exists before the test: a wrapper was killed mid-restore"
-    yield before
-    SAVED_CONF.unlink(missing_ok=True)
-    if before is None:
-        CRIU_CONF.unlink(missing_ok=True)
-        if not dir_existed:
-            with contextlib.suppress(OSError):
-                CRIU_CONF.parent.rmdir()
-    else:
-        CRIU_CONF.write_bytes(before)
-        CRIU_CONF.chmod(mode)
+    return {"runc": runc, "marker": tmp_path / "marker"}
 
 
 def _marker_pid(path: Path) -> int | None:
@@ -292,7 +236,10 @@ def test_runc_restore_runs_in_cers_namespaces_from_cers_images(runc_cer, empty_c
                                    "--external-checkpoint", "empty", container_id))
     pid = result["pid"]
     assert runc.pid(container_id) == pid
-    assert result["checkpoint"] == str(images)
+    # cer's view of the checkpoint: its own files, hard-linked, IPC images emptied of what cer's namespace holds.
+    view = Path(result["checkpoint"])
+    assert view.parent.parent == runc_cer.root / "views" and view.name == "ipc"
+    assert os.stat(view / "pstree.img").st_ino == os.stat(images / "pstree.img").st_ino
     assert result["ipc_declined"] is False
     # cer holds its fds of these namespaces until the container exits, so its paths still name them.
     for ns_type in ("ipc", "uts"):
@@ -324,9 +271,11 @@ def test_wrapper_killed_after_binding_loses_nothing(runc_cer, empty_checkpoint, 
     try:
         wait_for(lambda: _marker_pid(fakes["marker"]), 30, what="the wrapper to start the runtime")
         assert held(runc_cer, "empty") == {"ipc": (1, 1), "uts": (1, 1)}
+        assert checkpoint_users(runc_cer, "empty") == 1
         wrapper.kill()
         wrapper.wait(10)
         wait_all_back(runc_cer, "empty")
+        wait_for(lambda: checkpoint_users(runc_cer, "empty") == 0, what="the images' user to come back")
     finally:
         if wrapper.poll() is None:
             wrapper.kill()
@@ -378,22 +327,25 @@ def test_failed_restore_gives_namespaces_back_at_once(runc_cer, empty_checkpoint
 # --------------------------------------------------------------------------- (3) IPC objects
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("asked", [("uts",), ("uts", "ipc")], ids=["uts", "uts+ipc"])
-def test_checkpoint_with_ipc_objects_keeps_them(runc_cer, ipc_checkpoint, runc, asked):
-    """CRIU re-creates the IPC objects itself: the wrapper uses cer's UTS namespace only, declining IPC."""
+@pytest.mark.parametrize("images_from", ["cer", "image-path"])
+def test_a_checkpoint_with_ipc_objects_runs_in_cers_prefilled_namespace(runc_cer, ipc_checkpoint, runc, images_from):
+    """Stock runc and CRIU restore into cer's IPC namespace, which already holds the checkpoint's objects:
+    the restore reads cer's view, so CRIU creates none of them, and the process finds every one intact."""
     images, bundle = ipc_checkpoint
     images_before = runc_support.tree_digest(images)
     container_id = _unique("ipc")
-    options = [option for ns_type in asked for option in ("--external-ns", ns_type)]
-    result = run_wrapper(runc_cer, *runc_args(runc, bundle), *options, "--external-checkpoint", "ipc", container_id)
+    source = ["--external-checkpoint"] if images_from == "cer" else ["--image-path", str(images)]
+    result = run_wrapper(runc_cer, *runc_args(runc, bundle), "--external-ns", "uts", "--external-ns", "ipc", *source,
+                         "ipc", container_id)
     restored = succeeded(result)
     pid = restored["pid"]
-    assert set(restored["namespaces"]) == {"uts"}
-    assert restored["ipc_declined"] is ("ipc" in asked)
-    if "ipc" in asked:
-        assert "not using cer's IPC namespace" in result.stderr
-    assert runc_support.namespace_inode(f"/proc/{pid}/ns/uts") == runc_support.namespace_inode(restored["namespaces"]["uts"])
-    assert held(runc_cer, "ipc") == {"ipc": (0, 0), "uts": (1, 1)}
+    assert set(restored["namespaces"]) == {"ipc", "uts"} and restored["ipc_declined"] is False
+    for ns_type in ("ipc", "uts"):
+        assert runc_support.namespace_inode(f"/proc/{pid}/ns/{ns_type}") == \
+            runc_support.namespace_inode(restored["namespaces"][ns_type]), f"{ns_type} is not cer's namespace"
+    assert Path(restored["checkpoint"]).parent.parent == runc_cer.root / "views"
+    assert held(runc_cer, "ipc") == {"ipc": (1, 1), "uts": (1, 1)}
+    assert checkpoint_users(runc_cer, "ipc") == 0
 
     inside = criu_support.inspect_namespaces(f"/proc/{pid}/ns/ipc", f"/proc/{pid}/ns/uts")
     assert criu_support.differences(inside, criu_support.expected_namespace()) == []
@@ -404,180 +356,29 @@ def test_checkpoint_with_ipc_objects_keeps_them(runc_cer, ipc_checkpoint, runc, 
     wait_all_back(runc_cer, "ipc")
 
 
+@pytest.mark.timeout(120)
+def test_image_path_of_another_dump_is_refused_for_cers_ipc(runc_cer, ipc_checkpoint, empty_checkpoint, runc):
+    """cer's IPC namespace goes with cer's images: --image-path naming another dump is refused, nothing kept."""
+    _, bundle = ipc_checkpoint
+    result = run_wrapper(runc_cer, *runc_args(runc, bundle), "--external-ns", "ipc", "--image-path",
+                         str(empty_checkpoint[0]), "ipc", _unique("other"))
+    assert result.returncode == 3, result.stderr
+    assert "is not the dump in" in result.stderr
+    assert held(runc_cer, "ipc") == {"ipc": (0, 0), "uts": (0, 0)}
+    assert checkpoint_users(runc_cer, "ipc") == 0
+
+
 # --------------------------------------------------------------------------- what stock runtimes cannot do
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("options, says", [
-    (["--external-ns", "uts", "--external-ns", "mnt"], "mount namespace"),
-    (["--external-ns", "uts", "--external-checkpoint"], "content store"),
-    (["--runtime", "runc", "--bundle", str(SAMPLE), "--image-path", "/nonexistent", "--external-ns", "mnt"],
-     "mount namespace"),
-], ids=["containerd-mnt", "containerd-external-checkpoint", "runc-mnt"])
+    (["--runtime", "runc", "--bundle", str(SAMPLE), "--lazy", "--external-ns", "mnt"], "rebuilds the mount tree"),
+], ids=["runc-lazy-mnt"])
 def test_refused_before_taking_anything(sample_cer, options, says):
     result = run_wrapper(sample_cer, *options, "sample", _unique("never"))
     assert result.returncode == 4, result.stderr
     assert says in result.stderr
-    if "--runtime" not in options:
-        assert "CER_PATCHED_CTR" in result.stderr
     pool = sample_cer.pool("sample")
     for ns_type in ("ipc", "uts", "mnt"):
         assert pool["types"][ns_type]["warm_gets"] + pool["types"][ns_type]["cold_gets"] == 0
     assert checkpoint_users(sample_cer, "sample") == 0
-
-
-@pytest.mark.timeout(60)
-def test_patched_ctr_gets_every_namespace_and_the_images(sample_cer, fakes, sleeper):
-    container_id = _unique("patched")
-    result = succeeded(run_wrapper(
-        sample_cer, "--external-ns", "mnt", "--external-ns", "uts", "--external-checkpoint", "--rw",
-        "--address", "/run/some.sock", "--namespace", "default", "sample", container_id,
-        CER_PATCHED_CTR=str(fakes["ctr"]), FAKE_RECORD=str(fakes["record"]), FAKE_ID=container_id,
-        FAKE_PID=str(sleeper.pid)))
-    record = json.loads(fakes["record"].read_text())
-    paths = result["namespaces"]
-    assert record["argv"] == [
-        "--address", "/run/some.sock", "--namespace", "default", "containers", "restore", "--live", "--rw",
-        f"--external-ns=mnt:{paths['mnt']}", f"--external-ns=uts:{paths['uts']}",
-        f"--image-path={SAMPLE / 'checkpoint-empty-ipc'}", container_id, "sample",
-    ]
-    assert result["pid"] == sleeper.pid
-    assert held(sample_cer, "sample") == {"ipc": (0, 0), "uts": (1, 1), "mnt": (1, 1)}
-    assert checkpoint_users(sample_cer, "sample") == 0
-    sleeper.kill()
-    wait_all_back(sample_cer, "sample")
-
-
-# --------------------------------------------------------------------------- /etc/criu/runc.conf
-
-@pytest.mark.timeout(60)
-def test_join_ns_lines_are_there_for_the_restore_only(sample_cer, fakes, sleeper, criu_conf):
-    CRIU_CONF.parent.mkdir(exist_ok=True)
-    CRIU_CONF.write_bytes(b"# an operator's setting\ntcp-established")  # no final newline, on purpose
-    CRIU_CONF.chmod(0o640)
-    before = CRIU_CONF.read_bytes()
-    container_id = _unique("conf")
-    result = succeeded(run_wrapper(sample_cer, "--ctr", str(fakes["ctr"]), "--external-ns", "ipc", "--external-ns", "uts",
-                                   "sample", container_id, FAKE_RECORD=str(fakes["record"]), FAKE_ID=container_id,
-                                   FAKE_PID=str(sleeper.pid)))
-    record = json.loads(fakes["record"].read_text())
-    assert record["argv"] == ["containers", "restore", "--live", container_id, "sample"]
-    conf_lines = record["criu_conf"].splitlines()
-    assert conf_lines[:2] == ["# an operator's setting", "tcp-established"]
-    assert f"join-ns ipc:{result['namespaces']['ipc']}" in conf_lines
-    assert f"join-ns uts:{result['namespaces']['uts']}" in conf_lines
-    assert CRIU_CONF.read_bytes() == before
-    assert CRIU_CONF.stat().st_mode & 0o777 == 0o640
-    assert not SAVED_CONF.exists()
-    assert held(sample_cer, "sample") == {"ipc": (1, 1), "uts": (1, 1), "mnt": (0, 0)}
-    sleeper.kill()
-    wait_all_back(sample_cer, "sample")
-
-
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
-def test_a_signal_puts_runc_conf_back(sample_cer, fakes, criu_conf, signum):
-    wrapper = start_wrapper(sample_cer, "--ctr", str(fakes["ctr"]), "--external-ns", "uts", "sample", _unique("sig"),
-                            FAKE_RECORD=str(fakes["record"]), FAKE_BLOCK="1")
-    try:
-        wait_for(fakes["record"].exists, 30, what="the wrapper to run ctr")
-        record = json.loads(fakes["record"].read_text())
-        assert "join-ns uts:" in record["criu_conf"]
-        wrapper.send_signal(signum)
-        _, stderr = wrapper.communicate(timeout=30)
-        assert wrapper.returncode == 128 + signum, stderr
-        assert runc_support.criu_conf_state() == criu_conf
-        assert not SAVED_CONF.exists()
-        assert held(sample_cer, "sample")["uts"] == (0, 0)
-        runc_support.wait_exited(record["pid"])
-    finally:
-        if wrapper.poll() is None:
-            wrapper.kill()
-            wrapper.communicate(timeout=10)
-
-
-@pytest.mark.timeout(60)
-def test_after_sigkill_the_next_run_puts_runc_conf_back(sample_cer, fakes, sleeper, criu_conf, wrapper_workdir):
-    wrapper = start_wrapper(sample_cer, "--ctr", str(fakes["ctr"]), "--external-ns", "uts", "sample", _unique("kill"),
-                            FAKE_RECORD=str(fakes["record"]), FAKE_BLOCK="1")
-    try:
-        wait_for(fakes["record"].exists, 30, what="the wrapper to run ctr")
-        hung_ctr = json.loads(fakes["record"].read_text())["pid"]
-        wrapper.kill()
-        wrapper.communicate(timeout=10)
-        os.kill(hung_ctr, signal.SIGKILL)
-        # Nothing could run in the wrapper: its lines are still there, its saved copy tells what was.
-        assert "join-ns uts:" in CRIU_CONF.read_text()
-        saved = json.loads(SAVED_CONF.read_text())
-        assert saved["existed"] is (criu_conf is not None)
-        if criu_conf is not None:
-            assert base64.b64decode(saved["content"]) == criu_conf
-        wait_all_back(sample_cer, "sample")  # bound to the dead wrapper
-        assert [path.name.split("-")[1] for path in wrapper_workdir.iterdir()] == [str(wrapper.pid)]
-
-        fakes["record"].unlink()
-        container_id = _unique("next")
-        result = run_wrapper(sample_cer, "--ctr", str(fakes["ctr"]), "--external-ns", "uts", "sample", container_id,
-                             FAKE_RECORD=str(fakes["record"]), FAKE_ID=container_id, FAKE_PID=str(sleeper.pid))
-        succeeded(result)
-        assert "putting the file back" in result.stderr
-        # The new run saw only its own line, and left the file as it was before the killed run.
-        assert json.loads(fakes["record"].read_text())["criu_conf"].count("join-ns uts:") == 1
-        assert runc_support.criu_conf_state() == criu_conf
-        assert not SAVED_CONF.exists()
-        assert list(wrapper_workdir.iterdir()) == [], "the killed run's work directory is still there"
-    finally:
-        if wrapper.poll() is None:
-            wrapper.kill()
-            wrapper.communicate(timeout=10)
-
-
-# --------------------------------------------------------------------------- (2) containerd
-
-@pytest.fixture(scope="module")
-def containerd():
-    """A private containerd holding a checkpoint of the sample workload with an empty IPC namespace, made by
-    ``ctr c checkpoint --rw --image --task`` (the checkpointed container is removed again)."""
-    missing = containerd_support.require_tools()
-    if missing:
-        pytest.fail(missing)
-    _require("criu")
-    daemon = containerd_support.PrivateContainerd()
-    try:
-        daemon.start()
-        containerd_support.make_checkpoint(daemon, CTR_CHECKPOINT, CTR_NAMESPACE,
-                                           args=(f"/{containerd_support.WORKLOAD_PATH}", "--empty-ipc"))
-        yield daemon
-    finally:
-        daemon.close()
-
-
-@pytest.fixture
-def containerd_cer(containerd):
-    """A cer daemon serving the checkpoint image from the private containerd (an entry without a path)."""
-    entries = [{"name": CTR_CHECKPOINT, "namespace": CTR_NAMESPACE, "capacity": 1}]
-    yield from _daemon({"containerd_checkpoints": entries, "default_capacity": 1},
-                       "--containerd-address", containerd.address)
-
-
-@pytest.mark.timeout(300)
-def test_containerd_restore_runs_in_cers_namespaces(containerd_cer, containerd, criu_conf):
-    container_id = _unique("ctr")
-    try:
-        result = succeeded(run_wrapper(containerd_cer, "--address", containerd.address, "--namespace", CTR_NAMESPACE,
-                                       "--external-ns", "uts", "--external-ns", "ipc", CTR_CHECKPOINT, container_id))
-        pid = result["pid"]
-        assert containerd.task_pid(container_id, CTR_NAMESPACE) == pid
-        for ns_type in ("ipc", "uts"):
-            assert runc_support.namespace_inode(f"/proc/{pid}/ns/{ns_type}") == \
-                runc_support.namespace_inode(result["namespaces"][ns_type]), f"{ns_type} is not cer's namespace"
-        assert runc_support.hostname_of(pid) == "cer-sample-empty"
-        assert held(containerd_cer, CTR_CHECKPOINT) == {"ipc": (1, 1), "uts": (1, 1), "mnt": (0, 0)}
-        assert runc_support.criu_conf_state() == criu_conf
-        assert not SAVED_CONF.exists()
-        assert_keeps_running(pid)
-        assert containerd.task_pid(container_id, CTR_NAMESPACE) == pid
-
-        containerd.ctr("tasks", "kill", "--signal", "SIGKILL", container_id, namespace=CTR_NAMESPACE)
-        wait_all_back(containerd_cer, CTR_CHECKPOINT)
-    finally:
-        containerd.remove_container(container_id, CTR_NAMESPACE)

@@ -1,6 +1,7 @@
 """The files that run cer on hosts and clusters: the systemd unit (checked by systemd-analyze), the
 Kubernetes manifests (checked against the Kubernetes schemas that kubernetes-validate bundles, offline),
-and the daemon's side of Type=notify (READY=1 and STOPPING=1 through $NOTIFY_SOCKET)."""
+the containerd runtime handler behind the RuntimeClass (checked by containerd's own config parser), and the
+daemon's side of Type=notify (READY=1 and STOPPING=1 through $NOTIFY_SOCKET)."""
 
 import configparser
 import json
@@ -9,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tomllib
 from pathlib import Path
 
 import kubernetes_validate
@@ -23,6 +25,7 @@ from cer.protocol.methods import AdminStatus
 
 UNIT = REPO / "contrib" / "systemd" / "cer.service"
 KUBERNETES = REPO / "contrib" / "kubernetes"
+CONTAINERD_SNIPPET = KUBERNETES / "containerd-cer-runc.toml"
 # The oldest and the newest Kubernetes whose schemas the validator bundles.
 KUBERNETES_VERSIONS = [kubernetes_validate.utils.all_versions()[0], kubernetes_validate.utils.latest_version()]
 
@@ -154,7 +157,7 @@ def test_manifests_validate_strictly_against_the_kubernetes_schemas(version):
         # validate() raises SchemaNotFoundError for an unknown kind; the CLI would only warn.
         kubernetes_validate.validate(document, version, strict=True)
         kinds.append(document["kind"])
-    assert sorted(kinds) == ["ConfigMap", "DaemonSet", "Namespace"]
+    assert sorted(kinds) == ["ConfigMap", "DaemonSet", "Namespace", "RuntimeClass"]
 
 
 def test_the_validator_works_offline_and_catches_mistakes():
@@ -210,3 +213,19 @@ def test_the_readiness_probe_passes_on_a_serving_daemon_and_fails_without_one(da
     assert subprocess.run(here, capture_output=True, timeout=30).returncode == 0
     daemon.stop()
     assert subprocess.run(here, capture_output=True, timeout=30).returncode != 0
+
+
+def test_the_runtimeclass_selects_a_containerd_handler_whose_runc_is_cer_runc(tmp_path):
+    """containerd itself reads the snippet: the handler the RuntimeClass names is runc's shim with cer-runc
+    as BinaryName, and the binary it names is what contrib/ installs."""
+    runtime_class = the("RuntimeClass")
+    assert "namespace" not in runtime_class["metadata"]  # cluster-scoped
+    containerd = shutil.which("containerd")
+    assert containerd, "containerd is not installed (contrib/install-deps)"
+    dump = subprocess.run([containerd, "--config", str(CONTAINERD_SNIPPET), "config", "dump"], capture_output=True,
+                          text=True, timeout=30, check=True).stdout
+    runtimes = tomllib.loads(dump)["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]
+    handler = runtimes[runtime_class["handler"]]
+    assert handler["runtime_type"] == "io.containerd.runc.v2"
+    assert handler["options"]["BinaryName"] == "/usr/local/bin/cer-runc"
+    assert (REPO / "contrib" / "cer-runc").exists() and (REPO / "contrib" / "cer-runc-restore").exists()

@@ -23,6 +23,7 @@ from cer.criu.images import (  # noqa: E402
     IPC_VAR,
     IPCNS_SHM,
     MAX_ENTRY_SIZE,
+    MM,
     MNTS,
     PAGEMAP,
     PSTREE,
@@ -46,6 +47,7 @@ PLAIN_IMAGES = [
     (r"ipcns-var-\d+\.img", IPC_VAR),
     (r"pagemap-(shmem-)?\d+\.img", PAGEMAP),
     (r"mountpoints-\d+\.img", MNTS),
+    (r"mm-\d+\.img", MM),
 ]
 # Where cer's schema departs from Debian's CRIU 3.17 on purpose: (message, field number).
 RENAMED = {("pagemap_entry", 2): ("nr_pages", "compat_nr_pages")}  # renamed by CRIU 4.2
@@ -115,7 +117,7 @@ def test_schema_matches_pycriu(pycriu_pb):
     ours = pb.DESCRIPTOR.message_types_by_name
     assert set(ours) == {"inventory_entry", "task_kobj_ids_entry", "pstree_entry", "utsns_entry", "ipc_var_entry",
                          "ipc_desc_entry", "ipc_shm_entry", "ipc_sem_entry", "ipc_msg", "ipc_msg_entry",
-                         "pagemap_head", "pagemap_entry", "mnt_entry"}
+                         "pagemap_head", "pagemap_entry", "mnt_entry", "vma_entry", "aio_ring_entry", "mm_entry"}
     problems = []
     for name, descriptor in ours.items():
         theirs = getattr(pycriu_pb, name).DESCRIPTOR

@@ -1,12 +1,12 @@
 """Pooled mount namespaces built from a real runc + CRIU 4 checkpoint, compared with what the container saw."""
 
 import functools
-import json
 import os
 import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -19,32 +19,14 @@ from mounts_support import FILLED_TMPFS, host_mount_changes, host_mounts, mount_
 
 from cer.criu.checkpoint import read_checkpoint  # noqa: E402
 from cer.linux import namespaces as ns  # noqa: E402
-from cer.mounts import MountError, plan_mounts  # noqa: E402
+from cer.mounts import MountError, plan_document, plan_mounts  # noqa: E402
 from cer.namespaces import Recipe, remove_bundle  # noqa: E402
+from cer.mounting import encode_plan  # noqa: E402
+from cer.restore_mounts import PLAN_NAME, install_action_script  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 REPO = Path(__file__).resolve().parents[2]
-# Run by the "restore" below, in new PID, network, IPC and cgroup namespaces inside the pooled mount
-# namespace: the mounts cer leaves to the restore, then what its /proc shows.
-FINISH = r"""
-import json, os, sys
-sys.path.insert(0, sys.argv[1])
-from cer.criu.checkpoint import read_checkpoint
-from cer.mounts import mount_tree, plan_mounts
-images, rootfs, external, cgroups = sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), json.loads(sys.argv[5])
-plan = plan_mounts(read_checkpoint(images).mounts, external)
-mount_tree(plan, rootfs, restore=True, external=cgroups)
-# A POSIX queue of this process's IPC namespace shows in the container's /dev/mqueue.
-import ctypes
-librt = ctypes.CDLL("librt.so.1", use_errno=True)
-librt.mq_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
-assert librt.mq_open(b"/cer-restore-queue", os.O_CREAT | os.O_RDWR, 0o600, None) >= 0, ctypes.get_errno()
-print(json.dumps({"pids": sorted(name for name in os.listdir(os.path.join(rootfs, "proc")) if name.isdigit()),
-                  "queues": sorted(os.listdir(os.path.join(rootfs, "dev/mqueue")))}))
-"""
-
-
 def recipe_for(checkpoint, external=None) -> Recipe:
     contents = read_checkpoint(checkpoint.images)
     external = checkpoint.external if external is None else external
@@ -67,8 +49,12 @@ def test_a_pooled_namespace_holds_the_containers_mounts_and_tmpfs_files(containe
     table = mount_table(namespace.path, namespace.rootfs)
     deferred = deferred_targets(recipe)
     expected = [row for row in container_checkpoint.mounts if row[0] not in deferred]
+    # Until the restore replaces it, /proc holds what CRIU writes (sysctls) and nothing of the host's processes.
+    helpers = [row for row in table if row[0] in ("/proc", "/proc/sys")]
+    assert [row[:2] for row in helpers] == [("/proc", "tmpfs"), ("/proc/sys", "proc")]
+    assert helpers[0][2].startswith("ro,") and helpers[1][2].startswith("rw,")
     # Target, filesystem type and every option (ro, nosuid, nodev, noexec, atime, size, mode, gid, ptmxmode...).
-    assert without_root(table) == without_root(expected)
+    assert without_root([row for row in table if row not in helpers]) == without_root(expected)
     root = next(row for row in table if row[0] == "/")
     assert root[1] == "overlay" and root[2].startswith("ro,")  # the container's root was read-only
     assert {row[0] for row in table} >= {"/dev", "/dev/pts", "/dev/shm", "/run", "/tmp", "/data"}
@@ -81,14 +67,22 @@ def test_a_pooled_namespace_holds_the_containers_mounts_and_tmpfs_files(containe
             assert live.pop(name) == {"kind": "mountpoint"} and seen.pop(name)["kind"] == "dir"
         assert seen == live, path
 
-    # The restore's mount points are there, and nothing shows the host's processes, network or queues.
-    listing = mounts_support.run(["nsenter", f"--mount={namespace.path}", "ls", "-A", f"{namespace.rootfs}/proc",
-                                  f"{namespace.rootfs}/sys", f"{namespace.rootfs}/dev/mqueue"], 30).stdout
-    assert not any(line.strip().isdigit() for line in listing.splitlines()), listing
-    assert "class" not in listing.split() and "self" not in listing.split()
-    # The container's "/" keeps its lower layer's mode (the bundle directory is 0700).
-    mode = mounts_support.run(["nsenter", f"--mount={namespace.path}", "stat", "-c", "%a", namespace.rootfs], 30).stdout
-    assert mode.strip() == oct(os.stat(container_checkpoint.rootfs).st_mode & 0o7777)[2:]
+    # The restore's mount points are there, and nothing shows the host's processes, network or queues: /proc
+    # holds only the sysctls CRIU writes until the restore mounts the container's proc.
+    assert mounts_support.list_directory(namespace.path, "/proc") == ["sys"]
+    assert "kernel" in mounts_support.list_directory(namespace.path, "/proc/sys")
+    assert mounts_support.list_directory(namespace.path, "/sys") == mounts_support.list_directory(
+        namespace.path, "/dev/mqueue") == []
+    # The namespace's root is the container's (pivoted: nothing of the host's tree), keeping its lower layer's
+    # mode (the bundle directory is 0700); the host sees the bundle's rootfs directory empty.
+    assert namespace.rootfs == "/" and table[0][:2] == ("/", "overlay")
+    assert set(mounts_support.list_directory(namespace.path, "/")) >= {*os.listdir(container_checkpoint.rootfs),
+                                                                       "dev", "proc", "run", "sys", "tmp"}
+    with mounts_support.joined(namespace.path) as inside:
+        mode = inside.call(lambda: os.stat("/").st_mode)
+        assert not inside.call(lambda: os.path.exists(str(built.bundles)))
+    assert mode & 0o7777 == os.stat(container_checkpoint.rootfs).st_mode & 0o7777
+    assert os.listdir(Path(namespace.bundle) / "rootfs") == []
 
     assert host_mount_changes(before, built.bundles) == []
     built.destroy(namespace)
@@ -96,24 +90,80 @@ def test_a_pooled_namespace_holds_the_containers_mounts_and_tmpfs_files(containe
     assert not os.path.exists(namespace.bundle)
 
 
-def test_the_restore_completes_the_tree_in_its_own_namespaces(container_checkpoint, built):
-    """What cer leaves to the restore, mounted where a restore's PID, network, IPC and cgroup namespaces are:
-    the whole tree then equals the container's, and /proc shows the restore's PID namespace alone."""
+def test_the_action_script_completes_the_tree_in_the_restored_inits_namespaces(container_checkpoint, built, tmp_path):
+    """What cer leaves to the restore, made by the restore's action script (as CRIU runs it at post-restore) for
+    a stand-in init in new PID, network, IPC and cgroup namespaces inside the pooled one: the whole tree then
+    equals the container's, /proc shows that PID namespace alone, /dev/mqueue its IPC namespace's queues; a
+    second run (CRIU 4.1.1 runs every script twice) changes nothing."""
     before = host_mounts()
     recipe = recipe_for(container_checkpoint)
     namespace = built.build(recipe)
-    result = mounts_support.run(
-        ["nsenter", f"--mount={namespace.path}", "unshare", "--pid", "--fork", "--net", "--ipc", "--cgroup",
-         sys.executable, "-c", FINISH, str(REPO), str(container_checkpoint.images), namespace.rootfs,
-         json.dumps(container_checkpoint.external), json.dumps(mounts_support.cgroup_mapping())], 60)
-    seen = json.loads(result.stdout)
-    assert seen["pids"] == ["1"]  # the finishing process, pid 1 of its own PID namespace
-    assert seen["queues"] == ["cer-restore-queue"]  # its own IPC namespace's queues
-    table = mount_table(namespace.path, namespace.rootfs)
-    assert without_root(table) == without_root(container_checkpoint.mounts)
+    script, images = action_script(tmp_path, recipe)
+    init = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "--net", "--ipc", "--cgroup", "--",
+                             "nsenter", f"--mount={namespace.path}", "/mount-workload", "wait"])
+    try:
+        init_pid = wait_for_child(init.pid)
+        environment = {"PATH": "/usr/bin:/bin", "CRTOOLS_SCRIPT_ACTION": "post-restore",
+                       "CRTOOLS_INIT_PID": str(init_pid), "CRTOOLS_IMAGE_DIR": str(images)}
+        for run in range(2):
+            result = subprocess.run([script], env=environment, capture_output=True, text=True, timeout=60)
+            assert result.returncode == 0, result.stderr
+        assert without_root(mount_table(namespace.path)) == without_root(container_checkpoint.mounts)
+        with mounts_support.joined(namespace.path) as inside:
+            pids = inside.call(lambda: sorted(name for name in os.listdir("/proc") if name.isdigit()))
+            assert pids == ["1"]  # the stand-in init, pid 1 of its own PID namespace
+            queue = subprocess.run(["nsenter", f"--ipc=/proc/{init_pid}/ns/ipc", sys.executable, "-c", MQ_OPEN],
+                                   capture_output=True, text=True, timeout=30)
+            assert queue.returncode == 0, queue.stderr
+            assert inside.call(lambda: os.listdir("/dev/mqueue")) == ["cer-restore-queue"]
+        other = subprocess.run([script], env={**environment, "CRTOOLS_SCRIPT_ACTION": "network-unlock"}, timeout=30)
+        assert other.returncode == 0
+    finally:
+        init.kill()
+        init.wait(10)
     assert host_mount_changes(before, built.bundles) == []
     built.destroy(namespace)
     assert host_mount_changes(before, built.bundles) == []
+
+
+def test_the_action_script_fails_loudly_and_mounts_nothing_for_a_wrong_init(container_checkpoint, built, tmp_path):
+    script, images = action_script(tmp_path, recipe_for(container_checkpoint))
+    environment = {"PATH": "/usr/bin:/bin", "CRTOOLS_SCRIPT_ACTION": "post-restore", "CRTOOLS_INIT_PID": "0",
+                   "CRTOOLS_IMAGE_DIR": str(images)}
+    result = subprocess.run([script], env=environment, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "cer restore-mounts: " in result.stderr
+    # Images without the plan (not cer's "mnt" view): refused before anything is mounted.
+    result = subprocess.run([script], env={**environment, "CRTOOLS_IMAGE_DIR": str(tmp_path)}, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1 and "not cer's images for a mount namespace" in result.stderr
+
+
+def action_script(directory: Path, recipe: Recipe) -> tuple[str, Path]:
+    """The installed action script, and an image directory holding the restore's plan as the "mnt" view does."""
+    images = directory / "view"
+    images.mkdir()
+    (images / PLAN_NAME).write_bytes(encode_plan(plan_document(recipe.mounts)))
+    return install_action_script(str(directory)), images
+
+
+def wait_for_child(parent: int, timeout: float = 10) -> int:
+    """The pid of the one child of ``parent`` once it runs the workload."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+            if os.readlink(f"/proc/{child}/exe").endswith("mount-workload"):
+                return int(child)
+        time.sleep(0.01)
+    raise AssertionError(f"no workload under pid {parent}")
+
+
+# A POSIX queue made in the stand-in init's IPC namespace shows in the container's /dev/mqueue.
+MQ_OPEN = """
+import ctypes, os
+librt = ctypes.CDLL("librt.so.1", use_errno=True)
+librt.mq_open.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+assert librt.mq_open(b"/cer-restore-queue", os.O_CREAT | os.O_RDWR, 0o600, None) >= 0, ctypes.get_errno()
+"""
 
 
 def test_symbolic_links_in_the_image_never_lead_a_mount_outside_the_rootfs(container_checkpoint, built, tmp_path):
@@ -137,9 +187,9 @@ def test_symbolic_links_in_the_image_never_lead_a_mount_outside_the_rootfs(conta
     assert str(target) in targets and str(other) in targets  # /run and /data, resolved inside the rootfs
     for directory in (target, other):
         assert sorted(os.listdir(directory)) == ["marker"]
-        inside = mounts_support.run(["nsenter", f"--mount={namespace.path}", "findmnt", "-n", "-o", "TARGET",
-                                     "--mountpoint", str(directory)], 30, check=False)
-        assert inside.stdout.strip() == ""  # nothing mounted on the host path in the pooled namespace either
+        # What the namespace shows at those paths is its own (the host's tree is not in it at all).
+        with mounts_support.joined(namespace.path) as inside:
+            assert not inside.call(lambda: os.path.exists(directory / "marker"))
 
 
 def test_a_mount_that_fails_fails_the_namespace_naming_it_and_leaves_nothing(container_checkpoint, built):
@@ -156,25 +206,19 @@ def test_a_mount_that_fails_fails_the_namespace_naming_it_and_leaves_nothing(con
 
 
 def test_a_busy_namespace_is_torn_down_all_the_same(plain_checkpoint, built):
-    """A process still working inside the tree (cwd in its /run tmpfs): tear-down never enters its namespace,
-    which stays the process's until it leaves; the bundle is removed from the host all the same, and with it
-    the directory the tree is mounted on, so the kernel detaches the whole tree in there too. The host's
-    table is untouched. (A tree that is the namespace's root, pivoted into, stays until its last process
-    leaves: tests/reliability/test_hostile_namespaces.py.)"""
+    """A process still working inside the tree (cwd in its /run tmpfs): tear-down never enters the namespace,
+    the bundle is removed from outside, the host's table untouched (the tree goes with the last process)."""
     before = host_mounts()
     namespace = built.build(recipe_for(plain_checkpoint))
-    # (nsenter's --wd opens its directory before entering: a shell does the cd inside.)
-    holder = subprocess.Popen(["nsenter", f"--mount={namespace.path}", "sh", "-c",
-                               f"cd {namespace.rootfs}/run && echo in && exec sleep 60"], stdout=subprocess.PIPE)
+    holder = subprocess.Popen(["nsenter", f"--mount={namespace.path}", "/mount-workload", "wait", "/run/cer"])
     try:
-        assert holder.stdout.readline() == b"in\n"
-        state = f"{namespace.rootfs}/run/cer/state.txt"
-        mounts_support.run(["nsenter", f"--mount={namespace.path}", "test", "-f", state])
+        assert mounts_support.read_file(namespace.path, "/run/cer/state.txt") == b"state of the workload\n"
         built.destroy(namespace)
         assert not os.path.exists(namespace.bundle)
         assert host_mount_changes(before, built.bundles) == []
+        # The tree is the namespace's root (pivoted): it stays the process's own until it leaves.
         assert holder.poll() is None, holder.returncode
-        mounts_support.run(["nsenter", f"--mount=/proc/{holder.pid}/ns/mnt", "sh", "-c", f"test ! -e {state}"])
+        assert mounts_support.read_file(f"/proc/{holder.pid}/ns/mnt", "/run/cer/state.txt") == b"state of the workload\n"
     finally:
         holder.kill()
         holder.wait(10)
@@ -224,8 +268,7 @@ def test_a_checkpoint_without_mountpoints_gets_the_overlay_alone(built):
     namespace = built.build(Recipe.from_checkpoint(contents, str(criu_support.SAMPLE_DIR / "rootfs")))
     table = mount_table(namespace.path, namespace.rootfs)
     assert [(row[0], row[1]) for row in table] == [("/", "overlay")]
-    listing = mounts_support.run(["nsenter", f"--mount={namespace.path}", "ls", f"{namespace.rootfs}/etc"]).stdout
-    assert "hostname" in listing
+    assert "hostname" in mounts_support.list_directory(namespace.path, "/etc")
 
 
 def test_an_unreadable_mount_tree_fails_building_with_its_reason(container_checkpoint, built, tmp_path):

@@ -16,6 +16,8 @@ import pytest
 from conftest import SAMPLE as SAMPLE_DIR
 from conftest import sample_config, short_tempdir, start_daemon, wait_for
 
+import mounts_support
+
 from cer.actors.pool import Lease
 from cer.errors import NotFound
 from cer.namespaces import Namespace
@@ -122,7 +124,8 @@ def test_namespace_get_and_put_of_every_type_on_one_connection(legacy):
         assert "2097152" in nsenter("--ipc", paths["ipc"], "ipcs", "-m")  # the sample's 2 MiB segment
         bundle = mnt["info"]
         assert bundle.startswith(str(legacy.root / "bundles")) and os.path.isdir(bundle)
-        motd = nsenter("--mount", paths["mnt"], "cat", f"{bundle}/rootfs/etc/motd")
+        # The namespace's root is the container's root filesystem (the original had it at bundle/rootfs).
+        motd = mounts_support.read_file(paths["mnt"], "/etc/motd").decode()
         assert motd == (SAMPLE_DIR / "rootfs" / "etc" / "motd").read_text()
         assert not os.listdir(f"{bundle}/rootfs")  # the host sees the bare mount point
         # Put takes namespace_fd as namespace_id, as the original's clients send it.

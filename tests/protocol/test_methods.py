@@ -16,6 +16,7 @@ from cer.protocol.methods import (
     CheckpointLazyBind,
     CheckpointLazyPut,
     CheckpointPut,
+    CheckpointRestore,
     NamespaceGet,
     NamespacePut,
     NamespaceUpdate,
@@ -40,6 +41,10 @@ EXAMPLES = [
     CheckpointLazy(CheckpointRef("a")),
     CheckpointLazyBind("4242-1", 77),
     CheckpointLazyPut("4242-1"),
+    CheckpointGet(CheckpointRef("a"), ("ipc",)),
+    CheckpointRestore(CheckpointRef("a"), ("ipc", "mnt", "uts"), 7),
+    CheckpointRestore(None, (), 7, "sha256:" + "0" * 64),
+    CheckpointRestore(CheckpointRef("a", "k8s.io"), ("uts",), 7, "sha256:" + "f" * 64),
 ]
 
 
