@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 
 import criu_support  # noqa: E402
 import mounts_support  # noqa: E402
+from conftest import wait_for  # noqa: E402
 from mounts_support import FILLED_TMPFS, host_mount_changes, host_mounts, mount_table, tmpfs_digest  # noqa: E402
 
 from cer.criu.checkpoint import read_checkpoint  # noqa: E402
@@ -205,6 +206,13 @@ def test_a_mount_that_fails_fails_the_namespace_naming_it_and_leaves_nothing(con
     assert os.listdir(built.bundles) == []
 
 
+def _mount_namespace_inode(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/mnt").st_ino
+    except FileNotFoundError:
+        return None
+
+
 def test_a_busy_namespace_is_torn_down_all_the_same(plain_checkpoint, built):
     """A process still working inside the tree (cwd in its /run tmpfs): tear-down never enters the namespace,
     the bundle is removed from outside, the host's table untouched (the tree goes with the last process)."""
@@ -212,6 +220,8 @@ def test_a_busy_namespace_is_torn_down_all_the_same(plain_checkpoint, built):
     namespace = built.build(recipe_for(plain_checkpoint))
     holder = subprocess.Popen(["nsenter", f"--mount={namespace.path}", "/mount-workload", "wait", "/run/cer"])
     try:
+        inode = os.stat(namespace.path).st_ino
+        wait_for(lambda: holder.poll() is not None or _mount_namespace_inode(holder.pid) == inode, what="the holder to enter")
         assert mounts_support.read_file(namespace.path, "/run/cer/state.txt") == b"state of the workload\n"
         built.destroy(namespace)
         assert not os.path.exists(namespace.bundle)

@@ -42,7 +42,7 @@ path, rootfs, bundle, mode = sys.argv[1:]
 fd = os.open(path, os.O_RDONLY)
 check(libc.setns(fd, 0x00020000), "setns")
 os.close(fd)
-if os.path.ismount(rootfs):  # not pivoted yet: do what runc does
+if rootfs != "/" and os.path.ismount(rootfs):  # not pivoted yet (info.rootfs is "/" once it is): as runc does
     os.chdir(rootfs)
     check(libc.syscall(155, b".", b"."), "pivot_root")  # SYS_pivot_root on x86_64
     check(libc.umount2(b".", 2), "umount2")  # MNT_DETACH
