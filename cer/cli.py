@@ -282,7 +282,18 @@ def _status_table(reply: dict):
                 name, state, ns_type, target, *(str(counts[key]) for key in ("idle", "in_use", "bound", "overdue", "building", "warm_gets", "cold_gets")),
                 "-" if build is None else f"{build * 1000:.1f}", error,
             )
-    return table
+    failures = reply.get("message_failures")
+    if not failures:
+        return table
+    from rich.console import Group  # noqa: PLC0415
+
+    # Messages nobody waited for whose handler failed: each is in the log at ERROR too.
+    failed = Table(title="failed messages (see the log)", title_justify="left", box=None, header_style="bold red")
+    for column in ("ACTOR", "MESSAGE", "COUNT", "LAST ERROR"):
+        failed.add_column(column, justify="right" if column == "COUNT" else "left")
+    for failure in failures:
+        failed.add_row(failure["actor"], failure["message"], str(failure["count"]), failure["last_error"])
+    return Group(table, failed)
 
 
 @main.command()
