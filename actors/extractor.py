@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 import pykka
 from loguru import logger
 
+from cer.actors.timers import Timer, Timers, default_timers
+from cer.actors.told import tell, told
 from cer.config import CheckpointEntry, validate_image_directory
 from cer.containerd.archive import Cancelled, Progress, extract_once, extract_tar, remove_extraction, remove_stale
 from cer.containerd.checkpoint import CheckpointImageError, find_checkpoint
@@ -92,7 +94,7 @@ class _Checkpoint:
     attempts: int = 0
     generation: int = 0
     worker: threading.Thread | None = None
-    timer: threading.Timer | None = None
+    timer: Timer | None = None
     progress: Progress = field(default_factory=Progress)
 
 
@@ -123,6 +125,7 @@ class CheckpointExtractor(pykka.ThreadingActor):
         containerd_timeout: float = DEFAULT_TIMEOUT,
         configured: Iterable[CheckpointRef] = (),
         retry: RetryPolicy = RetryPolicy(),
+        timers: Timers | None = None,
     ) -> None:
         super().__init__()
         self._base = os.path.join(root, CHECKPOINT_DIRECTORY) if root else None
@@ -131,6 +134,7 @@ class CheckpointExtractor(pykka.ThreadingActor):
         self._timeout = containerd_timeout
         self._configured = tuple(configured)
         self._retry = retry
+        self._timers = timers or default_timers()
         self._checkpoints: dict[CheckpointRef, _Checkpoint] = {}
         # Users that a process gives back by exiting (bind_user): key -> the checkpoint counting it, and the
         # process watcher that watches the process.
@@ -151,6 +155,7 @@ class CheckpointExtractor(pykka.ThreadingActor):
 
     # -- pools ----------------------------------------------------------------------------------------
 
+    @told
     def load_recipe(self, entry: CheckpointEntry, pool: pykka.ActorProxy) -> None:
         """Resolve ``entry`` and tell ``pool.recipe_loaded`` (or ``checkpoint_unavailable`` meanwhile)."""
         if entry.path is not None:
@@ -174,15 +179,16 @@ class CheckpointExtractor(pykka.ThreadingActor):
         if checkpoint is None or checkpoint.entry.path is not None:
             checkpoint = self._checkpoints[entry.ref] = _Checkpoint(entry)
         if checkpoint.state == "ready":
-            _tell(pool, "recipe_loaded", checkpoint.recipe, None)
+            tell(pool.recipe_loaded, checkpoint.recipe, None)
         elif checkpoint.state == "failed":
-            _tell(pool, "recipe_loaded", None, checkpoint.error)
+            tell(pool.recipe_loaded, None, checkpoint.error)
         else:
             checkpoint.pools[pool.actor_ref.actor_urn] = pool
-            _tell(pool, "checkpoint_unavailable", checkpoint.error or f"loading from containerd at {self._address}")
+            tell(pool.checkpoint_unavailable, checkpoint.error or f"loading from containerd at {self._address}")
             if checkpoint.worker is None and checkpoint.timer is None:
                 self._attempt(checkpoint)
 
+    @told
     def release(self, ref: CheckpointRef) -> None:
         """The pool of ``ref`` is gone: drop its snapshots and lease, and its extraction and views unless in use."""
         checkpoint = self._checkpoints.pop(ref, None)
@@ -234,6 +240,7 @@ class CheckpointExtractor(pykka.ThreadingActor):
             view.waiters.append(future)
         return future
 
+    @told
     def view_made(self, ref: CheckpointRef, view: _View, error: str | None) -> None:
         """A view's thread is done (from that thread)."""
         waiters, view.waiters = view.waiters, []
@@ -254,6 +261,7 @@ class CheckpointExtractor(pykka.ThreadingActor):
         for future in waiters:
             future.set(view.path)
 
+    @told
     def digest_read(self, ref: CheckpointRef, directory: str, digest: str | None) -> None:
         """The identity digest of a checkpoint's images (from the thread that read them)."""
         checkpoint = self._checkpoints.get(ref)
@@ -289,7 +297,7 @@ class CheckpointExtractor(pykka.ThreadingActor):
         bound = next((key for key, (counted_by, _) in self._bound_users.items() if counted_by is checkpoint), None)
         if bound is not None:
             _, watcher = self._bound_users.pop(bound)
-            watcher.unwatch(bound)
+            tell(watcher.unwatch, bound)
         return checkpoint.users
 
     def bind_user(self, ref: CheckpointRef, pid: int, pidfd: int, watcher: pykka.ActorProxy) -> None:
@@ -302,9 +310,12 @@ class CheckpointExtractor(pykka.ThreadingActor):
             os.close(pidfd)
             raise
         key = ("checkpoint user", next(self._user_serials))
+        if not tell(watcher.watch, pidfd, pid, self._self, key):
+            os.close(pidfd)
+            raise Unavailable("the process watcher is not running (the daemon is stopping)")
         self._bound_users[key] = (checkpoint, watcher)
-        watcher.watch(pidfd, pid, self._self, key)
 
+    @told
     def holder_exited(self, key: tuple, pid: int) -> None:
         """A process a user was bound to has exited (from the process watcher)."""
         checkpoint, _ = self._bound_users.pop(key, (None, None))
@@ -333,6 +344,7 @@ class CheckpointExtractor(pykka.ThreadingActor):
 
     # -- the workers' reports (through the proxy) ----------------------------------------------------
 
+    @told
     def attempt_done(self, ref: CheckpointRef, generation: int, outcome: _Outcome) -> None:
         checkpoint = self._checkpoints.get(ref)
         if checkpoint is None or checkpoint.generation != generation:
@@ -351,15 +363,14 @@ class CheckpointExtractor(pykka.ThreadingActor):
             delay = min(self._retry.first * 2 ** min(checkpoint.attempts - 1, 30), self._retry.most)
             logger.warning("checkpoint {}: {} (attempt {}, next in {:g} s)", ref, checkpoint.error, checkpoint.attempts, delay)
             for pool in checkpoint.pools.values():
-                _tell(pool, "checkpoint_unavailable", checkpoint.error)
-            checkpoint.timer = threading.Timer(delay, self._retry_later, args=(ref, generation))
-            checkpoint.timer.daemon = True
-            checkpoint.timer.start()
+                tell(pool.checkpoint_unavailable, checkpoint.error)
+            checkpoint.timer = self._timers.call_later(delay, self._self.retry_now.defer, ref, generation)
         else:
             checkpoint.state, checkpoint.error = "failed", outcome.error
             logger.error("checkpoint {}: {}", ref, outcome.error)
             self._tell_pools(checkpoint, "recipe_loaded", None, outcome.error)
 
+    @told
     def retry_now(self, ref: CheckpointRef, generation: int) -> None:
         checkpoint = self._checkpoints.get(ref)
         if checkpoint is None or checkpoint.generation != generation or checkpoint.state != "waiting":
@@ -383,17 +394,10 @@ class CheckpointExtractor(pykka.ThreadingActor):
         )
         checkpoint.worker = self._spawn(f"cer-extract-{checkpoint.entry.ref.key[:8]}", job.run)
 
-    def _retry_later(self, ref: CheckpointRef, generation: int) -> None:
-        # Runs in the timer's thread: hand over to the actor.
-        try:
-            self._self.retry_now(ref, generation)
-        except pykka.ActorDeadError:
-            pass
-
     def _tell_pools(self, checkpoint: _Checkpoint, method: str, *args: object) -> None:
         pools, checkpoint.pools = checkpoint.pools, {}
         for pool in pools.values():
-            _tell(pool, method, *args)
+            tell(getattr(pool, method), *args)
 
     def _describe(self, checkpoint: _Checkpoint) -> str:
         if checkpoint.entry.path is not None:
@@ -474,11 +478,9 @@ class _Attempt:
             # The extractor is stopping and will not hear of this: leave nothing behind in containerd.
             _remove_quietly(self.address, self.timeout, outcome.rootfs)
             return
-        try:
-            self.reply.attempt_done(self.ref, self.generation, outcome)
-        except pykka.ActorDeadError:
-            if outcome.rootfs is not None:
-                _remove_quietly(self.address, self.timeout, outcome.rootfs)
+        if not tell(self.reply.attempt_done, self.ref, self.generation, outcome) and outcome.rootfs is not None:
+            # The extractor is gone and will never hear of this rootfs: nobody else would remove it.
+            _remove_quietly(self.address, self.timeout, outcome.rootfs)
 
     def _resolve(self) -> _Outcome:
         ref = self.ref
@@ -536,13 +538,6 @@ def _remove_quietly(address: str, timeout: float, rootfs: Rootfs) -> None:
         logger.warning("cannot remove snapshots and lease {}: {}", rootfs.names.lease, error)
 
 
-def _tell(pool: pykka.ActorProxy, method: str, *args: object) -> None:
-    try:
-        getattr(pool, method)(*args)
-    except pykka.ActorDeadError:
-        pass
-
-
 def _digest_or_none(directory: str) -> str | None:
     try:
         return images_digest(directory)
@@ -562,18 +557,15 @@ def _build_view(directory: str, view: _View, ref: CheckpointRef, extractor: pykk
     except Exception as failure:  # noqa: BLE001 - reported to whoever waits for the view
         logger.opt(exception=failure).debug("making view {} of {} failed", view.key, ref)
         error = f"making its {view.key} view failed: {failure}"
-    try:
-        extractor.view_made(ref, view, error)
-    except pykka.ActorDeadError:
-        pass
+    tell(extractor.view_made, ref, view, error)
 
 
 def _load(entry: CheckpointEntry, pool: pykka.ActorProxy, extractor: pykka.ActorProxy) -> None:
-    _tell(extractor, "digest_read", entry.ref, entry.path, _digest_or_none(entry.path))
+    tell(extractor.digest_read, entry.ref, entry.path, _digest_or_none(entry.path))
     try:
         contents = read_checkpoint(entry.path)
         recipe, error = Recipe.from_checkpoint(contents, entry.rootfs), None
     except Exception as failure:  # noqa: BLE001 - a broken checkpoint is its pool's error, not the daemon's
         logger.opt(exception=failure).debug("reading checkpoint {} failed", entry.ref)
         recipe, error = None, f"reading the checkpoint images failed: {failure}"
-    _tell(pool, "recipe_loaded", recipe, error)
+    tell(pool.recipe_loaded, recipe, error)

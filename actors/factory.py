@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import pykka
 from loguru import logger
 
+from cer.actors.told import tell, told
 from cer.namespaces import Namespace, Recipe, build, destroy
 
 # Namespace fds are placed at or above this number, rising with every creation (see namespaces.build).
@@ -66,6 +67,7 @@ class NamespaceFactory(pykka.ThreadingActor):
     def on_start(self) -> None:
         self._self = self.actor_ref.proxy()
 
+    @told
     def create(self, ns_type: str, recipe: Recipe, owner: pykka.ActorProxy) -> None:
         """Build a namespace of ``ns_type`` and hand it, or the error, to ``owner.namespace_created``."""
         job = _Job("create", ns_type, owner=owner, recipe=recipe, fd_floor=self._allocate_fd_floor())
@@ -74,6 +76,7 @@ class NamespaceFactory(pykka.ThreadingActor):
         self._queue.append(job)
         self._run_queued()
 
+    @told
     def destroy(self, namespace: Namespace) -> None:
         """Close a namespace for good; a mount namespace is unmounted and its bundle removed first."""
         key = (namespace.ns_type, namespace.namespace_id)
@@ -112,6 +115,7 @@ class NamespaceFactory(pykka.ThreadingActor):
                 self._running.add(job)
                 job.thread.start()
 
+    @told
     def job_finished(self, job: _Job) -> None:
         self._running.discard(job)
         job.reported = True
@@ -139,7 +143,8 @@ class NamespaceFactory(pykka.ThreadingActor):
                 self.destroy(namespace)
             return
         # A pool that stops before it handles this leaves the namespace registered: on_stop destroys it.
-        job.owner.namespace_created(job.ns_type, namespace, job.error, job.seconds)
+        if not tell(job.owner.namespace_created, job.ns_type, namespace, job.error, job.seconds) and namespace is not None:
+            self.destroy(namespace)
 
     def _observe_creation(self, job: _Job) -> None:
         if self._on_created is None:
@@ -197,4 +202,4 @@ def _tear_down(job: _Job, factory: pykka.ActorProxy | None) -> None:
 def _report(job: _Job, factory: pykka.ActorProxy | None) -> None:
     # A factory that is stopping drops the message; its on_stop looks after what this job left.
     if factory is not None:
-        factory.job_finished(job)
+        tell(factory.job_finished, job)

@@ -1,6 +1,10 @@
-"""How requests reach the actors: every ask has a deadline, and pools are found by reference.
+"""How requests reach the actors: one deadline per request, and pools are found by reference.
 
-Request handlers run in the frontend's worker threads and call this; it never runs in an actor.
+Request handlers run in the frontend's threads and call this; it never runs in an actor. Each request
+gets one :class:`Deadline`; every wait on its way (the supervisor, then a pool, ...) gets what is left
+of it, never more, so the actors' own time limits (a pool's cold timeout) are the first to fire and an
+"unavailable" answer says where the time went. A warm get does not ask any actor: ``take_warm`` takes
+a namespace off the pool's published shelf (see cer.actors.pool.Shelf).
 """
 
 import os
@@ -13,6 +17,7 @@ from loguru import logger
 
 from cer import __version__
 from cer.actors.pool import Lease, PoolPeers, PoolRetired
+from cer.actors.told import MESSAGE_FAILURES
 from cer.config import load_config
 from cer.errors import CerError, NotFound, Unavailable
 from cer.linux.processes import pidfd_open
@@ -21,6 +26,32 @@ from cer.restore_mounts import criu_config_lines
 
 if TYPE_CHECKING:
     from cer.actors.lazy import LazyServer
+
+
+class Deadline:
+    """The time one request may take, shared by every wait on its way down."""
+
+    def __init__(self, seconds: float, clock=time.monotonic) -> None:
+        self.seconds = seconds
+        self._clock = clock
+        self._start = clock()
+
+    def left(self) -> float:
+        return max(0.0, self._start + self.seconds - self._clock())
+
+    def spent(self) -> float:
+        return self._clock() - self._start
+
+    def wait(self, future: pykka.Future, who: str):
+        """``future``'s value, within what is left; Unavailable naming ``who`` when the time runs out."""
+        try:
+            return future.get(timeout=self.left())
+        except pykka.Timeout:
+            raise Unavailable(
+                f"{who} did not answer: the request's {self.seconds:g} s ran out after {self.spent():.2f} s"
+            ) from None
+        except pykka.ActorDeadError:
+            raise Unavailable(f"{who} has stopped") from None
 
 
 class Gateway:
@@ -50,8 +81,19 @@ class Gateway:
         # Asking the supervisor for the pool on every request would double the hops of a get; a pool
         # proxy stays valid for the actor's life, and a dead one is looked up again.
         self._pools: dict[CheckpointRef, pykka.ActorProxy] = {}
+        self._shelves = peers.shelves
         self.pid = os.getpid()
         self._started = time.monotonic()
+
+    def take_warm(self, ns_type: str, ref: CheckpointRef, holder_pid: int | None = None) -> Lease | None:
+        """A namespace off the pool's shelf, without asking any actor; None when none is idle there."""
+        shelf = self._shelves.find(ref, ns_type) if self._shelves is not None else None
+        return shelf.take(holder_pid) if shelf is not None else None
+
+    def after_replies(self) -> None:
+        """The frontend sent the replies of ``take_warm``: tell the pools what was taken (Shelves.report)."""
+        if self._shelves is not None:
+            self._shelves.report()
 
     def get_namespace(self, ns_type: str, ref: CheckpointRef, holder_pid: int | None = None) -> Lease:
         asked: list[pykka.Future] = []
@@ -60,10 +102,11 @@ class Gateway:
             asked.append(pool.get(ns_type, holder_pid))
             return asked[-1]
 
+        # The pool answers a cold get within its cold timeout; the margin covers a busy machine.
+        deadline = Deadline(self._cold_timeout + self._ask_timeout)
         try:
-            pending = self._ask_pool(ref, get)
-            # The pool answers a cold get within its cold timeout; the margin covers a busy machine.
-            return self._wait(pending, f"the {ns_type} pool of {ref}", self._cold_timeout + self._ask_timeout)
+            pending = self._ask_pool(ref, get, deadline)
+            return deadline.wait(pending, f"the {ns_type} pool of {ref}")
         except Unavailable:
             if asked:
                 # Should the pool still hand a namespace out after we gave up, nobody would hold it.
@@ -83,22 +126,28 @@ class Gateway:
         except CerError as error:
             logger.error("putting back {} namespace {} failed: {}", ns_type, lease.namespace.namespace_id, error)
 
+    def put_warm(self, ns_type: str, namespace_id: int) -> bool:
+        """Put back a namespace ``take_warm`` handed out, without waiting; False when it did not (ask its pool)."""
+        return self._shelves is not None and self._shelves.give_back(ns_type, namespace_id)
+
     def put_namespace(self, ns_type: str, namespace_id: int) -> None:
         """Return a namespace to its pool, which destroys it."""
-        self._wait(self._owner(ns_type, namespace_id).put(ns_type, namespace_id), "the pool")
+        deadline = Deadline(self._ask_timeout)
+        deadline.wait(self._owner(ns_type, namespace_id, deadline).put(ns_type, namespace_id), "the pool")
 
     def bind_namespace(self, ns_type: str, namespace_id: int, holder_pid: int) -> None:
         """Release the namespace by itself when process ``holder_pid`` exits."""
-        self._wait(self._owner(ns_type, namespace_id).bind(ns_type, namespace_id, holder_pid), "the pool")
+        deadline = Deadline(self._ask_timeout)
+        deadline.wait(self._owner(ns_type, namespace_id, deadline).bind(ns_type, namespace_id, holder_pid), "the pool")
 
-    def _owner(self, ns_type: str, namespace_id: int) -> pykka.ActorProxy:
-        owner = self._wait(self._factory.owner(ns_type, namespace_id), "the namespace factory")
+    def _owner(self, ns_type: str, namespace_id: int, deadline: Deadline) -> pykka.ActorProxy:
+        owner = deadline.wait(self._factory.owner(ns_type, namespace_id), "the namespace factory")
         if owner is None:
             raise NotFound(f"{ns_type} namespace {namespace_id} is not handed out by this daemon")
         return owner
 
     def ipc_default(self, ref: CheckpointRef) -> bool | None:
-        return self._ask_pool(ref, lambda pool: pool.ipc_default())
+        return self._ask_pool(ref, lambda pool: pool.ipc_default(), Deadline(self._ask_timeout))
 
     def update(self, ref: CheckpointRef, capacity: int) -> bool:
         return self._wait(self._supervisor.update(ref, capacity), "the supervisor")
@@ -162,8 +211,9 @@ class Gateway:
 
     def lazy_server(self, ref: CheckpointRef, holder_pid: int | None = None) -> "LazyServer":
         """A ready lazy-pages server for one lazy restore of ``ref``."""
-        pending = self._wait(self._lazy_servers().get(ref, holder_pid), "the lazy-pages servers")
-        return self._wait(pending, f"a lazy-pages server for {ref}", self._lazy_ready_timeout + self._ask_timeout)
+        deadline = Deadline(self._lazy_ready_timeout + self._ask_timeout)
+        pending = deadline.wait(self._lazy_servers().get(ref, holder_pid), "the lazy-pages servers")
+        return deadline.wait(pending, f"a lazy-pages server for {ref}")
 
     def bind_lazy_server(self, server_id: str, restored_pid: int) -> str:
         return self._wait(self._lazy_servers().bind(server_id, restored_pid), "the lazy-pages servers")
@@ -179,8 +229,10 @@ class Gateway:
             raise Unavailable("this daemon serves no lazy restores")
         return self._lazy
 
-    def status(self) -> dict:
-        pools = self._supervisor.status()
+    def status(self, timeout: float | None = None) -> dict:
+        # Every actor is asked at once; the answers share one deadline.
+        deadline = Deadline(timeout or 3 * self._ask_timeout)
+        pools = self._supervisor.pool_statuses()
         factory = self._factory.status()
         checkpoints = self._extractor.status()
         watching = self._watcher.watching()
@@ -189,31 +241,33 @@ class Gateway:
             "version": __version__,
             "pid": self.pid,
             "uptime_seconds": round(time.monotonic() - self._started, 3),
-            "pools": self._wait(pools, "the supervisor", 3 * self._ask_timeout),
-            "factory": self._wait(factory, "the namespace factory"),
-            "checkpoints": self._wait(checkpoints, "the checkpoint extractor"),
-            "watched_holders": self._wait(watching, "the process watcher"),
-            "lazy": self._wait(lazy, "the lazy-pages servers") if lazy is not None else None,
+            "pools": deadline.wait(pools, "the supervisor").collect(deadline.left()),
+            "factory": deadline.wait(factory, "the namespace factory"),
+            "checkpoints": deadline.wait(checkpoints, "the checkpoint extractor"),
+            "watched_holders": deadline.wait(watching, "the process watcher"),
+            "lazy": deadline.wait(lazy, "the lazy-pages servers") if lazy is not None else None,
+            "message_failures": MESSAGE_FAILURES.snapshot(),
         }
 
-    def _ask_pool(self, ref: CheckpointRef, call):
+    def check_started(self, timeout: float) -> None:
+        """Raise Unavailable unless every actor, every pool included, answers within ``timeout``."""
+        status = self.status(timeout)
+        silent = [pool["ref"]["name"] for pool in status["pools"] if pool["state"] in ("crashed", "unresponsive")]
+        if silent:
+            raise Unavailable(f"pools that did not start: {', '.join(silent)}")
+
+    def _ask_pool(self, ref: CheckpointRef, call, deadline: Deadline):
         for _attempt in range(2):
             pool = self._pools.get(ref)
             if pool is None:
-                pool = self._pools[ref] = self._wait(self._supervisor.pool(ref), "the supervisor")
+                pool = self._pools[ref] = deadline.wait(self._supervisor.pool(ref), "the supervisor")
             try:
-                return call(pool).get(timeout=self._ask_timeout)
+                return call(pool).get(timeout=min(deadline.left(), self._ask_timeout))
             except (pykka.ActorDeadError, PoolRetired):
                 self._pools.pop(ref, None)  # a reload or a restart put another pool in its place
             except pykka.Timeout:
-                raise Unavailable(f"the pool of {ref} did not answer within {self._ask_timeout:g} s") from None
+                raise Unavailable(f"the pool of {ref} did not answer within {min(deadline.seconds, self._ask_timeout):g} s") from None
         raise Unavailable(f"the pool of {ref} keeps dying")
 
     def _wait(self, future: pykka.Future, who: str, timeout: float | None = None):
-        timeout = timeout or self._ask_timeout
-        try:
-            return future.get(timeout=timeout)
-        except pykka.Timeout:
-            raise Unavailable(f"{who} did not answer within {timeout:g} s") from None
-        except pykka.ActorDeadError:
-            raise Unavailable(f"{who} has stopped") from None
+        return Deadline(timeout or self._ask_timeout).wait(future, who)

@@ -5,28 +5,43 @@ which process, once bound), which are being built. A get takes an idle one and s
 none is idle it asks the factory for one and answers once it arrives (a "cold" get). A namespace that
 was handed out is never handed out again: its put, or the exit of the process it is bound to, destroys
 it and the pool builds a fresh one.
+
+The idle namespaces of each type sit on a :class:`Shelf` that the pool publishes (:class:`Shelves`):
+the frontend takes a warm namespace from it in its own thread, without a hop through a worker or the
+pool, and reports what it took, and what of it came back by a put, once its replies are out and before
+any other request about it can reach the pool (``shelf_events``). All timed work (refills a moment after gets, cold-get deadlines, retries,
+the adaptive pools' decay) goes through the daemon's one timer service (cer.actors.timers).
 """
 
 import os
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
 import pykka
 from loguru import logger
 
+from cer.actors.timers import Timer, Timers, default_timers
+from cer.actors.told import tell, told
 from cer.budget import BudgetExceeded, PrefillBudget
 from cer.config import CheckpointEntry
 from cer.errors import BadRequest, Exhausted, NotFound, Unavailable
 from cer.linux.processes import pidfd_open
 from cer.namespaces import NAMESPACE_TYPES, Namespace, Recipe
+from cer.references import CheckpointRef
 
 _MAX_BACKOFF = 60.0
 _ADAPT_SECONDS = 5.0
-# How long a refill waits after the get or put that asked for it: a burst of gets (a restore asks for
-# ipc, uts and mnt at once) is answered before the factory's threads compete with it for the CPUs.
+# When a refill runs after the gets and puts that asked for it. Builds compete with gets for the CPUs
+# (and the GIL), so a pool that still holds half its target or more waits until gets and puts have
+# been quiet for a moment (or at most _REFILL_LONGEST), and builds for all of them at once; a pool
+# running low refills almost at once (a restore's ipc, uts and mnt gets are answered first).
 _REFILL_DELAY = 0.005
+_REFILL_QUIET = 0.05
+_REFILL_LONGEST = 1.0
+# How long a retired pool with nothing out, but takes off its shelves still to be reported, waits for
+# them: longer than a report can take to arrive.
+_RETIRE_GRACE = 0.5
 
 
 class PoolRetired(Unavailable):
@@ -35,11 +50,13 @@ class PoolRetired(Unavailable):
 
 @dataclass(frozen=True)
 class PoolPeers:
-    """The actors every pool talks to."""
+    """The actors every pool talks to, the timer service, and where pools publish their shelves."""
 
     factory: pykka.ActorProxy
     extractor: pykka.ActorProxy
     watcher: pykka.ActorProxy
+    timers: Timers = field(default_factory=default_timers)
+    shelves: "Shelves | None" = None
     budget: PrefillBudget = field(default_factory=PrefillBudget)
     """What every pool's pre-filled IPC namespaces may hold in all (shared, thread-safe)."""
 
@@ -84,10 +101,147 @@ class _Holder:
             raise NotFound(f"process {pid} is not running") from None
 
 
+@dataclass(frozen=True)
+class _Taken:
+    """A namespace the frontend took off a shelf, for its pool's books."""
+
+    ns_type: str
+    namespace: Namespace
+    holder: _Holder | None
+    at: float
+
+
+@dataclass(frozen=True)
+class _Returned:
+    """A namespace from a shelf that its client put back (the frontend answered the put already)."""
+
+    ns_type: str
+    namespace_id: int
+
+
+@dataclass(eq=False, frozen=True)
+class _ShelfOwner:
+    """The pool behind a shelf: where reports of what was taken go, and who destroys an orphan."""
+
+    events: object  # the pool's ``shelf_events`` proxy method
+    factory: pykka.ActorProxy
+
+
+class Shelf:
+    """The idle namespaces of one pool and type, ready to be handed out.
+
+    The pool fills it and takes namespaces back off it; the frontend's router thread takes one for a
+    warm get with ``take``. Appends and pops of a deque are atomic, so each namespace leaves the shelf
+    once, whichever thread takes it.
+    """
+
+    def __init__(self, ns_type: str, owner: _ShelfOwner, shelves: "Shelves", clock) -> None:
+        self.ns_type = ns_type
+        self.idle: deque[Namespace] = deque()
+        self.ipc_default: bool | None = None
+        self.ipc: dict | None = None  # what an IPC namespace holds (Recipe.ipc_info), read once per checkpoint
+        self.owner = owner
+        self._shelves = shelves
+        self._clock = clock
+
+    def take(self, holder_pid: int | None = None) -> Lease | None:
+        """A warm lease, or None when nothing is idle; NotFound when ``holder_pid`` is not running.
+
+        The pool hears of it at the next ``Shelves.report``.
+        """
+        if not self.idle:
+            return None
+        holder = _Holder.of(holder_pid) if holder_pid is not None else None
+        try:
+            namespace = self.idle.popleft()
+        except IndexError:  # the pool or another thread took the last one meanwhile
+            if holder is not None:
+                os.close(holder.pidfd)
+            return None
+        self._shelves.handed[(self.ns_type, namespace.namespace_id)] = self.owner
+        self._shelves.reports.append((self.owner, _Taken(self.ns_type, namespace, holder, self._clock())))
+        return Lease(namespace, False, self.ipc_default, self.ipc)
+
+
+class Shelves:
+    """The shelves of every pool, by checkpoint and type, for the frontend's warm gets.
+
+    What is taken off a shelf is reported to its pool by ``report``, which the frontend calls when its
+    requests pause, after a batch of replies, and always before it hands a request to a worker: the pool
+    hears of a handout after the client has it (the report costs the reply nothing) and before any
+    other request about it can reach the pool. A burst of gets makes one message per pool.
+
+    A namespace taken off a shelf is remembered (``handed``) until it goes back: its put (``give_back``)
+    is answered at once and reported to its pool in the same ordered stream. The pool forgets it when it
+    releases it any other way (its holder exited, a put through the pool), so a put of a namespace that
+    is not handed out still goes to the pool and is refused there.
+    """
+
+    def __init__(self) -> None:
+        self._shelves: dict[tuple[CheckpointRef, str], Shelf] = {}
+        self._lock = threading.Lock()
+        self.reports: deque[tuple[_ShelfOwner, _Taken | _Returned]] = deque()
+        self.handed: dict[tuple[str, int], _ShelfOwner] = {}
+
+    def find(self, ref: CheckpointRef, ns_type: str) -> Shelf | None:
+        return self._shelves.get((ref, ns_type))  # a plain dict read: safe without the lock
+
+    def publish(self, ref: CheckpointRef, shelves: dict[str, Shelf]) -> None:
+        with self._lock:
+            for ns_type, shelf in shelves.items():
+                self._shelves[(ref, ns_type)] = shelf
+
+    def withdraw(self, ref: CheckpointRef, shelves: dict[str, Shelf]) -> None:
+        """Withdraw these shelves, unless another pool of ``ref`` published its own since."""
+        with self._lock:
+            for ns_type, shelf in shelves.items():
+                if self._shelves.get((ref, ns_type)) is shelf:
+                    del self._shelves[(ref, ns_type)]
+
+    def give_back(self, ns_type: str, namespace_id: int) -> bool:
+        """Put back a namespace taken off a shelf: True when it will be reported to its pool, False when
+        this does not know the namespace (not taken off a shelf, or back already: ask its pool)."""
+        owner = self.handed.pop((ns_type, namespace_id), None)
+        if owner is None:
+            return False
+        self.reports.append((owner, _Returned(ns_type, namespace_id)))
+        return True
+
+    def forget(self, ns_type: str, namespace_id: int) -> None:
+        """The pool released this namespace: a put of it must ask the pool from now on."""
+        self.handed.pop((ns_type, namespace_id), None)
+
+    def reported_soon(self, owner: _ShelfOwner) -> bool:
+        """Whether takes off ``owner``'s shelves wait to be reported."""
+        return any(waiting is owner for waiting, _ in list(self.reports))  # list(): one step under the GIL
+
+    def report(self) -> None:
+        """Tell every pool, in order, what was taken off its shelves and put back since the last report."""
+        if not self.reports:
+            return
+        batches: dict[_ShelfOwner, list[_Taken | _Returned]] = {}
+        while True:
+            try:
+                owner, event = self.reports.popleft()
+            except IndexError:
+                break
+            batches.setdefault(owner, []).append(event)
+        for owner, batch in batches.items():
+            if tell(owner.events, tuple(batch)):
+                continue
+            # The pool died after publishing: nobody will take these back.
+            for event in batch:
+                if isinstance(event, _Taken):
+                    logger.error("{} namespace {} was handed out by a pool that has stopped", event.ns_type, event.namespace.namespace_id)
+                    if event.holder is not None:
+                        os.close(event.holder.pidfd)
+                    tell(owner.factory.destroy, event.namespace)
+
+
 @dataclass(eq=False)
 class _Waiter:
     future: pykka.Future
-    timer: threading.Timer
+    timer: Timer
     holder: _Holder | None
 
     def fail(self, error: Exception) -> None:
@@ -122,9 +276,9 @@ class _Demand:
 
 @dataclass
 class _TypePool:
+    shelf: Shelf
     target: int = 0
     demand: _Demand = field(default_factory=_Demand)
-    idle: deque = field(default_factory=deque)
     in_use: dict = field(default_factory=dict)
     building: int = 0
     waiters: deque = field(default_factory=deque)
@@ -132,6 +286,10 @@ class _TypePool:
     cold_gets: int = 0
     failures: int = 0
     last_build_seconds: float | None = None
+
+    @property
+    def idle(self) -> deque:
+        return self.shelf.idle
 
 
 class PoolActor(pykka.ThreadingActor):
@@ -147,36 +305,58 @@ class PoolActor(pykka.ThreadingActor):
         self._factory = peers.factory
         self._extractor = peers.extractor
         self._watcher = peers.watcher
+        self._timers = peers.timers
+        self._now = peers.timers.now
+        self._shelves = peers.shelves
         self._budget = peers.budget
         self._over_budget = False
         self._cold_timeout = settings.cold_timeout
         self._lease_timeout = settings.lease_timeout
         self._capacity = entry.capacity
         self._max_capacity = entry.max_capacity
-        self._adapt_timer: threading.Timer | None = None
+        self._adapt_timer: Timer | None = None
         self._retired_to: pykka.ActorProxy | None = None
-        self._types = {ns_type: _TypePool() for ns_type in NAMESPACE_TYPES}
+        self._types: dict[str, _TypePool] = {}
         self._recipe: Recipe | None = None
         self._state = "loading"
         self._last_error: str | None = None
         self._backoff = 0.0
-        self._retry_timer: threading.Timer | None = None
-        self._refill_wanted = threading.Event()
-        self._stopping = threading.Event()
+        self._retry_timer: Timer | None = None
+        self._refill_timer: Timer | None = None
+        self._refill_wanted_since: float | None = None
+        self._retiring_timer: Timer | None = None
 
     def on_start(self) -> None:
         self._self = self.actor_ref.proxy()
-        threading.Thread(target=self._refill_later, name=f"cer-refill-{self.entry.ref.key[:8]}", daemon=True).start()
-        self._extractor.load_recipe(self.entry, self._self)
+        self._shelf_owner = _ShelfOwner(self._self.shelf_events, self._factory)
+        if self._shelves is None:
+            self._shelves = Shelves()  # published nowhere: only the pool's own gets take from its shelves
+        self._types = {
+            ns_type: _TypePool(Shelf(ns_type, self._shelf_owner, self._shelves, self._now)) for ns_type in NAMESPACE_TYPES
+        }
+        self._shelves.publish(self.entry.ref, self._shelf_map())
+        tell(self._extractor.load_recipe, self.entry, self._self)
+
+    def _shelf_map(self) -> dict[str, Shelf]:
+        return {ns_type: pool.shelf for ns_type, pool in self._types.items()}
+
+    def _withdraw_shelves(self) -> None:
+        if self._shelves is not None:
+            self._shelves.withdraw(self.entry.ref, self._shelf_map())
 
     # -- the extractor's answer -------------------------------------------------------------------
 
+    @told
     def recipe_loaded(self, recipe: Recipe | None, error: str | None) -> None:
         """The extractor has resolved the checkpoint and read what its namespaces must hold."""
         if recipe is None:
             self._fail_permanently(error or "the checkpoint could not be loaded")
             return
         self._recipe = recipe
+        ipc_info = recipe.ipc_info()
+        for ns_type, pool in self._types.items():
+            pool.shelf.ipc_default = recipe.ipc_default
+            pool.shelf.ipc = ipc_info if ns_type == "ipc" else None
         try:
             self._reserve(self._capacity, self._max_capacity)
         except BudgetExceeded as error:
@@ -189,6 +369,7 @@ class PoolActor(pykka.ThreadingActor):
         self._set_targets()
         self._refill()
 
+    @told
     def checkpoint_unavailable(self, reason: str) -> None:
         """The checkpoint cannot be had yet (e.g. containerd is not there); the extractor retries."""
         self._state = "unavailable"
@@ -205,23 +386,51 @@ class PoolActor(pykka.ThreadingActor):
         self._check_serving(ns_type)
         holder = _Holder.of(holder_pid) if holder_pid is not None else None
         pool = self._types[ns_type]
-        if self._max_capacity is not None:
-            pool.demand.record(time.monotonic())
-            self._set_targets()
+        self._record_demand(pool, self._now())
         future = pykka.ThreadingFuture()
-        if pool.idle:
-            pool.warm_gets += 1
-            future.set(self._hand_out(ns_type, pool.idle.popleft(), False, holder))
-            self._refill_wanted.set()
-        else:
-            timer = self._later(self._cold_timeout, self._self.expire_waiter, ns_type, future)
+        try:
+            namespace = pool.idle.popleft()
+        except IndexError:
+            timer = self._timers.call_later(self._cold_timeout, self._self.expire_waiter.defer, ns_type, future)
             pool.waiters.append(_Waiter(future, timer, holder))
             self._refill()  # this one is waited for
+        else:
+            pool.warm_gets += 1
+            future.set(self._hand_out(ns_type, namespace, False, holder))
+            self._refill_soon()
         return future
+
+    @told
+    def shelf_events(self, batch: tuple[_Taken | _Returned, ...]) -> None:
+        """What the frontend took off this pool's shelves for warm gets (Shelf.take), and which of those
+        came back by a put it answered (Shelves.give_back), in the order they happened."""
+        for event in batch:
+            if isinstance(event, _Returned):
+                self._put_back(event.ns_type, event.namespace_id)
+                continue
+            pool = self._types[event.ns_type]
+            pool.warm_gets += 1
+            self._record_demand(pool, event.at)
+            handout = pool.in_use[event.namespace.namespace_id] = _Handout(event.namespace, event.at)
+            if event.holder is not None:
+                self._bind(event.ns_type, handout, event.holder)
+        self._refill_soon()
+
+    def _record_demand(self, pool: _TypePool, when: float) -> None:
+        if self._max_capacity is not None:
+            pool.demand.record(when)
+            self._set_targets()
 
     def put(self, ns_type: str, namespace_id: int) -> None:
         """Take back a namespace that was handed out, destroy it and build a fresh one."""
         self._release(ns_type, self._handout(ns_type, namespace_id))
+
+    def _put_back(self, ns_type: str, namespace_id: int) -> None:
+        handout = self._types[ns_type].in_use.get(namespace_id)
+        if handout is None:
+            logger.debug("pool {}: {} namespace {} was put after it came back by itself", self.entry.ref, ns_type, namespace_id)
+            return
+        self._release(ns_type, handout)
 
     def bind(self, ns_type: str, namespace_id: int, holder_pid: int) -> None:
         """Tie a handed-out namespace to a process: when it exits, the namespace comes back by itself.
@@ -233,8 +442,10 @@ class PoolActor(pykka.ThreadingActor):
 
     def _bind(self, ns_type: str, handout: _Handout, holder: _Holder) -> None:
         handout.holder_pid = holder.pid
-        self._watcher.watch(holder.pidfd, holder.pid, self._self, (ns_type, handout.namespace.namespace_id))
+        if not tell(self._watcher.watch, holder.pidfd, holder.pid, self._self, (ns_type, handout.namespace.namespace_id)):
+            os.close(holder.pidfd)
 
+    @told
     def holder_exited(self, key: tuple[str, int], pid: int) -> None:
         """The process a namespace was bound to has exited (from the process watcher)."""
         ns_type, namespace_id = key
@@ -251,12 +462,14 @@ class PoolActor(pykka.ThreadingActor):
 
     def _release(self, ns_type: str, handout: _Handout) -> None:
         del self._types[ns_type].in_use[handout.namespace.namespace_id]
+        self._shelves.forget(ns_type, handout.namespace.namespace_id)
         if handout.holder_pid is not None:
-            self._watcher.unwatch((ns_type, handout.namespace.namespace_id))
-        self._factory.destroy(handout.namespace)
-        self._refill_wanted.set()
+            tell(self._watcher.unwatch, (ns_type, handout.namespace.namespace_id))
+        tell(self._factory.destroy, handout.namespace)
+        self._refill_soon()
         self._stop_when_retired()
 
+    @told
     def set_capacity(self, capacity: int, max_capacity: int | None | object = ...) -> None:
         """Set how many idle namespaces each type keeps (the floor, for an adaptive pool) and, when given,
         the adaptive ceiling (None: a fixed pool); shrinking destroys idle namespaces at once. Raises
@@ -272,18 +485,17 @@ class PoolActor(pykka.ThreadingActor):
         self._set_targets()
         self._refill()
 
+    @told
     def retire(self, supervisor: pykka.ActorProxy) -> None:
         """Stop serving: a reload removed or replaced this pool's entry. Idle namespaces and waiting gets
         go now; namespaces handed out stay, for running containers use them, until their put or their
         holder's exit; then the pool stops itself and tells ``supervisor.pool_retired``."""
+        self._withdraw_shelves()
         self._retired_to = supervisor
         self._budget.release(self.actor_urn)
         self._state, self._last_error = "retired", "its entry was removed or replaced by a configuration reload"
         self._capacity, self._max_capacity = 0, None
-        for timer in (self._retry_timer, self._adapt_timer):
-            if timer is not None:
-                timer.cancel()
-        self._retry_timer = self._adapt_timer = None
+        self._cancel_timers()
         for pool in self._types.values():
             while pool.waiters:
                 pool.waiters.popleft().fail(Unavailable(f"checkpoint {self.entry.ref} {self._last_error}"))
@@ -291,58 +503,84 @@ class PoolActor(pykka.ThreadingActor):
         self._stop_when_retired()
 
     def _stop_when_retired(self) -> None:
-        if self._retired_to is None:
+        if self._retired_to is None or self._retiring_timer is not None or self._busy():
             return
-        if any(pool.in_use or pool.building for pool in self._types.values()):
+        if self._shelves.reported_soon(self._shelf_owner):
+            # A warm get took a namespace off a shelf before it was withdrawn; its report is at most a
+            # moment away (see Shelves.report): wait for it, and for that namespace to come back.
+            self._retiring_timer = self._timers.call_later(_RETIRE_GRACE, self._self.finish_retiring.defer)
             return
-        self._retired_to.pool_retired(self.entry.ref, self.actor_ref.actor_urn)
+        self.finish_retiring()
+
+    def _busy(self) -> bool:
+        return any(pool.in_use or pool.building for pool in self._types.values())
+
+    @told
+    def finish_retiring(self) -> None:
+        """A retired pool with nothing out stops, and tells the supervisor."""
+        self._retiring_timer = None
+        if self._busy():
+            return  # a late report: wait for that namespace to come back too
+        tell(self._retired_to.pool_retired, self.entry.ref, self.actor_ref.actor_urn)
         self.actor_ref.stop(block=False)
 
+    @told
     def adapt(self) -> None:
         """Let an adaptive pool's targets follow demand down when nobody asks (from its timer)."""
         self._adapt_timer = None
         self._set_targets()
         self._refill()
 
+    @told
     def refill_now(self) -> None:
-        """Build what the pool lacks (from the refill thread, a moment after gets and puts)."""
+        """Build what the pool lacks (from the timer service, a moment after gets and puts)."""
+        self._refill_timer = self._refill_wanted_since = None
         self._refill()
 
-    def _refill_later(self) -> None:
-        # The pool's refill thread: it never touches the pool's state, only asks the actor to refill.
-        while self._refill_wanted.wait() and not self._stopping.is_set():
-            time.sleep(_REFILL_DELAY)
-            self._refill_wanted.clear()
-            self._self.refill_now()
+    def _refill_soon(self) -> None:
+        # One refill for the gets and puts of a burst, after it (see _REFILL_QUIET).
+        now = self._now()
+        if self._refill_wanted_since is None:
+            self._refill_wanted_since = now
+        low = any(len(pool.idle) + pool.building < (pool.target + 1) // 2 for pool in self._types.values())
+        due = min(now + (_REFILL_DELAY if low else _REFILL_QUIET), self._refill_wanted_since + _REFILL_LONGEST)
+        if self._refill_timer is not None:
+            # Moved only when it is due much too soon or too late: each move may wake the timer thread.
+            if due - _REFILL_QUIET / 2 <= self._refill_timer.due <= due:
+                return
+            self._refill_timer.cancel()
+        self._refill_timer = self._timers.call_later(due - now, self._self.refill_now.defer)
 
     def _set_targets(self) -> None:
-        now = time.monotonic()
+        now = self._now()
         for pool in self._types.values():
             pool.target = self._capacity
             if self._max_capacity is not None:
                 pool.target = min(max(pool.demand.busiest(now), self._capacity), self._max_capacity)
-            while len(pool.idle) > pool.target:
-                self._factory.destroy(pool.idle.pop())
+            self._destroy_idle(pool, pool.target)
         if self._max_capacity is not None and self._adapt_timer is None and self.actor_ref.is_alive():
-            self._adapt_timer = self._later(_ADAPT_SECONDS, self._self.adapt)
+            self._adapt_timer = self._timers.call_later(_ADAPT_SECONDS, self._self.adapt.defer)
 
-    @staticmethod
-    def _later(delay: float, call, *args) -> threading.Timer:
-        """Call ``call(*args)`` (a proxy method: the work runs in the actor) after ``delay`` seconds.
+    def _destroy_idle(self, pool: _TypePool, keep: int) -> None:
+        while len(pool.idle) > keep:
+            try:
+                namespace = pool.idle.pop()  # the newest; the frontend takes from the other end
+            except IndexError:
+                return  # the frontend took the last ones meanwhile
+            tell(self._factory.destroy, namespace)
 
-        An actor that stopped meanwhile drops the message; pykka sends it nowhere.
-        """
-        timer = threading.Timer(delay, call, args=args)
-        timer.daemon = True
-        timer.start()
-        return timer
+    def _cancel_timers(self) -> None:
+        for timer in (self._retry_timer, self._adapt_timer, self._refill_timer, self._retiring_timer):
+            if timer is not None:
+                timer.cancel()
+        self._retry_timer = self._adapt_timer = self._refill_timer = self._retiring_timer = None
 
     def ipc_default(self) -> bool | None:
         """Whether this checkpoint's IPC namespace is default (None until the checkpoint is loaded)."""
         return None if self._recipe is None else self._recipe.ipc_default
 
     def status(self) -> dict:
-        now = time.monotonic()
+        now = self._now()
         return {
             "ref": self.entry.ref.to_wire(),
             "source": self.entry.path or "containerd",
@@ -376,6 +614,7 @@ class PoolActor(pykka.ThreadingActor):
 
     # -- the factory's answers ----------------------------------------------------------------------
 
+    @told
     def namespace_created(
         self, ns_type: str, namespace: Namespace | None, error: BaseException | None, seconds: float
     ) -> None:
@@ -396,7 +635,7 @@ class PoolActor(pykka.ThreadingActor):
         elif len(pool.idle) < pool.target:
             pool.idle.append(namespace)
         else:
-            self._factory.destroy(namespace)
+            tell(self._factory.destroy, namespace)
         self._refill()
         self._stop_when_retired()
 
@@ -412,12 +651,14 @@ class PoolActor(pykka.ThreadingActor):
         if self._retry_timer is None:
             # Once per retry round, not per failed build: a full pool fails many builds at once.
             self._backoff = min(max(self._backoff * 2, 0.5), _MAX_BACKOFF)
-            self._retry_timer = self._later(self._backoff, self._self.retry_refill)
+            self._retry_timer = self._timers.call_later(self._backoff, self._self.retry_refill.defer)
 
+    @told
     def retry_refill(self) -> None:
         self._retry_timer = None
         self._refill()
 
+    @told
     def expire_waiter(self, ns_type: str, future: pykka.Future) -> None:
         pool = self._types[ns_type]
         for waiter in pool.waiters:
@@ -441,10 +682,10 @@ class PoolActor(pykka.ThreadingActor):
             raise BadRequest(f"checkpoint {self.entry.ref} has no mnt namespaces: {why}")
 
     def _hand_out(self, ns_type: str, namespace: Namespace, cold: bool, holder: _Holder | None) -> Lease:
-        handout = self._types[ns_type].in_use[namespace.namespace_id] = _Handout(namespace, time.monotonic())
+        handout = self._types[ns_type].in_use[namespace.namespace_id] = _Handout(namespace, self._now())
         if holder is not None:
             self._bind(ns_type, handout, holder)
-        return Lease(namespace, cold, self._recipe.ipc_default, self._recipe.ipc_info() if ns_type == "ipc" else None)
+        return Lease(namespace, cold, self._recipe.ipc_default, self._types[ns_type].shelf.ipc)
 
     def _refill(self) -> None:
         if self._recipe is None or self._retry_timer is not None or self._retired_to is not None or self._over_budget:
@@ -455,7 +696,7 @@ class PoolActor(pykka.ThreadingActor):
             missing = pool.target + len(pool.waiters) - len(pool.idle) - pool.building
             for _ in range(missing):
                 pool.building += 1
-                self._factory.create(ns_type, self._recipe, self._self)
+                tell(self._factory.create, ns_type, self._recipe, self._self)
 
     def _reserve(self, capacity: int, max_capacity: int | None) -> None:
         """Reserve in the daemon's budget what this pool's IPC namespaces pre-fill at most (none before the
@@ -477,11 +718,8 @@ class PoolActor(pykka.ThreadingActor):
 
     def _release_all(self) -> None:
         self._budget.release(self.actor_urn)
-        self._stopping.set()
-        self._refill_wanted.set()
-        for timer in (self._retry_timer, self._adapt_timer):
-            if timer is not None:
-                timer.cancel()
+        self._withdraw_shelves()
+        self._cancel_timers()
         for ns_type, pool in self._types.items():
             for waiter in pool.waiters:
                 waiter.fail(Unavailable("the daemon is stopping"))
@@ -489,7 +727,8 @@ class PoolActor(pykka.ThreadingActor):
                 logger.warning(
                     "pool {}: {} namespace {} was still handed out at shutdown", self.entry.ref, ns_type, handout.namespace.namespace_id
                 )
-            for namespace in [*pool.idle, *(handout.namespace for handout in pool.in_use.values())]:
-                self._factory.destroy(namespace)  # a factory already stopped destroyed all it held
-            pool.idle.clear()
+            self._destroy_idle(pool, 0)
+            for handout in pool.in_use.values():
+                self._shelves.forget(ns_type, handout.namespace.namespace_id)
+                tell(self._factory.destroy, handout.namespace)  # a factory already stopped destroyed all it held
             pool.in_use.clear()

@@ -4,12 +4,14 @@ A pool whose checkpoint is broken stays up and reports its error; a pool actor t
 again on the next request that needs it, so one checkpoint never takes the others down.
 """
 
-from dataclasses import replace
+import time
+from dataclasses import dataclass, replace
 
 import pykka
 from loguru import logger
 
 from cer.actors.pool import PoolActor, PoolPeers, PoolSettings
+from cer.actors.told import tell, told
 from cer.config import CheckpointEntry, Config
 from cer.errors import Exhausted, NotFound
 from cer.references import CheckpointRef
@@ -18,6 +20,26 @@ MAX_RUNTIME_POOLS = 16
 """Pools ``namespace.update`` may create for refs the configuration does not name. A quota of their own:
 however many a client makes, the configuration's pools (bounded by the file, cer.config.MAX_POOLS) are
 never refused for them."""
+
+
+@dataclass(frozen=True)
+class PoolStatuses:
+    """Every pool's status, asked of all pools at once; collected by the caller, never in an actor."""
+
+    crashed: tuple[dict, ...]
+    asked: tuple[tuple[CheckpointRef, pykka.Future], ...]
+
+    def collect(self, timeout: float) -> list[dict]:
+        """The statuses, sorted by checkpoint; a pool that does not answer within ``timeout`` (for all of
+        them together) is reported "unresponsive"."""
+        end = time.monotonic() + timeout
+        result = list(self.crashed)
+        for ref, future in self.asked:
+            try:
+                result.append(future.get(timeout=max(0.0, end - time.monotonic())))
+            except (pykka.Timeout, pykka.ActorDeadError) as error:
+                result.append({"ref": ref.to_wire(), "state": "unresponsive", "last_error": repr(error)})
+        return sorted(result, key=lambda pool: (pool["ref"]["labels"]["namespace"], pool["ref"]["name"]))
 
 
 class Supervisor(pykka.ThreadingActor):
@@ -50,9 +72,11 @@ class Supervisor(pykka.ThreadingActor):
         entry = replace(self._entries.get(ref) or CheckpointEntry(ref=ref, capacity=capacity), capacity=capacity)
         actor = self._pools.get(ref)
         if actor is not None and actor.is_alive():
-            # The pool may refuse (the pre-fill budget): then nothing changed, here either.
-            actor.proxy().set_capacity(capacity).get(timeout=10)
+            # The budget refuses here, in the reply, what the pool could only refuse after it (changing nothing);
+            # the resize itself is told, not waited for: the pool's next message sees the new capacity.
+            self._reserve_budget(actor, entry)
             self._entries[ref] = entry
+            tell(actor.proxy().set_capacity, capacity)
             return False
         if actor is None:
             configured = {entry.ref for entry in self._config.checkpoints}
@@ -86,8 +110,9 @@ class Supervisor(pykka.ThreadingActor):
                 summary["added"].append(str(ref))
             elif replace(current, capacity=entry.capacity, max_capacity=entry.max_capacity) == entry and self._pools[ref].is_alive():
                 if (current.capacity, current.max_capacity) != (entry.capacity, entry.max_capacity):
-                    self._pools[ref].proxy().set_capacity(entry.capacity, entry.max_capacity).get(timeout=10)
+                    self._reserve_budget(self._pools[ref], entry)
                     self._entries[ref] = entry
+                    tell(self._pools[ref].proxy().set_capacity, entry.capacity, entry.max_capacity)
                     summary["resized"].append(str(ref))
             else:
                 self._retire_pool(ref)
@@ -97,19 +122,21 @@ class Supervisor(pykka.ThreadingActor):
         logger.info("configuration reloaded from {}: {}", config.path, {k: v for k, v in summary.items() if v} or "no change")
         return summary
 
-    def status(self) -> list[dict]:
+    def pool_statuses(self) -> PoolStatuses:
+        """Every pool's status, asked now and collected by the caller (``PoolStatuses.collect``)."""
         retired = [(ref, actor) for ref, actor in self._retired.values() if actor.is_alive()]
-        asked = [(ref, actor.proxy().status()) for ref, actor in [*self._pools.items(), *retired] if actor.is_alive()]
-        result = []
-        for ref, actor in self._pools.items():
-            if not actor.is_alive():
-                result.append({"ref": ref.to_wire(), "state": "crashed", "last_error": "the pool actor died"})
-        for ref, future in asked:
-            try:
-                result.append(future.get(timeout=5))
-            except (pykka.Timeout, pykka.ActorDeadError) as error:
-                result.append({"ref": ref.to_wire(), "state": "unresponsive", "last_error": repr(error)})
-        return sorted(result, key=lambda pool: (pool["ref"]["labels"]["namespace"], pool["ref"]["name"]))
+        crashed = tuple(
+            {"ref": ref.to_wire(), "state": "crashed", "last_error": "the pool actor died"}
+            for ref, actor in self._pools.items()
+            if not actor.is_alive()
+        )
+        asked = tuple((ref, actor.proxy().status()) for ref, actor in [*self._pools.items(), *retired] if actor.is_alive())
+        return PoolStatuses(crashed, asked)
+
+    def _reserve_budget(self, actor: pykka.ActorRef, entry: CheckpointEntry) -> None:
+        """Hold ``entry``'s new size to the pre-fill budget at the cost its pool reserved at (a lock, no wait):
+        BudgetExceeded, changing nothing, when it would pass."""
+        self._peers.budget.resize(actor.actor_urn, entry.capacity if entry.max_capacity is None else entry.max_capacity)
 
     def _start_pool(self, entry: CheckpointEntry) -> pykka.ActorRef:
         self._entries[entry.ref] = entry
@@ -121,13 +148,14 @@ class Supervisor(pykka.ThreadingActor):
         actor = self._pools.pop(ref)
         del self._entries[ref]
         self._retired[actor.actor_urn] = (ref, actor)
-        actor.proxy().retire(self.actor_ref.proxy())
+        tell(actor.proxy().retire, self.actor_ref.proxy())
 
+    @told
     def pool_retired(self, ref: CheckpointRef, urn: str) -> None:
         """A retired pool has every namespace back and stopped; its checkpoint goes unless served again."""
         self._retired.pop(urn, None)
         if ref not in self._pools and not any(other == ref for other, _ in self._retired.values()):
-            self._peers.extractor.release(ref)
+            tell(self._peers.extractor.release, ref)
 
     def on_stop(self) -> None:
         # Pools hand their namespaces to the factory to destroy, so they stop before it does.

@@ -12,6 +12,8 @@ import threading
 import pykka
 from loguru import logger
 
+from cer.actors.told import tell, told
+
 
 class ProcessWatcher(pykka.ThreadingActor):
     def __init__(self) -> None:
@@ -27,6 +29,7 @@ class ProcessWatcher(pykka.ThreadingActor):
         self._thread = threading.Thread(target=self._poll, name="cer-process-watcher", daemon=True)
         self._thread.start()
 
+    @told
     def watch(self, pidfd: int, pid: int, owner: pykka.ActorProxy, key: object) -> None:
         """Take ``pidfd`` (now ours to close) and call ``owner.holder_exited(key, pid)`` when it exits.
 
@@ -37,12 +40,14 @@ class ProcessWatcher(pykka.ThreadingActor):
         self._keys[key] = pidfd
         self._change("add", pidfd)
 
+    @told
     def unwatch(self, key: object) -> None:
         pidfd = self._keys.pop(key, None)
         if pidfd is not None:
             del self._watched[pidfd]
             self._change("remove", pidfd)
 
+    @told
     def exited(self, pidfd: int) -> None:
         entry = self._watched.pop(pidfd, None)
         if entry is None:
@@ -50,7 +55,7 @@ class ProcessWatcher(pykka.ThreadingActor):
         owner, key, pid = entry
         del self._keys[key]
         self._change("remove", pidfd)
-        owner.holder_exited(key, pid)  # an owner that stopped meanwhile drops it, having released all
+        tell(owner.holder_exited, key, pid)  # an owner that stopped meanwhile has released all
 
     def watching(self) -> int:
         return len(self._watched)
@@ -70,7 +75,7 @@ class ProcessWatcher(pykka.ThreadingActor):
                 if fd in registered:
                     registered.discard(fd)
                     poller.unregister(fd)  # reported once; the actor has it closed
-                    self._self.exited(fd)
+                    tell(self._self.exited, fd)
             if not any(fd == self._wake_read for fd, _event in events):
                 continue
             try:

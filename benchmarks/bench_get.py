@@ -9,8 +9,10 @@ Run as root (``make bench`` or ``python3 benchmarks/bench_get.py``); about a min
    what the frontend and the wire format cost before any actor is asked.
 2. **Warm gets**: a real ``cer start`` on the bundled sample checkpoint with pools far larger than a batch
    (each reply's ``info.cold`` is counted), gets through :class:`cer.protocol.client.Client`: back to back
-   (get, untimed put, get, ...), and in restore-like bursts (ipc, uts and mnt gets in a row after some
-   quiet, then the puts), with echoes measured the same two ways. Every measurement runs once per round,
+   (get, untimed put, get, ...), each on a fresh connection (a new Client per get, as a restore's
+   wrapper makes), in restore-like bursts (ipc, uts and mnt gets in a row after some quiet, then the
+   puts), and from 32 clients at once (a burst of restores: each client keeps one get in flight, the
+   puts follow the round), with echoes measured the same ways. Every measurement runs once per round,
    in an order that rotates, so machine noise hits them alike; the table gives medians over rounds.
 3. **Creations** per type: the daemon's :class:`NamespaceFactory` in this process (the daemon's
    concurrency) with a small owner actor that counts what it gets and destroys it; a bare thread that
@@ -36,6 +38,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import orjson
 import pykka
 import zmq
 
@@ -73,6 +76,16 @@ class InstantGateway:
         from cer.namespaces import Namespace
 
         return Lease(Namespace(ns_type, 1234, self.pid), False, False)
+
+    def take_warm(self, ns_type, ref, *_options):
+        """The router thread's warm path, as the daemon's Gateway has it (here nothing is ever cold)."""
+        return self.get_namespace(ns_type, ref)
+
+    def after_replies(self) -> None:
+        pass
+
+    def put_warm(self, ns_type, namespace_id) -> bool:
+        return False
 
     def put_namespace(self, ns_type, namespace_id, *_options) -> None:
         pass
@@ -155,6 +168,7 @@ class EchoBench:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(endpoint)
         self.request = request
+        self.endpoint = endpoint
 
     def round_trip(self) -> float:
         started = now_us()
@@ -174,8 +188,69 @@ class EchoBench:
             rest += [self.round_trip(), self.round_trip()]
         return first, rest
 
+    def fresh(self, count: int) -> list[float]:
+        """Each round trip on a REQ socket of its own, connected for it: what a restore's client does."""
+        samples = []
+        for _ in range(count):
+            started = now_us()
+            socket = zmq.Context.instance().socket(zmq.REQ)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.connect(self.endpoint)
+            socket.send(self.request)
+            socket.recv()
+            socket.close()
+            samples.append(now_us() - started)
+        return samples
+
     def close(self) -> None:
         self.socket.close()
+
+
+CROWD_COLD = [0, 0]  # cold gets among the crowd's gets, and all of them
+
+
+def concurrent_round_trips(endpoint: str, request: bytes, clients: int, count: int, put=None) -> list[float]:
+    """``clients`` REQ sockets, each with one request always in flight, driven from one thread, until
+    ``count`` round trips are timed: a burst of restores at once. With ``put(reply) -> bytes``, every
+    reply is given back with that request once the burst is over (untimed), so no namespace is left
+    handed out and the pool is full again for the next burst."""
+    context = zmq.Context.instance()
+    poller = zmq.Poller()
+    sockets = []
+    for _ in range(clients):
+        socket = context.socket(zmq.REQ)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.connect(endpoint)
+        poller.register(socket, zmq.POLLIN)
+        sockets.append(socket)
+    in_flight: dict = {}  # socket -> when its request went out
+    samples: list[float] = []
+    replies: list[bytes] = []
+    try:
+        for socket in sockets:
+            in_flight[socket] = now_us()
+            socket.send(request)
+        while in_flight:
+            events = poller.poll(30_000)
+            if not events:
+                raise RuntimeError(f"no reply from {endpoint} within 30 s")
+            for socket, _event in events:
+                reply = socket.recv()
+                samples.append(now_us() - in_flight.pop(socket))
+                replies.append(reply)
+                if len(samples) + len(in_flight) < count:
+                    in_flight[socket] = now_us()
+                    socket.send(request)
+        if put is not None:
+            for reply in replies:
+                CROWD_COLD[0] += b'"cold":true' in reply
+                CROWD_COLD[1] += 1
+                sockets[0].send(put(reply))
+                sockets[0].recv()
+        return samples
+    finally:
+        for socket in sockets:
+            socket.close()
 
 
 class GetBench:
@@ -209,6 +284,19 @@ class GetBench:
         for _ in range(count):
             elapsed, reply = self.get(ns_type)
             samples.append(elapsed)
+            self.put(ns_type, reply)
+        return samples
+
+    def fresh(self, ns_type: str, count: int) -> list[float]:
+        """Each get through a Client of its own, connected for it (as a restore wrapper does); untimed puts."""
+        from cer.protocol.client import Client
+
+        samples = []
+        for _ in range(count):
+            started = now_us()
+            with Client(self.client.endpoint, timeout=30) as client:
+                elapsed, reply = GetBench(client).get(ns_type)
+            samples.append(now_us() - started)
             self.put(ns_type, reply)
         return samples
 
@@ -294,6 +382,16 @@ class Daemon:
                     raise RuntimeError(f"the pool is {pool['state']}: {pool['last_error']}")
             time.sleep(0.05)
         raise RuntimeError(f"the pools did not fill to {capacity} within {timeout:g} s:\n{self.output()}")
+
+    def wait_idle(self, ns_type: str, count: int, timeout: float) -> None:
+        """Wait (untimed) until the pool holds ``count`` idle namespaces of ``ns_type``, or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.status()
+            counts = status["pools"][0]["types"][ns_type] if status is not None else None
+            if counts is not None and counts["idle"] >= count and counts["building"] == 0:
+                return
+            time.sleep(0.02)
 
     def stop(self) -> int:
         if self.process.poll() is None:
@@ -427,8 +525,11 @@ def print_report(args, table: list[Series], gets: GetBench, fill, creations) -> 
     header = f"{'round trip over ipc:// (us)':<48}{'p50':>7}{'p99':>8}{'round p50s':>13}{'ratio':>8}"
     sections = {
         0: f"back to back, {args.batch} per round (a get is followed by an untimed put):",
-        len(TYPES) + 2: f"restore-like: {args.bursts} bursts per round, each after {args.idle_ms:g} ms of quiet; "
+        len(TYPES) + 2: f"a fresh connection for each, {args.batch} per round (the get's put is untimed, on another):",
+        len(TYPES) + 4: f"restore-like: {args.bursts} bursts per round, each after {args.idle_ms:g} ms of quiet; "
                         f"gets of {', '.join(BURST)} in a row, then the puts:",
+        len(TYPES) * 2 + 6: f"{args.clients} clients, each with a request always in flight, from one thread; "
+                            f"{args.clients * args.crowd_rounds} per round (the puts after the round, untimed):",
     }
     for index, row in enumerate(table):
         if index in sections:
@@ -441,7 +542,8 @@ def print_report(args, table: list[Series], gets: GetBench, fill, creations) -> 
             print()
     print("p50, p99: the median over rounds of each round's percentile; round p50s: the lowest and highest round;")
     print("ratio: p50 over the p50 of the echo it compares with (the first get of a burst: the first echo).")
-    print("cold gets: " + ", ".join(f"{t} {gets.cold[t]} of {gets.gets[t]}" for t in TYPES))
+    print("cold gets: " + ", ".join(f"{t} {gets.cold[t]} of {gets.gets[t]}" for t in TYPES)
+          + f"; in the crowd rows {CROWD_COLD[0]} of {CROWD_COLD[1]}")
     if creations is None:
         return
     print()
@@ -481,6 +583,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--capacity", type=int, default=200, help="idle namespaces kept per type (default 200)")
     parser.add_argument("--creations", type=int, default=200, help="factory creations per type (default 200)")
     parser.add_argument("--concurrency", type=int, default=4, help="factory creations at once (daemon default 4)")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent clients of the crowd rows (default 32)")
+    parser.add_argument("--crowd-rounds", type=int, default=3,
+                        help="timed requests per crowd client and round (default 3: a round takes less than half "
+                             "the pool, which refills once the burst is over)")
     parser.add_argument("--workers", type=int, default=8, help="frontend worker threads (the daemon's default, 8)")
     parser.add_argument("--fill-timeout", type=float, default=90.0, help="longest wait for the pools to fill (s)")
     parser.add_argument("--no-creations", action="store_true", help="measure round trips only")
@@ -516,6 +622,23 @@ def measure_round_trips(args, workdir: Path, daemon: Daemon) -> tuple[list[Serie
         burst_first = Series("echo, the first after the quiet")
         burst_rest = Series("echo, the 2nd and 3rd")
         burst = {t: Series(f"namespace.get {t}", burst_first if t == BURST[0] else burst_rest) for t in BURST}
+        fresh_echo = Series("echo, a fresh REQ socket each")
+        fresh_get = Series("namespace.get uts, a fresh Client each", fresh_echo)
+        crowd_echo = Series(f"echo, {args.clients} clients at once")
+        crowd_get = Series(f"namespace.get uts, {args.clients} clients at once", crowd_echo)
+
+        def put_request(reply: bytes) -> bytes:
+            result = orjson.loads(reply)["result"]
+            params = {"namespace_type": "uts", "namespace_id": result["namespace_id"], "pid": result["pid"]}
+            return encode_request("namespace", "put", params)
+
+        def crowd(endpoint: str, series: Series, put=None):
+            def measure(n: int) -> dict:
+                if put is not None:
+                    daemon.wait_idle("uts", args.capacity, 20)  # the burst finds the pool full and quiet
+                return {series: concurrent_round_trips(endpoint, request, args.clients, n, put)}
+
+            return measure
 
         def echo_bursts(count: int) -> dict:
             first, rest = echo.bursts(count, idle)
@@ -525,12 +648,17 @@ def measure_round_trips(args, workdir: Path, daemon: Daemon) -> tuple[list[Serie
             return {burst[t]: samples for t, samples in gets.bursts(count, idle).items()}
 
         batches, bursts = (args.batch, args.warmup), (args.bursts, max(1, args.bursts // 3))
+        crowds = (args.clients * args.crowd_rounds, args.clients)
         measurements = [
             (batches, lambda n: {floor: echo.batch(n)}),
             (batches, lambda n: {alone: frontend.batch("uts", n)}),
             *((batches, lambda n, t=t: {back_to_back[t]: gets.batch(t, n)}) for t in TYPES),
             (bursts, echo_bursts),
             (bursts, get_bursts),
+            (batches, lambda n: {fresh_echo: echo.fresh(n)}),
+            (batches, lambda n: {fresh_get: gets.fresh("uts", n)}),
+            (crowds, crowd(servers[0].endpoint, crowd_echo)),
+            (crowds, crowd(daemon.endpoint, crowd_get, put_request)),
         ]
         for (_count, warmup), measure in measurements:
             measure(warmup)
@@ -541,7 +669,8 @@ def measure_round_trips(args, workdir: Path, daemon: Daemon) -> tuple[list[Serie
                 gc.collect()
                 for series, samples in measure(count).items():
                     series.rounds.append(samples)
-        table = [floor, alone, *back_to_back.values(), burst_first, burst_rest, *burst.values()]
+        table = [floor, alone, *back_to_back.values(), fresh_echo, fresh_get, burst_first, burst_rest, *burst.values(),
+                 crowd_echo, crowd_get]
         return table, gets
     finally:
         if echo is not None:

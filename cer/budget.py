@@ -61,28 +61,43 @@ class PrefillBudget:
     def __init__(self, limit: int | None = None) -> None:
         self.limit = default_limit() if limit is None else limit
         self._reserved: dict[str, int] = {}
+        self._costs: dict[str, tuple[str, int]] = {}
         self._lock = threading.Lock()
 
     def reserve(self, owner: str, what: str, per_namespace: int, namespaces: int) -> None:
         """Set ``owner``'s reservation to ``per_namespace x namespaces`` bytes, or raise
-        :class:`BudgetExceeded` (keeping its reservation as it was) when the total would pass the limit."""
-        wanted = per_namespace * namespaces
+        :class:`BudgetExceeded` (keeping its reservation as it was) when the total would pass the limit.
+        The cost per namespace is remembered either way, for :meth:`resize`."""
         with self._lock:
-            others = sum(self._reserved.values()) - self._reserved.get(owner, 0)
-            if wanted and others + wanted > self.limit:
-                raise BudgetExceeded(
-                    f"{what}: {namespaces} IPC namespaces of {describe_bytes(per_namespace)} each "
-                    f"(shm pages and messages to pre-fill) need {describe_bytes(wanted)}, and the daemon's pre-fill "
-                    f"budget has {describe_bytes(max(0, self.limit - others))} of {describe_bytes(self.limit)} left "
-                    "(cer start --prefill-budget); lower the capacity or raise the budget")
-            if wanted:
-                self._reserved[owner] = wanted
-            else:
-                self._reserved.pop(owner, None)
+            self._costs[owner] = (what, per_namespace)
+            self._set(owner, namespaces)
+
+    def resize(self, owner: str, namespaces: int) -> None:
+        """Reserve ``namespaces`` at the cost ``owner`` last reserved at, or raise :class:`BudgetExceeded`;
+        an owner that never reserved (its checkpoint not read yet) changes nothing: it reserves when it is."""
+        with self._lock:
+            if owner in self._costs:
+                self._set(owner, namespaces)
+
+    def _set(self, owner: str, namespaces: int) -> None:
+        what, per_namespace = self._costs[owner]
+        wanted = per_namespace * namespaces
+        others = sum(self._reserved.values()) - self._reserved.get(owner, 0)
+        if wanted and others + wanted > self.limit:
+            raise BudgetExceeded(
+                f"{what}: {namespaces} IPC namespaces of {describe_bytes(per_namespace)} each "
+                f"(shm pages and messages to pre-fill) need {describe_bytes(wanted)}, and the daemon's pre-fill "
+                f"budget has {describe_bytes(max(0, self.limit - others))} of {describe_bytes(self.limit)} left "
+                "(cer start --prefill-budget); lower the capacity or raise the budget")
+        if wanted:
+            self._reserved[owner] = wanted
+        else:
+            self._reserved.pop(owner, None)
 
     def release(self, owner: str) -> None:
         with self._lock:
             self._reserved.pop(owner, None)
+            self._costs.pop(owner, None)
 
     @property
     def reserved(self) -> int:

@@ -305,12 +305,24 @@ def _status_table(reply: dict):
                 name, state, ns_type, target, *(str(counts[key]) for key in ("idle", "in_use", "bound", "overdue", "building", "warm_gets", "cold_gets")),
                 "-" if build is None else f"{build * 1000:.1f}", error,
             )
+    parts = [table]
     lazy = reply.get("lazy")
-    if not lazy or not (lazy["servers"] or lazy.get("working_sets")):
+    if lazy and (lazy["servers"] or lazy.get("working_sets")):
+        parts.append(_lazy_table(lazy))
+    failures = reply.get("message_failures")
+    if failures:
+        # Messages nobody waited for whose handler failed: each is in the log at ERROR too.
+        failed = Table(title="failed messages (see the log)", title_justify="left", box=None, header_style="bold red")
+        for column in ("ACTOR", "MESSAGE", "COUNT", "LAST ERROR"):
+            failed.add_column(column, justify="right" if column == "COUNT" else "left")
+        for failure in failures:
+            failed.add_row(failure["actor"], failure["message"], str(failure["count"]), failure["last_error"])
+        parts.append(failed)
+    if len(parts) == 1:
         return table
     from rich.console import Group  # noqa: PLC0415
 
-    return Group(table, _lazy_table(lazy))
+    return Group(*parts)
 
 
 def _lazy_table(lazy: dict):

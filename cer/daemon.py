@@ -3,11 +3,13 @@ SIGTERM/SIGINT take it all down in reverse order, leaving nothing behind under R
 
 import contextlib
 import fcntl
+import gc
 import os
 import resource
 import queue
 import signal
 import socket
+import sys
 from dataclasses import dataclass
 
 import pykka
@@ -18,7 +20,8 @@ from cer.actors.extractor import CHECKPOINT_DIRECTORY, CheckpointExtractor
 from cer.actors.factory import NamespaceFactory
 from cer.actors.gateway import Gateway
 from cer.actors.lazy import LAZY_DIRECTORY, LazyPagesServers, LazySettings
-from cer.actors.pool import PoolPeers, PoolSettings
+from cer.actors.pool import PoolPeers, PoolSettings, Shelves
+from cer.actors.timers import Timers
 from cer.actors.supervisor import Supervisor
 from cer.actors.watcher import ProcessWatcher
 from cer.budget import PrefillBudget, describe_bytes
@@ -76,6 +79,11 @@ LOCK_NAME = "daemon.lock"
 CLEANED_BY_ACTORS = (CHECKPOINT_DIRECTORY, LAZY_DIRECTORY, VIEWS_DIRECTORY)
 
 
+_SWITCH_INTERVAL = 0.0002
+# How long every actor has to answer the start-up check before the daemon gives up.
+_STARTUP_CHECK_SECONDS = 30.0
+
+
 class DaemonError(CerError):
     """The daemon cannot start (ROOT unusable, another daemon running, endpoint taken)."""
 
@@ -93,6 +101,9 @@ def run(config: Config, settings: Settings) -> None:
         raise DaemonError(f"cannot serve {settings.endpoint}: {error}") from None
     if settings.http_port is not None:
         check_address(settings.http_address, settings.http_allow_remote)
+    # The frontend's router thread answers warm gets itself; a thread busy in Python (a build, a tear-down,
+    # a put) would otherwise keep it from the GIL for up to the default 5 ms switch interval.
+    sys.setswitchinterval(_SWITCH_INTERVAL)
     with _RootDirectory(settings.root) as root:
         _raise_fd_limit()
         actors: list[pykka.ActorRef] = []
@@ -101,11 +112,12 @@ def run(config: Config, settings: Settings) -> None:
         http: HttpServer | None = None
         progress: FillReporter | None = None
         metrics = Metrics()
+        timers = Timers()
         try:
             # The extractor stops last: the factory's mount namespaces sit on its containerd snapshots.
             from_containerd = [entry.ref for entry in config.checkpoints if entry.path is None]
             extractor = CheckpointExtractor.start(
-                root.root, settings.containerd_address, settings.containerd_timeout, from_containerd
+                root.root, settings.containerd_address, settings.containerd_timeout, from_containerd, timers=timers
             )
             actors.append(extractor)
             factory = NamespaceFactory.start(root.bundles, settings.max_concurrent_creations, metrics.namespace_created)
@@ -117,7 +129,7 @@ def run(config: Config, settings: Settings) -> None:
             actors.append(lazy)
             budget = PrefillBudget(settings.prefill_budget)
             logger.info("IPC pre-fill budget: {}", describe_bytes(budget.limit))
-            peers = PoolPeers(factory.proxy(), extractor.proxy(), watcher.proxy(), budget)
+            peers = PoolPeers(factory.proxy(), extractor.proxy(), watcher.proxy(), timers, Shelves(), budget)
             supervisor = Supervisor.start(config, peers, settings.pool)
             actors.append(supervisor)
             gateway = Gateway(supervisor.proxy(), peers, settings.ask_timeout, settings.pool.cold_timeout, config.path,
@@ -138,6 +150,14 @@ def run(config: Config, settings: Settings) -> None:
                 settings.insecure_tcp,
             )
             frontend.start()
+            try:
+                # Every actor, every pool included, answers before systemd hears the daemon is up.
+                gateway.check_started(_STARTUP_CHECK_SECONDS)
+            except CerError as error:
+                raise DaemonError(f"the daemon's actors did not start: {error}") from None
+            # What start-up made (modules, actors, sockets) lives as long as the daemon: the cyclic garbage
+            # collector need never walk it again, which keeps its full collections off the request path.
+            gc.freeze()
             _notify_systemd("READY=1")
             logger.info("cer started, pid {}, {} checkpoint(s) from {}", os.getpid(), len(config.checkpoints), config.path)
             progress = FillReporter(gateway.status)
@@ -162,6 +182,7 @@ def run(config: Config, settings: Settings) -> None:
             for actor in reversed(actors):
                 actor.stop(block=True, timeout=60)
             pykka.ActorRegistry.stop_all()
+            timers.stop()
     logger.info("stopped")
 
 

@@ -16,6 +16,7 @@ from fixed sets. Nothing a request merely names (an unknown ref, an unknown meth
     cer_pool_idle / cer_pool_in_use / cer_pool_building{...,type}    namespaces per stage
     cer_pool_gets_total{checkpoint, checkpoint_namespace, type, kind}  kind: warm or cold
     cer_pool_creation_failures_total{checkpoint, checkpoint_namespace, type}
+    cer_actor_message_failures_total{actor, message}                   told messages whose handler failed
     cer_status_ok                                                      0 when the actors did not answer the scrape
     cer_namespace_creation_seconds{type}                               histogram, successful creations
     cer_request_duration_seconds{method}                               histogram, every answered request
@@ -73,8 +74,8 @@ class Metrics:
         # Series that exist from the start, so rates work from the first scrape.
         for ns_type in NAMESPACE_TYPES:
             self._creation.labels(ns_type)
-        for method in sorted(_METHOD_NAMES):
-            self._latency.labels(method)
+        # Each method's histogram looked up once: the frontend observes every request.
+        self._latency_of = {method: self._latency.labels(method) for method in sorted(_METHOD_NAMES | {INVALID_METHOD})}
 
     def watch_pools(self, status: Callable[[], dict]) -> None:
         """Report the pools from ``status`` (the Gateway's ``status``), asked for at every scrape."""
@@ -89,7 +90,7 @@ class Metrics:
         """A request was answered after ``seconds``; ``method`` is ``service.name`` or None when the request
         named no known method, ``error_code`` the protocol error code of an error reply."""
         label = method if method in _METHOD_NAMES else INVALID_METHOD
-        self._latency.labels(label).observe(seconds)
+        self._latency_of[label].observe(seconds)
         if error_code is not None:
             self._errors.labels(label, error_code).inc()
 
@@ -107,7 +108,8 @@ class _PoolCollector:
     def collect(self) -> Iterator[Metric]:
         ok = GaugeMetricFamily("cer_status_ok", "1 when the daemon's actors answered this scrape's status request.")
         try:
-            pools = self._status()["pools"]
+            status = self._status()
+            pools = status["pools"]
         except Exception as error:  # noqa: BLE001 - a scrape reports what it can; the reason goes to the log
             logger.warning("metrics: the daemon's status could not be read: {}", error)
             ok.add_metric([], 0)
@@ -116,6 +118,17 @@ class _PoolCollector:
         ok.add_metric([], 1)
         yield ok
         yield from _pool_metrics(pools)
+        yield _failure_metrics(status.get("message_failures", []))
+
+
+def _failure_metrics(failures: list[dict]) -> Metric:
+    # Labels are actor classes and handler names: a fixed set, from the code.
+    family = CounterMetricFamily(
+        "cer_actor_message_failures", "Messages nobody waited for whose handler failed (logged at ERROR).", labels=["actor", "message"]
+    )
+    for failure in failures:
+        family.add_metric([failure["actor"], failure["message"]], failure["count"])
+    return family
 
 
 def _pool_metrics(pools: list[dict]) -> Iterator[Metric]:

@@ -28,16 +28,19 @@ class Client:
     def request(self, service: str, name: str, params: dict) -> dict:
         socket = self._connect()
         socket.send(encode_request(service, name, params))
-        if not socket.poll(self._timeout_ms):
+        try:
+            reply = socket.recv()  # RCVTIMEO bounds it: one call, no poller to build per request
+        except zmq.Again:
             # A REQ socket that sent and got nothing back cannot send again: start afresh next time.
             self.close()
-            raise Unavailable(f"no answer from the cer daemon at {self.endpoint} within {self._timeout_ms / 1000:g} s")
-        return decode_reply(socket.recv())
+            raise Unavailable(f"no answer from the cer daemon at {self.endpoint} within {self._timeout_ms / 1000:g} s") from None
+        return decode_reply(reply)
 
     def _connect(self) -> zmq.Socket:
         if self._socket is None:
             self._socket = self._context.socket(zmq.REQ)
             self._socket.setsockopt(zmq.LINGER, 0)
+            self._socket.setsockopt(zmq.RCVTIMEO, self._timeout_ms)
             if self._curve_keys is not None:
                 secure_client(self._socket, self._curve_keys)
             self._socket.connect(self.endpoint)

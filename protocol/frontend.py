@@ -1,7 +1,9 @@
 """The ZeroMQ frontend: turns each request into actor asks, and always answers.
 
-Clients speak plain REQ/REP. One router thread owns the bound ROUTER socket: it hands each request to
-a pool of worker threads and sends their replies back, in whatever order they finish ("ROUTER with
+Clients speak plain REQ/REP. One router thread owns the bound ROUTER socket. It reads and checks every
+request and answers at once what needs no actor to wait for (a warm ``namespace.get`` takes a namespace
+off its pool's shelf: ``Method.handle_now``), so the hot path crosses no thread. Everything else goes to
+a pool of worker threads, whose replies it sends back in whatever order they finish ("ROUTER with
 asynchronous replies"), so a slow request, such as a get that waits for a mount namespace to be built,
 holds up one worker and not the requests for other checkpoints. (A DEALER in front of REP workers would
 not do: it deals round-robin, queueing requests behind a busy worker.) Each worker owns a PUSH socket
@@ -20,15 +22,22 @@ from loguru import logger
 
 from cer.actors.gateway import Gateway
 from cer.errors import CerError, InternalError, Unavailable
-from cer.protocol.methods import find_method
+from cer.protocol.methods import Method, find_method
 from cer.protocol.security import INSECURE_TCP_FLAG, CurveServer, EndpointRefused, bind_ipc, check_endpoint
 from cer.protocol.wire import MAX_REQUEST_BYTES, decode_request, encode_error, encode_result
 
+# Plain ints: pyzmq's flag enums cost microseconds per operation, and the router thread uses them for every request.
+_NOBLOCK, _SNDMORE, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.SNDMORE), int(zmq.EVENTS), int(zmq.POLLIN)
 # Larger messages make libzmq drop the connection before anything reads them; up to this size a
 # too-large request still gets an error reply from decode_request.
 _MAX_MESSAGE_BYTES = 16 * MAX_REQUEST_BYTES
 # Requests waiting for a worker beyond this are refused at once rather than queued without bound.
 _MAX_QUEUED = 1024
+# Distinct requests whose parsed method is kept (a restore's gets name a few refs; holder pids vary).
+_MAX_PARSED = 4096
+# The pools hear what warm gets took after this long without requests (ms), or after this many replies.
+_REPORT_IDLE_MS = 1
+_REPORT_BATCH = 64
 _WORKER_DONE = b"done"
 _instances = itertools.count()
 
@@ -65,6 +74,8 @@ class Frontend:
         self._replies_address = f"inproc://cer-replies-{instance}"
         self._control_address = f"inproc://cer-control-{instance}"
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._unreported = 0  # replies answered in the router thread since the last report
+        self._parsed: dict[bytes, Method] = {}  # the router thread's own: request bytes -> their method
         self._context: zmq.Context | None = None
         self._threads: list[threading.Thread] = []
 
@@ -148,7 +159,10 @@ class Frontend:
         working = self._workers
         try:
             while working:
-                events = dict(poller.poll())
+                events = dict(poller.poll(_REPORT_IDLE_MS if self._unreported else None))
+                if not events:
+                    self._report()  # a quiet moment: now the pools may hear what was taken
+                    continue
                 if control in events:
                     control.recv()
                     # Stop reading requests; workers finish what is queued, then report done.
@@ -161,27 +175,60 @@ class Frontend:
                 if replies in events:
                     working -= self._send_replies(router, replies)
         finally:
+            self._report()  # the pools stop after the frontend: they hear of every take first
             for socket in (router, replies, control):
                 socket.close()
 
     def _take_requests(self, router: zmq.Socket) -> None:
-        while True:
-            try:
-                frames = router.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                # [peer identity, (REQ envelope...), b"", body...]: a peer without the empty delimiter
-                # is not speaking REQ and could not read a reply anyway.
-                delimiter = frames.index(b"", 1)
-            except ValueError:
-                logger.debug("dropping a message without a REQ envelope")
-                continue
-            envelope, body = frames[: delimiter + 1], frames[delimiter + 1 :]
+        try:
+            while True:
+                frames = router.recv_multipart(_NOBLOCK)
+                started = time.perf_counter()
+                self._take(router, frames, started)
+                # Asking for the socket's events is far cheaper than a receive that raises zmq.Again.
+                if not router.getsockopt(_EVENTS) & _POLLIN:
+                    return
+        except zmq.Again:
+            return
+
+    def _report(self) -> None:
+        """Tell the pools what the replies sent here took off their shelves (Gateway.after_replies).
+
+        Not after every reply: each report wakes a pool, whose thread then competes for the GIL with
+        this one. Reports go out when requests pause for a moment, after a batch of replies, and always
+        before a request goes to a worker, which could put or bind what was taken.
+        """
+        self._unreported = 0
+        self._gateway.after_replies()
+
+    def _take(self, router: zmq.Socket, frames: list[bytes], started: float) -> None:
+        try:
+            # [peer identity, (REQ envelope...), b"", body...]: a peer without the empty delimiter
+            # is not speaking REQ and could not read a reply anyway.
+            delimiter = frames.index(b"", 1)
+        except ValueError:
+            logger.debug("dropping a message without a REQ envelope")
+            return
+        envelope, body = frames[: delimiter + 1], frames[delimiter + 1 :]
+        method, reply, error_code = self._parse(body)
+        if method is not None:
+            # Answered here when no actor needs to be waited for (a warm get): no hand-off to a worker.
+            reply, error_code = self._run(method.handle_now, method)
+        if reply is None:
             if self._tasks.qsize() >= _MAX_QUEUED:
-                router.send_multipart([*envelope, encode_error(Unavailable("the daemon is too busy; try again"))])
+                reply, error_code = encode_error(Unavailable("the daemon is too busy; try again")), Unavailable.code
             else:
-                self._tasks.put((envelope, body))
+                self._report()  # before a worker can put or bind what was just taken
+                self._tasks.put((envelope, method, started))
+                return
+        seconds = time.perf_counter() - started
+        for frame in envelope:
+            router.send(frame, _SNDMORE)
+        router.send(reply)
+        self._unreported += 1
+        if self._unreported >= _REPORT_BATCH:
+            self._report()
+        self._observed(method, seconds, error_code, reply)
 
     @staticmethod
     def _send_replies(router: zmq.Socket, replies: zmq.Socket) -> int:
@@ -199,35 +246,58 @@ class Frontend:
     def _work(self, push: zmq.Socket) -> None:
         try:
             while (task := self._tasks.get()) is not None:
-                envelope, body = task
-                push.send_multipart([*envelope, self._answer(body)])
+                envelope, method, started = task
+                reply, error_code = self._run(method.handle, method)
+                seconds = time.perf_counter() - started
+                push.send_multipart([*envelope, reply])
+                self._observed(method, seconds, error_code, reply)
             push.send(_WORKER_DONE)
         finally:
             push.close()
 
-    def _answer(self, frames: list[bytes]) -> bytes:
-        started = time.perf_counter()
-        method_name = error_code = None
+    def _parse(self, frames: list[bytes]) -> tuple[Method | None, bytes | None, str | None]:
+        """The request's method, or the error reply and its code."""
+        # A restore asks the same few requests again and again: the same bytes parse to the same frozen
+        # method, so a request seen before skips decoding and checking.
+        known = self._parsed.get(frames[0]) if len(frames) == 1 else None
+        if known is not None:
+            if self._debug:
+                logger.debug("request {}.{} {}", known.service, known.name, known.params())
+            return known, None, None
         try:
             service, name, raw_params = decode_request(frames)
-            method_class = find_method(service, name)
-            method_name = f"{method_class.service}.{method_class.name}"  # never an unknown name a client sent
-            method = method_class.parse(raw_params)
             if self._debug:
                 logger.debug("request {}.{} {}", service, name, raw_params)
-            reply = encode_result(method.handle(self._gateway))
+            method = find_method(service, name).parse(raw_params)
+            if len(self._parsed) >= _MAX_PARSED:
+                self._parsed.clear()
+            self._parsed[frames[0]] = method
+            return method, None, None
         except CerError as error:
-            error_code = error.code
-            reply = encode_error(error)
+            return None, encode_error(error), error.code
         except Exception as error:  # noqa: BLE001 - the client gets an answer whatever broke
-            logger.exception("request failed")
-            error_code = InternalError.code
-            reply = encode_error(InternalError(f"{type(error).__name__}: {error}"))
+            logger.exception("reading a request failed")
+            return None, encode_error(InternalError(f"{type(error).__name__}: {error}")), InternalError.code
+
+    def _run(self, handler: Callable[[Gateway], dict | None], method: Method) -> tuple[bytes | None, str | None]:
+        """The reply of ``handler`` (None when it had none) and the error code of an error reply."""
+        try:
+            result = handler(self._gateway)
+            return (None if result is None else encode_result(result)), None
+        except CerError as error:
+            return encode_error(error), error.code
+        except Exception as error:  # noqa: BLE001 - the client gets an answer whatever broke
+            logger.exception("request {}.{} failed", method.service, method.name)
+            return encode_error(InternalError(f"{type(error).__name__}: {error}")), InternalError.code
+
+    def _observed(self, method: Method | None, seconds: float, error_code: str | None, reply: bytes) -> None:
+        # After the reply is sent: nothing but the answer is on the client's clock.
         if self._debug:
             logger.debug("reply {}", reply.decode(errors="replace"))
-        if self._observe is not None:
-            try:
-                self._observe(method_name, time.perf_counter() - started, error_code)
-            except Exception:  # noqa: BLE001 - metrics never cost a reply
-                logger.exception("observing a request failed")
-        return reply
+        if self._observe is None:
+            return
+        try:
+            # The name of a method found in the table, never an unknown name a client sent.
+            self._observe(None if method is None else f"{method.service}.{method.name}", seconds, error_code)
+        except Exception:  # noqa: BLE001 - metrics never cost a reply
+            logger.exception("observing a request failed")

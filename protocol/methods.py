@@ -90,6 +90,11 @@ class Method:
     def handle(self, gateway: "Gateway") -> dict:
         raise NotImplementedError
 
+    def handle_now(self, gateway: "Gateway") -> dict | None:
+        """The result if it can be had without waiting on any actor, else None (``handle`` then runs in a
+        worker thread). The frontend's router thread calls this, so it must never block."""
+        return None
+
 
 METHODS: dict[tuple[str, str], type[Method]] = {}
 
@@ -158,6 +163,13 @@ class NamespaceGet(Method):
             ref = self._ref_owning_ipc(gateway)
         return _namespace_reply(gateway.get_namespace(self.namespace_type, ref, self.holder_pid), ref)
 
+    def handle_now(self, gateway: "Gateway") -> dict | None:
+        """A warm get: a namespace off the pool's shelf (an ipc get for a pod asks pools first: not now)."""
+        if self.namespace_type == "ipc" and self.extra_refs:
+            return None
+        lease = gateway.take_warm(self.namespace_type, self.ref, self.holder_pid)
+        return None if lease is None else _namespace_reply(lease, self.ref)
+
     def _ref_owning_ipc(self, gateway: "Gateway") -> CheckpointRef:
         refs = list(dict.fromkeys((self.ref, *self.extra_refs)))
         verdicts = {ref: gateway.ipc_default(ref) for ref in refs}
@@ -205,13 +217,21 @@ class NamespacePut(Method):
         return params if self.pid is None else {**params, "pid": self.pid}
 
     def handle(self, gateway: "Gateway") -> dict:
+        self._check_daemon(gateway)
+        gateway.put_namespace(self.namespace_type, self.namespace_id)
+        return {}
+
+    def handle_now(self, gateway: "Gateway") -> dict | None:
+        """A namespace from a warm get goes back to its pool by message, answered at once."""
+        self._check_daemon(gateway)
+        return {} if gateway.put_warm(self.namespace_type, self.namespace_id) else None
+
+    def _check_daemon(self, gateway: "Gateway") -> None:
         if self.pid is not None and self.pid != gateway.pid:
             raise NotFound(
                 f"{self.namespace_type} namespace {self.namespace_id} came from daemon pid {self.pid}, which is no "
                 f"longer running (this daemon is pid {gateway.pid}); it was released when that daemon exited"
             )
-        gateway.put_namespace(self.namespace_type, self.namespace_id)
-        return {}
 
 
 @_method("namespace", "bind")

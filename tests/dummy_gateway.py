@@ -18,6 +18,7 @@ class DummyGateway:
         self.release_slow = threading.Event()
         self.slow_started = threading.Event()
         self.calls: list[tuple] = []
+        self._unreported = 0
 
     def get_namespace(self, ns_type, ref, holder_pid=None) -> Lease:
         self.calls.append(("get", ns_type, ref))
@@ -25,6 +26,23 @@ class DummyGateway:
             self.slow_started.set()
             self.release_slow.wait(30)
         return Lease(Namespace(ns_type, 1500, self.pid), cold=ref.name == "slow", ipc_default=True)
+
+    def take_warm(self, ns_type, ref, holder_pid=None) -> Lease | None:
+        # Only "warm" refs are answered in the router thread; every other get goes to a worker, where
+        # "slow" ones can hold it.
+        if ref.name != "warm":
+            return None
+        self.calls.append(("take", ns_type, ref))
+        self._unreported += 1
+        return Lease(Namespace(ns_type, 1500, self.pid), cold=False, ipc_default=True)
+
+    def after_replies(self) -> None:
+        if self._unreported:
+            self.calls.append(("report", self._unreported))
+            self._unreported = 0
+
+    def put_warm(self, ns_type, namespace_id) -> bool:
+        return False
 
     def put_namespace(self, ns_type, namespace_id) -> None:
         self.calls.append(("put", ns_type, namespace_id))

@@ -88,3 +88,19 @@ def test_a_client_with_no_daemon_says_so():
     )
     assert result.returncode == 1
     assert f"error: unavailable: no answer from the cer daemon at {endpoint}" in result.stderr
+
+
+def test_status_shows_told_messages_that_failed():
+    from rich.console import Console
+
+    from cer.cli import _status_table
+
+    reply = {"version": "0", "pid": 1, "uptime_seconds": 1, "pools": [],
+             "message_failures": [{"actor": "PoolActor", "message": "namespace_created", "count": 2, "last_error": "KeyError: 'x'"}]}
+    console = Console(record=True, width=200)
+    console.print(_status_table(reply))
+    text = console.export_text()
+    assert re.search(r"PoolActor\s+namespace_created\s+2\s+KeyError: 'x'", text), text
+    console = Console(record=True, width=200)
+    console.print(_status_table({**reply, "message_failures": []}))
+    assert "failed messages" not in console.export_text()

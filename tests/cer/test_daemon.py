@@ -106,6 +106,34 @@ def test_put_destroys_the_namespace_and_a_second_put_is_refused(daemon):
     assert all(pool["types"][t]["in_use"] == 0 for t in ("ipc", "uts", "mnt"))
 
 
+def test_warm_gets_are_booked_bound_and_given_back_like_any_other(daemon):
+    pool = daemon.wait_full("sample")
+    warm_before = pool["types"]["uts"]["warm_gets"]
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        unbound = daemon.call(NamespaceGet("uts", SAMPLE_REF))
+        bound = daemon.call(NamespaceGet("uts", SAMPLE_REF, holder_pid=holder.pid))
+        assert not unbound["info"]["cold"] and not bound["info"]["cold"]
+        assert unbound["namespace_id"] != bound["namespace_id"]
+        uts = wait_for(lambda: (t := daemon.pool("sample")["types"]["uts"])["in_use"] == 2 and t, 5, what="the books")
+        assert (uts["bound"], uts["warm_gets"]) == (1, warm_before + 2)
+        daemon.call(NamespacePut("uts", unbound["namespace_id"], unbound["pid"]))
+        wait_for(lambda: not os.path.exists(unbound["path"]), 5, what="the put namespace to close")
+        with pytest.raises(NotFound):
+            daemon.call(NamespacePut("uts", unbound["namespace_id"]))
+        holder.kill()
+        holder.wait(5)
+        wait_for(lambda: daemon.pool("sample")["types"]["uts"]["in_use"] == 0, 10, what="the bound one to come back")
+        with pytest.raises(NotFound):  # it came back by itself: its put is refused, not taken twice
+            daemon.call(NamespacePut("uts", bound["namespace_id"]))
+        gone = subprocess.Popen(["true"])
+        gone.wait(5)
+        with pytest.raises(NotFound, match="is not running"):
+            daemon.call(NamespaceGet("uts", SAMPLE_REF, holder_pid=gone.pid))
+    finally:
+        holder.kill()
+
+
 def test_put_of_a_namespace_from_another_daemon_run_is_a_clear_error(daemon):
     with pytest.raises(NotFound, match="no longer running"):
         daemon.call(NamespacePut("uts", 1024, daemon.process.pid + 1))

@@ -215,3 +215,10 @@ def test_the_target_of_an_adaptive_pool_is_exported_beside_its_floor():
     families = {family.name: family for family in _pool_metrics([pool])}
     assert families["cer_pool_target"].samples[0].value == 7
     assert families["cer_pool_capacity"].samples[0].value == 1
+
+
+def test_told_messages_that_failed_are_counted_per_actor_and_message():
+    failures = [{"actor": "PoolActor", "message": "namespace_created", "count": 3, "last_error": "KeyError: 'x'"}]
+    metrics = Metrics()
+    metrics.watch_pools(lambda: {"pools": [], "message_failures": failures})
+    assert value(metrics, "cer_actor_message_failures_total", actor="PoolActor", message="namespace_created") == 3

@@ -5,12 +5,14 @@ stopping extractor removes the snapshots and lease of every checkpoint and keeps
 """
 
 import queue
+import threading
 import time
 
 import pykka
 import pytest
 
-from cer.actors.extractor import CheckpointExtractor, RetryPolicy
+from cer.actors.extractor import CheckpointExtractor, RetryPolicy, _Attempt
+from cer.containerd.archive import Progress
 from cer.config import CheckpointEntry
 from cer.containerd.archive import READY_MARKER
 from cer.references import CheckpointRef
@@ -69,3 +71,16 @@ def test_release_and_stop_remove_what_cer_made_in_containerd(running, checkpoint
         extractor_ref.stop(block=True, timeout=60)
     assert cer_objects(running) == []
     assert (extraction / READY_MARKER).exists()
+
+
+def test_an_attempt_that_ends_after_its_extractor_stopped_leaves_nothing_in_containerd(running, checkpoint, tmp_path):
+    # The attempt built a rootfs (snapshots and a lease) for an extractor that is gone: it must remove
+    # them itself, since nobody else will ever know of them.
+    ref = CheckpointRef(checkpoint.name)
+    gone = CheckpointExtractor.start(str(tmp_path), running.address, 10.0)
+    reply = gone.proxy()
+    gone.stop(block=True, timeout=30)
+    attempt = _Attempt(ref=ref, generation=1, base=str(tmp_path / "checkpoint"), address=running.address, timeout=10.0,
+                       cancel=threading.Event(), progress=Progress(), reply=reply)
+    attempt.run()
+    assert cer_objects(running) == []

@@ -7,7 +7,7 @@ import time
 import orjson
 import pytest
 import zmq
-from conftest import short_tempdir
+from conftest import short_tempdir, wait_for
 from dummy_gateway import DummyGateway
 
 from cer.errors import NotFound
@@ -142,6 +142,36 @@ def test_a_slow_request_does_not_hold_up_the_others(served):
     gateway.release_slow.set()
     thread.join(10)
     assert slow_reply["info"]["cold"] is True
+
+
+def test_a_warm_get_is_answered_while_every_worker_is_busy(served):
+    frontend, gateway = served
+    threads = [threading.Thread(target=lambda: Client(frontend.endpoint, timeout=30).call(NamespaceGet("mnt", CheckpointRef("slow"))))
+               for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: sum(call[0] == "get" for call in gateway.calls) == 4, 5, what="every worker to be held")
+    with Client(frontend.endpoint, timeout=5) as client:
+        for _ in range(3):  # the same bytes each time: parsed once, answered each time
+            reply = client.call(NamespaceGet("uts", CheckpointRef("warm")))
+            assert (reply["namespace_id"], reply["info"]["cold"]) == (1500, False)
+    assert [call[0] for call in gateway.calls].count("take") == 3
+    gateway.release_slow.set()
+    for thread in threads:
+        thread.join(10)
+
+
+def test_what_was_taken_is_reported_before_a_worker_gets_a_request(served):
+    frontend, gateway = served
+    with Client(frontend.endpoint, timeout=5) as client:
+        reply = client.call(NamespaceGet("ipc", CheckpointRef("warm")))
+        client.call(NamespacePut("ipc", reply["namespace_id"]))  # not warm: a worker puts it
+    calls = [call[0] for call in gateway.calls]
+    assert calls == ["take", "report", "put"], gateway.calls
+    # With nothing else to do, a take is reported within moments.
+    with Client(frontend.endpoint, timeout=5) as client:
+        client.call(NamespaceGet("uts", CheckpointRef("warm")))
+    wait_for(lambda: gateway.calls[-1][0] == "report", 2, what="the report")
 
 
 def test_errors_raised_by_the_gateway_keep_their_code(served):

@@ -171,7 +171,7 @@ def test_a_crashed_pool_is_started_again_and_the_others_are_unaffected(tmp_path)
         # A message nobody waits for that fails kills the actor (pykka's rule for tells).
         crashing.actor_ref.tell(pykka.messages.ProxyCall(attr_path=("put",), args=("uts", 999999), kwargs={}))
         wait_for(lambda: not crashing.actor_ref.is_alive(), 10, what="the pool to die")
-        assert any(pool["state"] == "crashed" for pool in supervisor.status().get(timeout=10))
+        assert any(pool["state"] == "crashed" for pool in supervisor.pool_statuses().get(timeout=10).collect(10))
         assert steady.get("uts").get(timeout=5).get(timeout=10).namespace.ns_type == "uts"
         restarted = supervisor.pool(CheckpointRef("crashing")).get(timeout=5)
         assert restarted.actor_ref is not crashing.actor_ref
@@ -181,7 +181,7 @@ def test_a_crashed_pool_is_started_again_and_the_others_are_unaffected(tmp_path)
         def accounted():
             held = sum(
                 counts["idle"] + counts["in_use"]
-                for pool in supervisor.status().get(timeout=10)
+                for pool in supervisor.pool_statuses().get(timeout=10).collect(10)
                 for counts in pool.get("types", {}).values()
             )
             factory = peers.factory.status().get(timeout=5)
