@@ -210,7 +210,7 @@ class Gateway:
         return self._wait(self._extractor.put(ref), "the checkpoint extractor")
 
     def lazy_server(self, ref: CheckpointRef, holder_pid: int | None = None) -> "LazyServer":
-        """A ready ``criu lazy-pages`` server for one lazy restore of ``ref``."""
+        """A ready lazy-pages server for one lazy restore of ``ref``."""
         deadline = Deadline(self._lazy_ready_timeout + self._ask_timeout)
         pending = deadline.wait(self._lazy_servers().get(ref, holder_pid), "the lazy-pages servers")
         return deadline.wait(pending, f"a lazy-pages server for {ref}")
@@ -220,6 +220,9 @@ class Gateway:
 
     def put_lazy_server(self, server_id: str) -> str:
         return self._wait(self._lazy_servers().put(server_id), "the lazy-pages servers")
+
+    def forget_working_set(self, ref: CheckpointRef) -> bool:
+        return self._wait(self._lazy_servers().forget_working_set(ref), "the lazy-pages servers")
 
     def _lazy_servers(self) -> pykka.ActorProxy:
         if self._lazy is None:

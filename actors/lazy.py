@@ -1,11 +1,14 @@
-"""Lazy-pages servers: one ``criu lazy-pages`` process per lazy restore of a checkpoint cer holds.
+"""Lazy-pages servers: one server process per lazy restore of a checkpoint cer holds.
 
 A lazy restore (``runc restore --lazy-pages``, ``criu restore --lazy-pages``) starts the container with
-its memory still in the images; a ``criu lazy-pages`` server then hands pages over through userfaultfd,
+its memory still in the images; a lazy-pages server then hands pages over through userfaultfd,
 first those the container touches, then all the rest, and exits (status 0) once the restore has all its
-pages or its processes are gone. Server and restore meet at ``lazy-pages.socket`` in CRIU's work
-directory, so every server here gets a directory of its own, ``ROOT/lazy/<id>/``, which its restore
-uses as its work directory; several restores of one checkpoint at once each get their own server.
+pages or its processes are gone. The server is cer's own (``python -m cer.lazy.server``, which also records
+each checkpoint's working set and serves it first on later restores: see cer.lazy.server), or with
+``LazySettings.server = "criu"`` (``cer start --lazy-server criu``) CRIU's ``criu lazy-pages``. Server and
+restore meet at ``lazy-pages.socket`` in CRIU's work directory, so every server here gets a directory of its
+own, ``ROOT/lazy/<id>/``, which its restore uses as its work directory; several restores of one checkpoint
+at once each get their own server.
 
 What a server is for, and how it ends:
 
@@ -49,11 +52,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import select
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -63,6 +68,7 @@ import pykka
 from loguru import logger
 
 from cer.errors import BadRequest, Exhausted, NotFound, Unavailable
+from cer.lazy import working_set
 from cer.linux.processes import pidfd_getfd, pidfd_open, same_open_file
 from cer.linux.userfaultfd import lazy_pages_unsupported, registered_page
 from cer.references import CheckpointRef
@@ -71,6 +77,10 @@ LAZY_DIRECTORY = "lazy"
 """Where, under ROOT, each server's work directory lives."""
 SOCKET_NAME = "lazy-pages.socket"
 LOG_NAME = "lazy-pages.log"
+STATS_NAME = "lazy-pages.stats"
+SERVERS = ("cer", "criu")
+_STATS_KEPT = ("faults", "zero_faults", "pages_on_fault", "pages_working_set", "pages_background", "working_set",
+               "working_set_pages", "seconds_to_finished", "seconds_working_set", "forks")
 _READY_POLL = 0.002
 _HISTORY = 64
 _REAP_TIMEOUT = 5.0
@@ -92,6 +102,12 @@ class LazySettings:
     checkpoint is stopped to make room first)."""
     max_per_checkpoint: int = 16
     """Servers of one checkpoint handed out or being started for a request at once."""
+    server: str = "cer"
+    """Whose lazy-pages server: ``cer`` (cer.lazy.server, with working sets) or ``criu`` (``criu lazy-pages``)."""
+    record_quiet: float = 1.0
+    """cer's server: a first restore's working set ends once its tasks faulted nothing for this long..."""
+    record_limit: float = 10.0
+    """...or this many seconds after the restore finished."""
 
 
 @dataclass(frozen=True)
@@ -150,7 +166,7 @@ class _Server:
 
 
 class LazyPagesServers(pykka.ThreadingActor):
-    """Starts, hands out, watches and ends ``criu lazy-pages`` servers (see the module's docstring)."""
+    """Starts, hands out, watches and ends lazy-pages servers (see the module's docstring)."""
 
     def __init__(
         self, root: str, extractor: pykka.ActorProxy, watcher: pykka.ActorProxy, settings: LazySettings = LazySettings(),
@@ -158,6 +174,7 @@ class LazyPagesServers(pykka.ThreadingActor):
     ) -> None:
         super().__init__()
         self._base = os.path.join(root, LAZY_DIRECTORY)
+        self._root = root
         self._extractor = extractor
         self._watcher = watcher
         self._settings = settings
@@ -179,8 +196,14 @@ class LazyPagesServers(pykka.ThreadingActor):
         _kill_leftovers(self._base)
         shutil.rmtree(self._base, ignore_errors=True)
         os.makedirs(self._base, mode=0o700)
+        # Working sets outlive the daemon: a checkpoint's set serves its restores after a restart too.
+        os.makedirs(os.path.join(self._root, working_set.DIRECTORY), mode=0o700, exist_ok=True)
         if self._unsupported:
             logger.warning("lazy restores are not available: {}", self._unsupported)
+        self._kdat_cached = _run_is_tmpfs()
+        if not self._kdat_cached:
+            logger.warning("/run is not a tmpfs: CRIU keeps no kernel probe cache (/run/criu.kdat) there and probes "
+                           "the kernel at every restore (about 0.03-0.15 s each); a tmpfs on /run saves that")
 
     # -- requests -------------------------------------------------------------------------------------
 
@@ -278,8 +301,41 @@ class LazyPagesServers(pykka.ThreadingActor):
         return {
             "supported": self._unsupported is None, "unsupported_reason": self._unsupported, "criu": self._criu,
             "deadline_seconds": self._settings.deadline, "spares": self._settings.spares, "servers": servers,
-            "ended": list(self._ended), "counts": dict(self._counts),
+            "ended": list(self._ended), "counts": dict(self._counts), "server": self._settings.server,
+            "working_sets": self._working_sets(), "criu_kdat_cached": self._kdat_cached,
         }
+
+    def forget_working_set(self, ref: CheckpointRef) -> bool:
+        """Remove ``ref``'s recorded working set: its next lazy restore records one anew. Whether there was one."""
+        try:
+            os.unlink(working_set.path_for(self._root, str(ref)))
+        except FileNotFoundError:
+            return False
+        logger.info("working set of {} forgotten", ref)
+        return True
+
+    def _working_sets(self) -> dict[str, dict]:
+        """Every recorded working set, by checkpoint (read from the files: servers write them)."""
+        found = {}
+        directory = os.path.join(self._root, working_set.DIRECTORY)
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError:
+            return found
+        for name in names:
+            if not name.endswith(".ws"):
+                continue
+            path = os.path.join(directory, name)
+            try:
+                header = working_set.read_header(path)
+            except (OSError, working_set.WorkingSetError) as error:
+                logger.debug("working set {}: {}", path, error)
+                continue
+            if working_set.path_for(self._root, header["ref"]) != path:
+                continue  # not where that checkpoint's set would be: not cer's
+            found[header["ref"]] = {"pages": header["pages"], "bytes": header["pages"] * 4096,
+                                    "recorded": header["recorded"], "seconds": header["seconds"]}
+        return found
 
     # -- what threads and the watcher report ------------------------------------------------------------
 
@@ -370,13 +426,13 @@ class LazyPagesServers(pykka.ThreadingActor):
             os.mkdir(work_dir, 0o700)
             with open(os.path.join(work_dir, "lazy-pages.stderr"), "wb") as stderr:
                 process = subprocess.Popen(
-                    [self._criu, "lazy-pages", "-D", images, "-W", work_dir, "-o", LOG_NAME],
+                    self._command(ref, images, work_dir),
                     stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, cwd=work_dir, start_new_session=True,
                 )
         except OSError as error:
             shutil.rmtree(work_dir, ignore_errors=True)
             self._extractor.put(ref)
-            raise Unavailable(f"cannot start criu lazy-pages: {error}") from None
+            raise Unavailable(f"cannot start a lazy-pages server ({self._settings.server}): {error}") from None
         # Our child, not reaped until we wait for it: its pid cannot name another process before then.
         server = _Server(server_id, ref, images, work_dir, process, pidfd_open(process.pid), time.monotonic())
         self._servers[server_id] = server
@@ -388,6 +444,14 @@ class LazyPagesServers(pykka.ThreadingActor):
                                                      self._settings.ready_timeout, self._self),
                          name=f"cer-lazy-ready-{server_id}", daemon=True).start()
         return server
+
+    def _command(self, ref: CheckpointRef, images: str, work_dir: str) -> list[str]:
+        """The server's command line; both kinds carry ``lazy-pages`` and ``-W work_dir`` (_kill_leftovers)."""
+        if self._settings.server == "criu":
+            return [self._criu, "lazy-pages", "-D", images, "-W", work_dir, "-o", LOG_NAME]
+        return [sys.executable, "-m", "cer.lazy.server", "lazy-pages", "-D", images, "-W", work_dir, "-o", LOG_NAME,
+                "--working-set", working_set.path_for(self._root, str(ref)), "--ref", str(ref),
+                "--record-quiet", str(self._settings.record_quiet), "--record-limit", str(self._settings.record_limit)]
 
     def _hand_out(self, server: _Server, request: _Request) -> None:
         server.request = None
@@ -489,7 +553,7 @@ class LazyPagesServers(pykka.ThreadingActor):
         if server.request is not None:
             _close(server.request.holder_pidfd)
             server.request.future.set_exception(exc_info=(Unavailable, Unavailable(
-                f"criu lazy-pages for {server.ref} did not get ready ({reason})"), None))
+                f"the lazy-pages server for {server.ref} did not get ready ({reason})"), None))
         if server.holder_pid is not None:
             self._watcher.unwatch(("lazy", server.server_id, "holder"))
         # The restored process is dead (or was never at risk) before cer lets go of its userfaultfds.
@@ -497,6 +561,7 @@ class LazyPagesServers(pykka.ThreadingActor):
         if not killed:
             _close(server.restored_pidfd)
         os.close(server.pidfd)
+        stats = _read_stats(server.work_dir)
         shutil.rmtree(server.work_dir, ignore_errors=True)
         self._extractor.put(server.ref)
         self._counts[outcome] += 1
@@ -504,7 +569,8 @@ class LazyPagesServers(pykka.ThreadingActor):
             "server_id": server.server_id, "ref": str(server.ref), "outcome": outcome, "reason": reason,
             "pid": server.process.pid, "seconds": round(time.monotonic() - server.started, 3),
             "served_seconds": None if server.handed_out is None else round(time.monotonic() - server.handed_out, 3),
-            "restored_pid": server.restored_pid, "restored_killed": killed,
+            "restored_pid": server.restored_pid, "restored_killed": killed, "server": self._settings.server,
+            "stats": stats,
         })
         log = logger.warning if killed or server.connected or outcome in ("failed", "not_ready") else logger.info
         log("lazy-pages server {} of {} ended: {} ({})", server.server_id, server.ref, outcome, reason)
@@ -557,6 +623,10 @@ class LazyPagesServers(pykka.ThreadingActor):
                 continue
             self._server_exited(server)
         shutil.rmtree(self._base, ignore_errors=True)
+        try:  # kept only when it holds a working set
+            os.rmdir(os.path.join(self._root, working_set.DIRECTORY))
+        except OSError:
+            pass
 
 
 # -- helpers, run in the actor or in threads of their own ------------------------------------------------
@@ -576,6 +646,30 @@ def _await_ready(socket: str, pidfd: int, server_id: str, timeout: float, actor:
         _tell(actor, "server_ready", server_id)
     finally:
         os.close(pidfd)
+
+
+def _run_is_tmpfs() -> bool:
+    """Whether CRIU can cache its kernel probes: it keeps /run/criu.kdat only on a tmpfs (criu/kerndat.c)."""
+    try:
+        with open("/proc/self/mountinfo") as file:
+            mounts = [line.split(" - ", 1) for line in file]
+    except OSError:
+        return False
+    fstype = None
+    for fields, rest in (m for m in mounts if len(m) == 2):
+        if fields.split()[4] == "/run":
+            fstype = rest.split()[0]  # the last mount on /run is the one seen
+    return fstype == "tmpfs"
+
+
+def _read_stats(work_dir: str) -> dict | None:
+    """What cer's server said it did (None for CRIU's, or a server that wrote nothing)."""
+    try:
+        with open(os.path.join(work_dir, STATS_NAME)) as file:
+            stats = json.load(file)
+    except (OSError, ValueError):
+        return None
+    return {key: stats.get(key) for key in _STATS_KEPT} if isinstance(stats, dict) else None
 
 
 def _release_later(pidfd: int | None, uffds: list[int]) -> None:

@@ -1,6 +1,8 @@
-"""Lazy restores through cer against eager ones: restore-to-running latency and time until all pages are in.
+"""Lazy restores through cer against eager ones: restore-to-running latency and time until all pages are in;
+with --response, time from the restore command to the container's first answer.
 
     python3 benchmarks/bench_lazy.py [--sizes 16,256,1024] [--rounds 5] [--drop-caches]   (as root)
+    python3 benchmarks/bench_lazy.py --response [--sizes 256,1024] [--rounds 5]
 
 For each size a container runs tests/contrib/lazy-workload.c holding that many MiB of memory (every page
 different) and is checkpointed once with ``runc checkpoint``; a cer daemon serves that image directory. Then,
@@ -26,11 +28,30 @@ methods (the images were just written); dirty pages are written back (sync) befo
 With --drop-caches the page cache is dropped instead (``/proc/sys/vm/drop_caches``, machine-wide: every
 process on the host reads its files from disk again), as for a checkpoint restored long after it was
 written. Medians are printed with ratios to eager (wrappers: to eager-wrapper).
+
+--response: time to first response. After each restore the benchmark asks the workload a question (SIGRTMIN):
+it reads a fixed, scattered 10% of its pages and answers through a FIFO in /results. Measured from the start
+of the restore command to the answer, round after round, interleaved:
+
+  eager             ``runc restore -d``, then the request;
+  lazy-criu         ``checkpoint.lazy`` from a daemon started with ``--lazy-server criu`` (CRIU's
+                    ``criu lazy-pages``), ``runc restore -d --lazy-pages``, the request;
+  lazy-cer-first    the same from a daemon with cer's server, its working set forgotten first: this restore
+                    records it (what a checkpoint's first lazy restore pays);
+  lazy-cer-ws       the same with the working set the previous round recorded: served first;
+  never-stopped     the request alone, to a container of the same workload that was never checkpointed.
+
+For each: restore to running, restore to answer, the request alone (request to answer), and the page
+faults the restored process took while answering (minflt + majflt of /proc/PID/stat; each fault on a page
+still missing is one round trip through the lazy-pages server). Aims (issue 14): restore to running at most
+0.4x eager; restore to answer with a working set at most 0.3x eager, with at least 10x fewer faults than
+lazy-criu; the request after a restore within 1.5x of the same request to a never-stopped process.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import select
@@ -52,7 +73,7 @@ import runc_support  # noqa: E402
 from conftest import start_daemon  # noqa: E402
 
 from cer.protocol.client import Client  # noqa: E402
-from cer.protocol.methods import AdminStatus, CheckpointLazy, CheckpointLazyBind  # noqa: E402
+from cer.protocol.methods import AdminStatus, CheckpointLazy, CheckpointLazyBind, CheckpointLazyForget  # noqa: E402
 from cer.references import CheckpointRef  # noqa: E402
 
 WORKLOAD = REPO / "tests" / "contrib" / "lazy-workload.c"
@@ -95,6 +116,169 @@ class Size:
         text = result.read_text()
         if not text.startswith("OK "):
             raise RuntimeError(f"{self.name}: the restored memory is wrong: {text}")
+
+
+RESPONSE_METHODS = ("eager", "lazy-criu", "lazy-cer-first", "lazy-cer-ws", "never-stopped")
+
+
+class Asker:
+    """Asks a workload of one size its question (SIGRTMIN) and waits for the answer on the FIFO
+    /results/answer (the benchmark keeps its read end open, so that the workload's open never blocks)."""
+
+    def __init__(self, size: Size) -> None:
+        self.fifo = size.results / "answer"
+        if not self.fifo.exists():
+            os.mkfifo(self.fifo, 0o666)
+        self.fd = os.open(self.fifo, os.O_RDONLY | os.O_NONBLOCK)
+        # A writer of our own: without one, a FIFO whose last writer closed reads as end-of-file at once.
+        self.keep = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)
+
+    def ask(self, pid: int, timeout: float = 120) -> tuple[float, float, int]:
+        """(when asked, when answered: perf_counter, faults the process took meanwhile)."""
+        while True:  # an answer left from before is not this one's
+            try:
+                os.read(self.fd, 4096)
+            except BlockingIOError:
+                break
+        faults = _faults(pid)
+        asked = time.perf_counter()
+        os.kill(pid, signal.SIGRTMIN)
+        if not select.select([self.fd], [], [], timeout)[0]:
+            raise RuntimeError(f"process {pid} did not answer within {timeout:g} s")
+        answered = time.perf_counter()
+        text = os.read(self.fd, 4096).decode()
+        if " OK" not in text:
+            raise RuntimeError(f"process {pid} answered wrongly: {text!r}")
+        return asked, answered, _faults(pid) - faults
+
+    def close(self) -> None:
+        os.close(self.keep)
+        os.close(self.fd)
+
+
+def _faults(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[7]) + int(fields[9])  # minflt, majflt (fields 10 and 12 of proc(5))
+
+
+class ResponseBench:
+    def __init__(self, work: Path, runc: runc_support.Runc, cer_daemon, criu_daemon) -> None:
+        self.work, self.runc, self.cer, self.criu = work, runc, cer_daemon, criu_daemon
+
+    def round(self, method: str, size: Size, asker: Asker, never_stopped: int) -> dict:
+        if method == "never-stopped":
+            asked, answered, faults = asker.ask(never_stopped)
+            return {"running": 0.0, "answer": answered - asked, "request": answered - asked, "faults": faults}
+        container = f"q-{uuid.uuid4().hex[:8]}"
+        daemon = self.criu if method == "lazy-criu" else self.cer
+        if method != "eager":
+            ready_spare(daemon, size, True)
+        if method == "lazy-cer-first":
+            with Client(daemon.endpoint, 30) as client:
+                client.call(CheckpointLazyForget(CheckpointRef(size.name)))
+        os.sync()
+        server_pid = None
+        try:
+            start = time.perf_counter()
+            if method == "eager":
+                restore_work = Path(tempfile.mkdtemp(prefix="eager-", dir=self.work))
+                run(self.runc.argv("restore", "-d", "--image-path", str(size.images), "--work-path", str(restore_work),
+                                   "--bundle", str(size.bundle.path), container))
+                running = time.perf_counter() - start
+                pid = self.runc.pid(container)
+            else:
+                with Client(daemon.endpoint, 30) as client:
+                    reply = client.call(CheckpointLazy(CheckpointRef(size.name)))
+                    server_pid = reply["pid"]
+                    run(self.runc.argv("restore", "-d", "--lazy-pages", "--image-path", reply["images"], "--work-path",
+                                       reply["work_dir"], "--bundle", str(size.bundle.path), container))
+                    running = time.perf_counter() - start
+                    pid = self.runc.pid(container)
+                    client.call(CheckpointLazyBind(reply["server_id"], pid))
+            asked, answered, faults = asker.ask(pid)
+            measured = {"running": running, "answer": answered - start, "request": answered - asked, "faults": faults}
+            if server_pid is not None:
+                wait_exit(server_pid)
+                if method.startswith("lazy-cer"):
+                    measured["server"] = _server_stats(daemon, server_pid)
+            size.verify(pid)
+            return measured
+        finally:
+            self.runc.delete(container)
+
+
+def _server_stats(daemon, server_pid: int) -> dict | None:
+    with Client(daemon.endpoint, 30) as client:
+        ended = client.call(AdminStatus())["lazy"]["ended"]
+    return next((entry["stats"] for entry in reversed(ended) if entry["pid"] == server_pid), None)
+
+
+@contextlib.contextmanager
+def checkpoints_served(prefix: str, sizes: list[int], *daemon_args: tuple[str, ...]):
+    """A checkpoint of the workload per size, and one cer daemon serving them per ``daemon_args`` entry (its
+    ``cer start`` options); yields (work directory, runc, sizes, daemons) and removes everything after."""
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    runc = runc_support.Runc(work / "runc")
+    daemons = []
+    try:
+        binary = containerd_support.build_static(WORKLOAD.read_text(), "lazy-workload", work / "build")
+        prepared = []
+        for mib in sizes:
+            print(f"checkpointing {mib} MiB ...", file=sys.stderr, flush=True)
+            prepared.append(Size(mib, work, binary, runc))
+        config = {"containerd_checkpoints": [{"name": s.name, "capacity": 1, "path": str(s.images)} for s in prepared]}
+        for args in daemon_args:
+            daemons.append(start_daemon(config, *args))
+        yield work, runc, prepared, daemons
+    finally:
+        runc.cleanup()
+        for daemon in daemons:
+            daemon.stop()
+            shutil.rmtree(daemon.root.parent, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def response_main(options, sizes: list[int]) -> None:
+    started = time.monotonic()
+    results: dict[int, dict[str, list[dict]]] = {}
+    with checkpoints_served("cer-bench-response-", sizes, (), ("--lazy-server", "criu")) as (work, runc, prepared,
+                                                                                             daemons):
+        bench = ResponseBench(work, runc, *daemons)
+        for size in prepared:
+            asker = Asker(size)
+            never_stopped = f"never-{uuid.uuid4().hex[:6]}"
+            runc.run_detached(size.bundle, never_stopped, timeout=300)
+            try:
+                times = results[size.mib] = {method: [] for method in RESPONSE_METHODS}
+                for round_number in range(options.rounds + 1):  # round 0 warms up
+                    print(f"{size.mib} MiB round {round_number}/{options.rounds}", file=sys.stderr, flush=True)
+                    for method in RESPONSE_METHODS:
+                        measured = bench.round(method, size, asker, runc.pid(never_stopped))
+                        if round_number:
+                            times[method].append(measured)
+            finally:
+                runc.delete(never_stopped)
+                asker.close()
+
+    cache = "page cache warm"
+    print(f"\ntime to first response, median of {options.rounds} rounds, {cache}; seconds, ratios to eager "
+          "(request: to never-stopped)")
+    print(f"{'size':>8}  {'method':<16}{'running':>9}{'/eager':>8}{'answer':>9}{'/eager':>8}{'request':>10}"
+          f"{'/never':>8}{'faults':>9}{'ws pages':>10}")
+    for mib, times in results.items():
+        def median(method: str, key: str) -> float:
+            return statistics.median(t[key] for t in times[method])
+
+        for method in RESPONSE_METHODS:
+            ws_pages = [t["server"]["working_set_pages"] for t in times[method] if t.get("server")]
+            print(f"{mib:>5} MiB  {method:<16}{median(method, 'running'):>9.3f}"
+                  f"{median(method, 'running') / median('eager', 'running'):>7.2f}x"
+                  f"{median(method, 'answer'):>9.3f}{median(method, 'answer') / median('eager', 'answer'):>7.2f}x"
+                  f"{median(method, 'request'):>10.4f}"
+                  f"{median(method, 'request') / median('never-stopped', 'request'):>7.2f}x"
+                  f"{median(method, 'faults'):>9.0f}{statistics.median(ws_pages) if ws_pages else '-':>10}")
+    print(json.dumps({"rounds": options.rounds, "results": results}), file=sys.stderr)
+    print(f"\n(every restored container checked all its pages: OK; total run {time.monotonic() - started:.0f} s)")
 
 
 def wait_exit(pid: int, timeout: float = 300) -> float:
@@ -202,26 +386,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--drop-caches", action="store_true",
                         help="drop the (machine-wide) page cache before each restore: images read from disk")
+    parser.add_argument("--response", action="store_true", help="time to first response (see the docstring)")
     options = parser.parse_args()
     sizes = [int(size) for size in options.sizes.split(",")]
     runc_support.require("runc", "criu", "gcc")
+    if options.response:
+        response_main(options, sizes)
+        return
 
     started = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix="cer-bench-lazy-", dir="/tmp"))
-    runc = runc_support.Runc(work / "runc")
-    daemons = []
     results: dict[int, dict[str, list[tuple[float, float]]]] = {}
-    try:
-        binary = containerd_support.build_static(WORKLOAD.read_text(), "lazy-workload", work / "build")
-        prepared = []
-        for mib in sizes:
-            print(f"checkpointing {mib} MiB ...", file=sys.stderr, flush=True)
-            prepared.append(Size(mib, work, binary, runc))
-        config = {"containerd_checkpoints": [{"name": s.name, "capacity": 1, "path": str(s.images)} for s in prepared]}
-        daemon = start_daemon(config)
-        daemons.append(daemon)
-        nospare = start_daemon(config, "--lazy-spares", "0")
-        daemons.append(nospare)
+    with checkpoints_served("cer-bench-lazy-", sizes, (), ("--lazy-spares", "0")) as (work, runc, prepared, daemons):
+        daemon, nospare = daemons
         bench = Bench(work, runc, daemon, nospare, options.drop_caches)
         for size in prepared:
             times = results[size.mib] = {method: [] for method in METHODS}
@@ -231,12 +407,6 @@ def main() -> None:
                     measured = bench.round(method, size)
                     if round_number:
                         times[method].append(measured)
-    finally:
-        runc.cleanup()
-        for daemon in daemons:
-            daemon.stop()
-            shutil.rmtree(daemon.root.parent, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
 
     for title, index in (("restore to running", 0), ("time to all pages", 1)):
         cache = "page cache dropped before each restore" if options.drop_caches else "page cache warm"

@@ -112,14 +112,15 @@ def main(context: click.Context, debug: bool) -> None:
 @click.option("--lazy-spares", default=1, show_default=True, type=click.IntRange(0, 16), help="Ready lazy-pages servers kept per checkpoint once it has been restored lazily.")
 @click.option("--lazy-max-servers", default=64, show_default=True, type=click.IntRange(1, 4096), help="Lazy-pages servers alive at once, spares included; checkpoint.lazy beyond is answered `exhausted`.")
 @click.option("--lazy-max-per-checkpoint", default=16, show_default=True, type=click.IntRange(1, 4096), help="Lazy-pages servers of one checkpoint handed out at once.")
-@click.option("--criu", default="criu", show_default=True, help="The CRIU that runs lazy-pages servers (the one the runtimes use).")
+@click.option("--criu", default="criu", show_default=True, help="The CRIU that lazy restores use (and that runs lazy-pages servers with --lazy-server criu).")
+@click.option("--lazy-server", default="cer", show_default=True, type=click.Choice(["cer", "criu"]), help="Whose lazy-pages server serves lazy restores: cer's own (records each checkpoint's working set and serves it first) or CRIU's `criu lazy-pages` (the fallback).")
 @click.option("--prefill-budget", type=_SIZE, help="Most SysV memory (shm pages, queued messages) pre-filled into pooled IPC namespaces, all pools together, e.g. 8G; a pool that would pass it is refused.  [default: a quarter of the machine's memory]")
 @click.pass_context
 def start(
     context, debug, root, config_path, endpoint, workers, cold_timeout, curve_keys, insecure_tcp, lease_timeout, containerd_address,
     containerd_timeout, http_port, http_address, http_allow_remote, http_unauthenticated_updates, legacy_socket,
     legacy_timeout, lazy_deadline,
-    lazy_spares, lazy_max_servers, lazy_max_per_checkpoint, criu, prefill_budget,
+    lazy_spares, lazy_max_servers, lazy_max_per_checkpoint, criu, lazy_server, prefill_budget,
 ) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
     from cer.config import load_config  # noqa: PLC0415
@@ -154,7 +155,7 @@ def start(
             http_allow_remote=http_allow_remote,
             http_unauthenticated_updates=http_unauthenticated_updates,
             lazy=LazySettings(deadline=lazy_deadline, spares=lazy_spares, criu=criu, max_servers=lazy_max_servers,
-                              max_per_checkpoint=lazy_max_per_checkpoint),
+                              max_per_checkpoint=lazy_max_per_checkpoint, server=lazy_server),
             prefill_budget=prefill_budget,
         )
         run(config, settings)
@@ -228,6 +229,28 @@ def checkpoint_put(endpoint, curve_keys, timeout, checkpoint, namespace) -> None
     _call(endpoint, timeout, curve_keys, CheckpointPut(_ref(checkpoint, namespace)))
 
 
+@checkpoint.command("lazy")
+@_endpoint_option
+@_ref_options
+@click.option("--holder-pid", type=click.IntRange(1), help="Stop the server when this process exits before a restore reached it.")
+def checkpoint_lazy(endpoint, curve_keys, timeout, checkpoint, namespace, holder_pid) -> None:
+    """Start a lazy-pages server for one lazy restore of CHECKPOINT; print where the restore finds it."""
+    from cer.protocol.methods import CheckpointLazy  # noqa: PLC0415
+
+    _print_json(_call(endpoint, timeout, curve_keys, CheckpointLazy(_ref(checkpoint, namespace), holder_pid)))
+
+
+@checkpoint.command("forget-working-set")
+@_endpoint_option
+@_ref_options
+def checkpoint_forget_working_set(endpoint, curve_keys, timeout, checkpoint, namespace) -> None:
+    """Forget the working set recorded for CHECKPOINT's lazy restores: the next one records it anew."""
+    from cer.protocol.methods import CheckpointLazyForget  # noqa: PLC0415
+
+    forgotten = _call(endpoint, timeout, curve_keys, CheckpointLazyForget(_ref(checkpoint, namespace)))["forgotten"]
+    click.echo("forgotten" if forgotten else "no working set was recorded")
+
+
 @main.command()
 @_endpoint_option
 @click.option("--json", "as_json", is_flag=True, help="Print the whole status as JSON.")
@@ -282,18 +305,49 @@ def _status_table(reply: dict):
                 name, state, ns_type, target, *(str(counts[key]) for key in ("idle", "in_use", "bound", "overdue", "building", "warm_gets", "cold_gets")),
                 "-" if build is None else f"{build * 1000:.1f}", error,
             )
+    parts = [table]
+    lazy = reply.get("lazy")
+    if lazy and (lazy["servers"] or lazy.get("working_sets")):
+        parts.append(_lazy_table(lazy))
     failures = reply.get("message_failures")
-    if not failures:
+    if failures:
+        # Messages nobody waited for whose handler failed: each is in the log at ERROR too.
+        failed = Table(title="failed messages (see the log)", title_justify="left", box=None, header_style="bold red")
+        for column in ("ACTOR", "MESSAGE", "COUNT", "LAST ERROR"):
+            failed.add_column(column, justify="right" if column == "COUNT" else "left")
+        for failure in failures:
+            failed.add_row(failure["actor"], failure["message"], str(failure["count"]), failure["last_error"])
+        parts.append(failed)
+    if len(parts) == 1:
         return table
     from rich.console import Group  # noqa: PLC0415
 
-    # Messages nobody waited for whose handler failed: each is in the log at ERROR too.
-    failed = Table(title="failed messages (see the log)", title_justify="left", box=None, header_style="bold red")
-    for column in ("ACTOR", "MESSAGE", "COUNT", "LAST ERROR"):
-        failed.add_column(column, justify="right" if column == "COUNT" else "left")
-    for failure in failures:
-        failed.add_row(failure["actor"], failure["message"], str(failure["count"]), failure["last_error"])
-    return Group(table, failed)
+    return Group(*parts)
+
+
+def _lazy_table(lazy: dict):
+    """Lazy-pages servers, then the checkpoints with a recorded working set."""
+    from rich.table import Table  # noqa: PLC0415
+
+    table = Table(title=f"lazy-pages servers ({lazy.get('server', 'criu')})", title_justify="left", box=None,
+                  header_style="bold")
+    for column in ("CHECKPOINT", "SERVER", "STATE", "PID", "RESTORED PID", "AGE S", "DEADLINE S", "WORKING SET"):
+        table.add_column(column, justify="left" if column in ("CHECKPOINT", "SERVER", "STATE", "WORKING SET") else "right")
+    sets = lazy.get("working_sets") or {}
+
+    def described(ref: str) -> str:
+        found = sets.get(ref)
+        return "-" if found is None else f"{found['pages']} pages ({found['bytes'] / 2**20:.1f} MiB)"
+
+    shown = set()
+    for server in lazy["servers"]:
+        shown.add(server["ref"])
+        table.add_row(server["ref"], server["server_id"], server["state"], str(server["pid"]),
+                      str(server["restored_pid"] or "-"), f"{server['age_seconds']:.1f}",
+                      f"{server['deadline_in_seconds']:.0f}", described(server["ref"]))
+    for ref in sorted(set(sets) - shown):
+        table.add_row(ref, "-", "-", "-", "-", "-", "-", described(ref))
+    return table
 
 
 @main.command()

@@ -453,7 +453,7 @@ def _server_id(raw: dict, name: str = "server_id") -> str:
 @_method("checkpoint", "lazy")
 @dataclass(frozen=True)
 class CheckpointLazy(Method):
-    """Start a ``criu lazy-pages`` server for one lazy restore of ``ref``; it is ready when this answers.
+    """Start a lazy-pages server for one lazy restore of ``ref``; it is ready when this answers.
 
     params: ``{"ref": REF, "holder_pid": PID}`` (``holder_pid`` optional)
     result: ``{"server_id": ID, "work_dir": DIR, "socket": PATH, "images": DIR, "pid": PID, "deadline_seconds": S}``
@@ -541,3 +541,29 @@ class CheckpointLazyPut(Method):
 
     def handle(self, gateway: "Gateway") -> dict:
         return {"state": gateway.put_lazy_server(self.server_id)}
+
+
+@_method("checkpoint", "lazy_forget")
+@dataclass(frozen=True)
+class CheckpointLazyForget(Method):
+    """Forget the working set recorded for ``ref``: its next lazy restore records one anew.
+
+    params: ``{"ref": REF}``
+    result: ``{"forgotten": true|false}`` (false: none was recorded)
+
+    cer's lazy-pages server records which pages a checkpoint's first lazy restore faulted in its first
+    moments and serves them first to every later restore (``admin.status``: ``lazy.working_sets``). A set
+    that no longer fits the workload only costs page faults; forget it when the workload changed.
+    """
+
+    ref: CheckpointRef
+
+    @classmethod
+    def parse(cls, raw: dict) -> "CheckpointLazyForget":
+        return cls(_Params(raw, {"ref"}).ref())
+
+    def params(self) -> dict:
+        return {"ref": self.ref.to_wire()}
+
+    def handle(self, gateway: "Gateway") -> dict:
+        return {"forgotten": gateway.forget_working_set(self.ref)}

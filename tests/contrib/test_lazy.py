@@ -14,263 +14,31 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import time
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SAMPLE, short_tempdir, start_daemon, wait_for
+from conftest import SAMPLE, start_daemon, wait_for
 
-import containerd_support
 import runc_support
-from runc_support import RuntimeSupportError
-
-WRAPPER = REPO / "contrib" / "ctr-wrapper"
-WORKLOAD = Path(__file__).with_name("lazy-workload.c")
+from lazy_support import (  # noqa: F401 (fixtures: workdir, binary, small, large, lazy_cer, runc, wrapper_workdir)
+    WRAPPER, Checkpoint, alive, binary, check_memory, daemon_fds, entries, large, lazy_cer, lazy_status,
+    processes_naming, restorable, restore_lazily, runc, running_daemon, server, small, unique, users, wait_ended,
+    workdir, wrapper_argv, wrapper_env, wrapper_workdir,
+)
 
 pytestmark = pytest.mark.slow
-
-
-def _require() -> None:
-    try:
-        runc_support.require("runc", "criu", "gcc")
-    except RuntimeSupportError as error:
-        pytest.fail(str(error))
-    from cer.linux.userfaultfd import lazy_pages_unsupported
-
-    reason = lazy_pages_unsupported()
-    if reason is not None:
-        pytest.fail(f"lazy restores need userfaultfd here: {reason}")
-
-
-def _unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-@dataclass
-class Checkpoint:
-    name: str
-    mib: int
-    images: Path
-    bundle: runc_support.Bundle
-
-    @property
-    def pages(self) -> int:
-        return self.mib * 256
-
-
-@dataclass
-class Restorable:
-    """A bundle to restore a checkpoint with: a copy of the checkpoint's root filesystem, /results bound to a
-    fresh host directory of its own (two restores at once must not share one)."""
-
-    bundle: Path
-    results: Path
-
-    def result(self) -> str | None:
-        try:
-            return (self.results / "lazy-result").read_text().strip()
-        except FileNotFoundError:
-            return None
-
-
-def _bundle_with_results(directory: Path, binary: Path, mib: int) -> runc_support.Bundle:
-    results = directory / "results"
-    results.mkdir(parents=True)
-    bundle = runc_support.make_bundle(directory / "bundle", binary, [str(mib), "/results"])
-    (bundle.rootfs / "results").mkdir()
-    config = bundle.config()
-    config["mounts"].append({"destination": "/results", "type": "bind", "source": str(results), "options": ["rbind", "rw"]})
-    bundle.config_path.write_text(json.dumps(config, indent=2))
-    return bundle
-
-
-def restorable(checkpoint: Checkpoint, directory: Path) -> Restorable:
-    directory.mkdir(parents=True)
-    results = directory / "results"
-    results.mkdir()
-    # A root filesystem of its own, as every container has: runc prepares a restore's bind mounts inside
-    # the rootfs on the host, so two restores at once on one directory refuse each other's mounts.
-    shutil.copytree(checkpoint.bundle.rootfs, directory / "rootfs", symlinks=True)
-    config = checkpoint.bundle.config()
-    config["root"]["path"] = str(directory / "rootfs")
-    for mount in config["mounts"]:
-        if mount["destination"] == "/results":
-            mount["source"] = str(results)
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
-    return Restorable(directory, results)
-
-
-@pytest.fixture(scope="module")
-def workdir():
-    path = short_tempdir("cer-lazy-")
-    yield path
-    subprocess.run(["rm", "-rf", str(path)], timeout=60)
-
-
-@pytest.fixture(scope="module")
-def binary(workdir):
-    _require()
-    return containerd_support.build_static(WORKLOAD.read_text(), "lazy-workload", workdir / "build")
-
-
-def _checkpoint(workdir: Path, binary: Path, mib: int) -> Checkpoint:
-    name = f"lazy-{mib}"
-    bundle = _bundle_with_results(workdir / name, binary, mib)
-    images = workdir / name / "images"
-    images.mkdir()
-    with runc_support.private_runc() as runc:
-        container_id = _unique(name)
-        runc.run_detached(bundle, container_id, timeout=120)
-        runc.checkpoint(container_id, images, timeout=300)
-    return Checkpoint(name, mib, images, bundle)
-
-
-@pytest.fixture(scope="module")
-def small(workdir, binary):
-    """64 MiB: most tests."""
-    return _checkpoint(workdir, binary, 64)
-
-
-@pytest.fixture(scope="module")
-def large(workdir, binary):
-    """256 MiB, the size the issue names."""
-    return _checkpoint(workdir, binary, 256)
-
-
-# --------------------------------------------------------------------------- daemon, runc, wrapper
-
-def _entries(*checkpoints: Checkpoint) -> dict:
-    return {"containerd_checkpoints": [{"name": c.name, "capacity": 1, "path": str(c.images)} for c in checkpoints],
-            "default_capacity": 1}
-
-
-def processes_naming(path: Path) -> list[int]:
-    """Processes whose command line names something under ``path`` (a lazy-pages server, or a helper it forked)."""
-    found = []
-    for name in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError):
-            if str(path).encode() in Path(f"/proc/{name}/cmdline").read_bytes() and alive(int(name)):
-                found.append(int(name))
-    return found
-
-
-@contextlib.contextmanager
-def running_daemon(config: dict, *args: str):
-    daemon = start_daemon(config, *args)
-    try:
-        for entry in config["containerd_checkpoints"]:
-            daemon.wait_full(entry["name"], ("ipc", "uts"), timeout=60)
-        yield daemon
-    finally:
-        code = daemon.stop()
-        left = processes_naming(daemon.root / "lazy")
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        subprocess.run(["rm", "-rf", str(daemon.root.parent)], timeout=60)
-    assert code == 0, daemon.output()
-    assert not left, f"processes of lazy-pages servers outlived the daemon: {left}"
-
-
-@pytest.fixture
-def lazy_cer(small, large):
-    with running_daemon(_entries(small, large)) as daemon:
-        yield daemon
-
-
-@pytest.fixture
-def runc():
-    with runc_support.private_runc() as private:
-        yield private
-
-
-@pytest.fixture(autouse=True)
-def wrapper_workdir():
-    path = short_tempdir("cer-lazy-work-")
-    os.environ["CER_WRAPPER_WORKDIR"] = str(path)
-    yield path
-    del os.environ["CER_WRAPPER_WORKDIR"]
-    subprocess.run(["rm", "-rf", str(path)], timeout=60)
-
-
-def _wrapper_argv(daemon, runc, restorable_: Restorable, checkpoint: Checkpoint, container_id: str, *extra: str):
-    return [sys.executable, str(WRAPPER), "restore", "--endpoint", daemon.endpoint, "--runtime", "runc",
-            "--runc-root", str(runc.root), "--bundle", str(restorable_.bundle), "--lazy", *extra, checkpoint.name,
-            container_id]
-
-
-def _env() -> dict[str, str]:
-    env = runc_support.runtime_env()
-    env.pop("CER_ENDPOINT", None)
-    return env
-
-
-def restore_lazily(daemon, runc, restorable_: Restorable, checkpoint: Checkpoint, *extra: str) -> dict:
-    argv = _wrapper_argv(daemon, runc, restorable_, checkpoint, _unique("lazy"), *extra)
-    result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, env=_env())
-    assert result.returncode == 0, f"ctr-wrapper --lazy failed ({result.returncode}):\n{result.stderr}"
-    return json.loads(result.stdout)
-
-
-def check_memory(pid: int, where: Restorable, round_: int, timeout: float = 60) -> str:
-    """Ask the workload to check every page; its report for that round."""
-    os.kill(pid, signal.SIGUSR1)
-
-    def reported():
-        text = where.result()
-        return text if text and text.split()[1] == str(round_) else None
-
-    return wait_for(reported, timeout, 0.01, f"process {pid} to report check {round_}")
-
-
-def lazy_status(daemon) -> dict:
-    return daemon.status()["lazy"]
-
-
-def server(daemon, server_id: str) -> dict | None:
-    return next((s for s in lazy_status(daemon)["servers"] if s["server_id"] == server_id), None)
-
-
-def wait_ended(daemon, server_id: str, timeout: float = 30) -> dict:
-    def ended():
-        return next((e for e in lazy_status(daemon)["ended"] if e["server_id"] == server_id), None)
-
-    return wait_for(ended, timeout, 0.05, f"lazy-pages server {server_id} to end")
-
-
-def users(daemon, checkpoint: Checkpoint) -> int:
-    return daemon.status()["checkpoints"][f"default/{checkpoint.name}"]["users"]
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def daemon_fds(daemon, kind: str) -> int:
-    count = 0
-    for fd in os.listdir(f"/proc/{daemon.process.pid}/fd"):
-        with contextlib.suppress(OSError):
-            count += os.readlink(f"/proc/{daemon.process.pid}/fd/{fd}") == kind
-    return count
 
 
 # --------------------------------------------------------------------------- correctness
 
 @pytest.mark.timeout(240)
 def test_a_lazy_restore_through_cer_has_every_page(lazy_cer, large, runc, workdir):
-    target = restorable(large, workdir / _unique("restore"))
+    target = restorable(large, workdir / unique("restore"))
     images_before = runc_support.tree_digest(large.images)
 
     result = restore_lazily(lazy_cer, runc, target, large, "--external-ns", "uts", "--external-ns", "ipc")
@@ -302,9 +70,9 @@ def test_a_lazy_restore_through_cer_has_every_page(lazy_cer, large, runc, workdi
 
 @pytest.mark.timeout(240)
 def test_two_lazy_restores_of_one_checkpoint_at_once(lazy_cer, small, runc, workdir):
-    targets = [restorable(small, workdir / _unique("twin")) for _ in range(2)]
-    processes = [subprocess.Popen(_wrapper_argv(lazy_cer, runc, target, small, _unique("twin")), stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    targets = [restorable(small, workdir / unique("twin")) for _ in range(2)]
+    processes = [subprocess.Popen(wrapper_argv(lazy_cer, runc, target, small, unique("twin")), stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=wrapper_env())
                  for target in targets]
     results = []
     for process in processes:
@@ -334,7 +102,7 @@ def test_a_server_killed_mid_restore_kills_the_container_before_it_reads_a_hole(
     waits on the missing page instead (even while cer itself is frozen), and cer kills it: the workload, which
     reports a bad page the moment it reads one, must never get to report anything."""
     for _attempt in range(3):
-        target = restorable(large, workdir / _unique("killed"))
+        target = restorable(large, workdir / unique("killed"))
         result = restore_lazily(lazy_cer, runc, target, large)
         pid, lazy = result["pid"], result["lazy"]
         with contextlib.suppress(ProcessLookupError):
@@ -390,9 +158,9 @@ def _restore_without_bind(daemon, runc, checkpoint: Checkpoint, workdir: Path, p
     from cer.references import CheckpointRef
 
     for _attempt in range(3):
-        target = restorable(checkpoint, workdir / _unique(prefix))
+        target = restorable(checkpoint, workdir / unique(prefix))
         reply = daemon.call(CheckpointLazy(CheckpointRef(checkpoint.name)))
-        container_id = _unique(prefix)
+        container_id = unique(prefix)
         runc("restore", "-d", "--lazy-pages", "--image-path", reply["images"], "--work-path", reply["work_dir"],
              "--bundle", str(target.bundle), container_id, timeout=120)
         with contextlib.suppress(ProcessLookupError):
@@ -480,7 +248,7 @@ def test_lazy_servers_are_capped_per_checkpoint_and_in_all(small, large):
     def lazy(checkpoint):
         return daemon.call(CheckpointLazy(CheckpointRef(checkpoint.name)))
 
-    with running_daemon(_entries(small, large), "--lazy-max-per-checkpoint", "2", "--lazy-max-servers", "3",
+    with running_daemon(entries(small, large), "--lazy-max-per-checkpoint", "2", "--lazy-max-servers", "3",
                         "--lazy-spares", "1") as daemon:
         first, second = lazy(small), lazy(small)
         with pytest.raises(Exhausted, match="the most per checkpoint.*--lazy-max-per-checkpoint"):
@@ -511,7 +279,7 @@ def test_a_server_whose_restore_never_comes_is_cleaned_up(small):
     from cer.protocol.methods import CheckpointLazy
     from cer.references import CheckpointRef
 
-    with running_daemon(_entries(small), "--lazy-deadline", "2", "--lazy-spares", "0") as daemon:
+    with running_daemon(entries(small), "--lazy-deadline", "2", "--lazy-spares", "0") as daemon:
         baseline = daemon_fds(daemon, "anon_inode:[pidfd]")
         started = time.monotonic()
         reply = daemon.call(CheckpointLazy(CheckpointRef(small.name)))
@@ -548,7 +316,7 @@ def test_nothing_outlives_the_daemon(small):
     from cer.protocol.methods import CheckpointLazy, CheckpointLazyPut
     from cer.references import CheckpointRef
 
-    with running_daemon(_entries(small)) as daemon:
+    with running_daemon(entries(small)) as daemon:
         replies = [daemon.call(CheckpointLazy(CheckpointRef(small.name))) for _ in range(2)]
         # One more that ends, so that cer starts a spare: that one must not outlive the daemon either.
         daemon.call(CheckpointLazyPut(daemon.call(CheckpointLazy(CheckpointRef(small.name)))["server_id"]))
@@ -567,13 +335,13 @@ def test_nothing_outlives_the_daemon(small):
     assert not (root / "lazy").exists()
 
     # A daemon killed with SIGKILL leaves its servers running; the next one on that ROOT ends them.
-    daemon = start_daemon(_entries(small))
+    daemon = start_daemon(entries(small))
     try:
         daemon.wait_full(small.name, ("ipc", "uts"), timeout=60)
         reply = daemon.call(CheckpointLazy(CheckpointRef(small.name)))
         daemon.stop(signal.SIGKILL)
         assert alive(reply["pid"]) and Path(reply["work_dir"]).exists()
-        again = start_daemon(_entries(small), root=daemon.root)
+        again = start_daemon(entries(small), root=daemon.root)
         try:
             assert not alive(reply["pid"]) and not Path(reply["work_dir"]).exists()
             assert "left by an earlier run" in again.output()
@@ -589,12 +357,12 @@ def test_nothing_outlives_the_daemon(small):
 
 @pytest.mark.timeout(120)
 def test_the_wrapper_says_when_lazy_restores_cannot_be_done(lazy_cer, small, runc, workdir):
-    target = restorable(small, workdir / _unique("refused"))
+    target = restorable(small, workdir / unique("refused"))
     before = lazy_status(lazy_cer)["counts"].get("handed_out", 0)
-    argv = _wrapper_argv(lazy_cer, runc, target, small, _unique("refused"))
+    argv = wrapper_argv(lazy_cer, runc, target, small, unique("refused"))
 
     def run(argv_: list[str]) -> subprocess.CompletedProcess:
-        return subprocess.run(argv_, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, env=_env())
+        return subprocess.run(argv_, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, env=wrapper_env())
 
     # Stock containerd: ctr has no lazy-pages option.
     containerd = run([sys.executable, str(WRAPPER), "restore", "--endpoint", lazy_cer.endpoint, "--lazy", small.name, "x"])

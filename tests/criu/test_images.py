@@ -150,7 +150,7 @@ def test_entries_match_crit(checkpoint_dir, crit, pycriu_pb):
         assert [by_number(e) for e in entries] == expected, path
         checked.add(image_type.name)
     # Every type cer reads at all was compared (the empty-IPC checkpoint holds no shm pagemaps).
-    assert {"INVENTORY", "PSTREE", "IDS", "UTSNS", "IPC_VAR", "PAGEMAP"} <= checked
+    assert {"INVENTORY", "PSTREE", "IDS", "UTSNS", "IPC_VAR", "PAGEMAP", "MM"} <= checked
 
 
 @pytest.mark.slow
