@@ -16,6 +16,8 @@ import pykka
 import pykka.debug
 from loguru import logger
 
+from cer.actors.dispatch import DEFAULT_THREADS as DEFAULT_POOL_THREADS
+from cer.actors.dispatch import Dispatcher
 from cer.actors.extractor import CHECKPOINT_DIRECTORY, CheckpointExtractor
 from cer.actors.factory import NamespaceFactory
 from cer.actors.gateway import Gateway
@@ -71,6 +73,8 @@ class Settings:
     """The lazy-pages servers of lazy restores (checkpoint.lazy)."""
     prefill_budget: int | None = None
     """Bytes of SysV memory all pools together may pre-fill into IPC namespaces (None: a quarter of the memory)."""
+    pool_threads: int = DEFAULT_POOL_THREADS
+    """Threads all pools share (cer-pools-N), however many checkpoints there are."""
 
 
 BUNDLES_DIRECTORY = "bundles"
@@ -113,6 +117,7 @@ def run(config: Config, settings: Settings) -> None:
         progress: FillReporter | None = None
         metrics = Metrics()
         timers = Timers()
+        pool_threads = Dispatcher("cer-pools", settings.pool_threads)
         try:
             # The extractor stops last: the factory's mount namespaces sit on its containerd snapshots.
             from_containerd = [entry.ref for entry in config.checkpoints if entry.path is None]
@@ -129,7 +134,7 @@ def run(config: Config, settings: Settings) -> None:
             actors.append(lazy)
             budget = PrefillBudget(settings.prefill_budget)
             logger.info("IPC pre-fill budget: {}", describe_bytes(budget.limit))
-            peers = PoolPeers(factory.proxy(), extractor.proxy(), watcher.proxy(), timers, Shelves(), budget)
+            peers = PoolPeers(factory.proxy(), extractor.proxy(), watcher.proxy(), timers, Shelves(), budget, pool_threads)
             supervisor = Supervisor.start(config, peers, settings.pool)
             actors.append(supervisor)
             gateway = Gateway(supervisor.proxy(), peers, settings.ask_timeout, settings.pool.cold_timeout, config.path,
@@ -182,6 +187,7 @@ def run(config: Config, settings: Settings) -> None:
             for actor in reversed(actors):
                 actor.stop(block=True, timeout=60)
             pykka.ActorRegistry.stop_all()
+            pool_threads.stop()
             timers.stop()
     logger.info("stopped")
 
