@@ -37,6 +37,7 @@ from cer.protocol.frontend import Frontend
 from cer.protocol.legacy import DEFAULT_TIMEOUT as DEFAULT_LEGACY_TIMEOUT
 from cer.protocol.legacy import SOCKET_NAME as LEGACY_SOCKET_NAME
 from cer.protocol.legacy import LegacyFrontend
+from cer.protocol.methods import method_names
 from cer.protocol.http import DEFAULT_ADDRESS as DEFAULT_HTTP_ADDRESS
 from cer.protocol.http import TOKEN_NAME as HTTP_TOKEN_NAME
 from cer.protocol.http import HttpServer, check_address
@@ -111,7 +112,7 @@ def run(config: Config, settings: Settings) -> None:
         legacy: LegacyFrontend | None = None
         http: HttpServer | None = None
         progress: FillReporter | None = None
-        metrics = Metrics()
+        metrics = Metrics(method_names())
         timers = Timers()
         try:
             # The extractor stops last: the factory's mount namespaces sit on its containerd snapshots.

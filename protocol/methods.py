@@ -108,6 +108,11 @@ def _method(service: str, name: str):
     return register
 
 
+def method_names() -> frozenset[str]:
+    """Every method as ``service.name`` (``namespace.get``): what metrics may label a request with."""
+    return frozenset(f"{service}.{name}" for service, name in METHODS)
+
+
 def find_method(service: str, name: str) -> type[Method]:
     try:
         return METHODS[(service, name)]

@@ -48,3 +48,8 @@ def test_criu_and_linux_do_not_import_each_other():
             if any(m.startswith("cer.criu") for m in imports)} == {}
     criu = {path.name: runtime_imports(path) for path in (ROOT / "cer" / "criu").glob("*.py")}
     assert {m for imports in criu.values() for m in imports if m.startswith("cer.linux")} <= {"cer.linux.flags"}
+
+
+def test_metrics_know_nothing_of_the_protocol():
+    """The daemon hands the metrics the protocol's method names: cer.metrics sits below cer.protocol."""
+    assert not {m for m in modules_loaded_by("import cer.metrics") if m.startswith("cer.protocol")}
