@@ -13,7 +13,7 @@ from cer.config import MAX_CAPACITY
 from cer.criu.views import TRANSFORMS, view_kinds
 from cer.documents import reject_unknown
 from cer.errors import BadRequest, NotFound, Unavailable, UnknownMethod
-from cer.linux.namespaces import NAMESPACE_TYPES
+from cer.linux.flags import NAMESPACE_TYPES
 from cer.references import CheckpointRef
 
 if TYPE_CHECKING:  # clients use these definitions without the daemon's actors

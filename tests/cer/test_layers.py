@@ -53,3 +53,11 @@ def test_criu_and_linux_do_not_import_each_other():
 def test_metrics_know_nothing_of_the_protocol():
     """The daemon hands the metrics the protocol's method names: cer.metrics sits below cer.protocol."""
     assert not {m for m in modules_loaded_by("import cer.metrics") if m.startswith("cer.protocol")}
+
+
+def test_the_client_loads_no_ctypes():
+    """A runtime wrapper starts a client for every restore: it names namespace types through cer.linux.flags
+    and never loads the syscall layer (ctypes, libc)."""
+    loaded = modules_loaded_by("import cer.protocol.client")
+    assert "ctypes" not in loaded
+    assert not {m for m in loaded if m.startswith("cer.linux") and m not in ("cer.linux", "cer.linux.flags")}
