@@ -23,9 +23,9 @@ from loguru import logger
 
 from cer.actors.timers import Timer, Timers, default_timers
 from cer.actors.told import tell, told
-from cer.budget import BudgetExceeded, PrefillBudget
+from cer.budget import PrefillBudget
 from cer.config import CheckpointEntry
-from cer.errors import BadRequest, Exhausted, NotFound, Unavailable
+from cer.errors import BadRequest, BudgetExceeded, Exhausted, NotFound, Unavailable
 from cer.linux.processes import pidfd_open
 from cer.namespaces import NAMESPACE_TYPES, Namespace, Recipe
 from cer.references import CheckpointRef

@@ -29,8 +29,8 @@ from cer.config import Config
 from cer.containerd.client import DEFAULT_ADDRESS as DEFAULT_CONTAINERD_ADDRESS
 from cer.containerd.client import DEFAULT_TIMEOUT as DEFAULT_CONTAINERD_TIMEOUT
 from cer.criu.views import VIEWS_DIRECTORY
-from cer.errors import CerError
-from cer.files import UnsafePathError, open_private_directory, remove_unless_directory, remove_entry
+from cer.errors import CerError, DaemonError, EndpointRefused, UnsafePathError
+from cer.files import open_private_directory, remove_entry, remove_unless_directory
 from cer.metrics import Metrics
 from cer.progress import FillReporter
 from cer.protocol.frontend import Frontend
@@ -41,7 +41,7 @@ from cer.protocol.methods import method_names
 from cer.protocol.http import DEFAULT_ADDRESS as DEFAULT_HTTP_ADDRESS
 from cer.protocol.http import TOKEN_NAME as HTTP_TOKEN_NAME
 from cer.protocol.http import HttpServer, check_address
-from cer.protocol.security import EndpointRefused, check_endpoint
+from cer.protocol.security import check_endpoint
 from cer.restore_mounts import install_action_script
 
 
@@ -83,10 +83,6 @@ CLEANED_BY_ACTORS = (CHECKPOINT_DIRECTORY, LAZY_DIRECTORY, VIEWS_DIRECTORY)
 _SWITCH_INTERVAL = 0.0002
 # How long every actor has to answer the start-up check before the daemon gives up.
 _STARTUP_CHECK_SECONDS = 30.0
-
-
-class DaemonError(CerError):
-    """The daemon cannot start (ROOT unusable, another daemon running, endpoint taken)."""
 
 
 def run(config: Config, settings: Settings) -> None:

@@ -25,11 +25,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cer.criu.checkpoint import CheckpointContents, IpcContents, UtsContents
+from cer.errors import MountError
 from cer.linux import namespaces as ns
 from cer.linux.namespaces import NAMESPACE_TYPES
 from cer.linux.sysv import is_fresh_ipc_namespace, populate_ipc_namespace
 from cer.mounting import enter_root, mount_restore_sysctls
-from cer.mounts import MountError, MountPlan, mount_tree, plan_mounts, unmount_tree
+from cer.mounts import MountPlan, mount_tree, plan_mounts, unmount_tree
 
 __all__ = ["NAMESPACE_TYPES", "Namespace", "Recipe", "build", "destroy", "remove_bundle"]
 

@@ -22,6 +22,7 @@ from ctypes import POINTER, c_int, c_long, c_size_t, c_uint32, c_ulong, c_ushort
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+from cer.errors import IpcPopulateError
 from cer.linux.libc import check, libc
 from cer.linux.namespaces import CLONE_NEWIPC, unshare
 
@@ -261,10 +262,6 @@ def is_fresh_ipc_namespace(contents: IpcContents) -> bool:
         return False
     fresh = fresh_ipc_sysctls()
     return all(fresh.get(name) == value for name, value in contents.sysctls)
-
-
-class IpcPopulateError(OSError):
-    """Re-creating one object of a checkpoint's IPC namespace failed; the message names it."""
 
 
 def populate_ipc_namespace(contents: IpcContents) -> None:

@@ -16,10 +16,10 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 import criu_support  # noqa: E402
 
 from cer.criu.checkpoint import IpcContents, MessageQueue, SemaphoreSet, ShmSegment, read_checkpoint  # noqa: E402
+from cer.errors import IpcPopulateError  # noqa: E402
 from cer.linux import sysv  # noqa: E402
 from cer.linux.libc import check, libc  # noqa: E402
 from cer.linux.sysv import (  # noqa: E402
-    IpcPopulateError,
     fresh_ipc_sysctls,
     is_fresh_ipc_namespace,
     populate_ipc_namespace,
