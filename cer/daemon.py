@@ -18,7 +18,7 @@ from loguru import logger
 
 from cer.actors.extractor import CHECKPOINT_DIRECTORY, CheckpointExtractor
 from cer.actors.factory import NamespaceFactory
-from cer.actors.gateway import Gateway
+from cer.protocol.gateway import Gateway
 from cer.actors.lazy import LAZY_DIRECTORY, LazyPagesServers, LazySettings
 from cer.actors.pool import PoolPeers, PoolSettings, Shelves
 from cer.actors.timers import Timers

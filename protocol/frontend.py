@@ -20,7 +20,7 @@ from collections.abc import Callable
 import zmq
 from loguru import logger
 
-from cer.actors.gateway import Gateway
+from cer.protocol.gateway import Gateway
 from cer.errors import CerError, EndpointRefused, FrontendError, InternalError, Unavailable
 from cer.protocol.methods import Method, find_method
 from cer.protocol.security import INSECURE_TCP_FLAG, CurveServer, bind_ipc, check_endpoint

@@ -45,7 +45,7 @@ from urllib.parse import urlsplit
 
 from loguru import logger
 
-from cer.actors.gateway import Gateway
+from cer.protocol.gateway import Gateway
 from cer.documents import load_object, reject_unknown
 from cer.errors import BadRequest, CerError, HttpServerError, InternalError, NotFound, Unauthorized
 from cer.metrics import Metrics

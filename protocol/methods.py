@@ -17,7 +17,7 @@ from cer.linux.flags import NAMESPACE_TYPES
 from cer.references import CheckpointRef
 
 if TYPE_CHECKING:  # clients use these definitions without the daemon's actors
-    from cer.actors.gateway import Gateway
+    from cer.protocol.gateway import Gateway
     from cer.actors.pool import Lease
 
 _MAX_EXTRA_REFS = 64
