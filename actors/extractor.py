@@ -39,7 +39,7 @@ from cer.actors.timers import Timer, Timers, default_timers
 from cer.actors.told import tell, told
 from cer.config import CheckpointEntry, validate_image_directory
 from cer.containerd.archive import Progress, extract_once, extract_tar, remove_extraction, remove_stale
-from cer.containerd.checkpoint import find_checkpoint
+from cer.containerd.checkpoint_image import find_checkpoint
 from cer.containerd.client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, ContainerdClient
 from cer.containerd.rootfs import Rootfs, SnapshotNames, build_rootfs, remove_rootfs
 from cer.criu.checkpoint import read_checkpoint
@@ -57,7 +57,7 @@ from cer.errors import (
     Unavailable,
     ViewError,
 )
-from cer.namespaces import Recipe
+from cer.pooled_namespaces import Recipe
 from cer.references import CheckpointRef
 
 CHECKPOINT_DIRECTORY = "checkpoint"

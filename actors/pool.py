@@ -27,7 +27,7 @@ from cer.budget import PrefillBudget
 from cer.config import CheckpointEntry
 from cer.errors import BadRequest, BudgetExceeded, Exhausted, NotFound, Unavailable
 from cer.linux.processes import pidfd_open
-from cer.namespaces import NAMESPACE_TYPES, Namespace, Recipe
+from cer.pooled_namespaces import NAMESPACE_TYPES, Namespace, Recipe
 from cer.references import CheckpointRef
 
 _MAX_BACKOFF = 60.0

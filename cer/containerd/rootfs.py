@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from loguru import logger
 
-from cer.containerd.checkpoint import INDEXES, MANIFESTS, CheckpointImage, read_json
+from cer.containerd.checkpoint_image import INDEXES, MANIFESTS, CheckpointImage, read_json
 from cer.containerd.client import ContainerdClient, Descriptor, Mount
 from cer.errors import (
     Cancelled,

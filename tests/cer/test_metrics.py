@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cer.actors.factory import NamespaceFactory
 from cer.metrics import POOL_STATES, Metrics
-from cer.namespaces import Recipe
+from cer.pooled_namespaces import Recipe
 from cer.protocol.frontend import Frontend
 from cer.protocol.methods import method_names
 

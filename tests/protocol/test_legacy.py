@@ -20,7 +20,7 @@ import mounts_support
 
 from cer.actors.pool import Lease
 from cer.errors import FrontendError, NotFound
-from cer.namespaces import Namespace
+from cer.pooled_namespaces import Namespace
 from cer.protocol.legacy import MAX_CONNECTIONS, MAX_METHOD_BYTES, LegacyFrontend
 from cer.protocol.methods import AdminStatus
 from cer.protocol.wire import MAX_REQUEST_BYTES
