@@ -24,11 +24,11 @@ from loguru import logger
 from cer.actors.dispatch import DispatchedActor, Dispatcher, default_dispatcher
 from cer.actors.timers import Timer, Timers, default_timers
 from cer.actors.told import tell, told
-from cer.budget import BudgetExceeded, PrefillBudget
+from cer.budget import PrefillBudget
 from cer.config import CheckpointEntry
-from cer.errors import BadRequest, Exhausted, NotFound, Unavailable
+from cer.errors import BadRequest, BudgetExceeded, Exhausted, NotFound, Unavailable
 from cer.linux.processes import pidfd_open
-from cer.namespaces import NAMESPACE_TYPES, Namespace, Recipe
+from cer.pooled_namespaces import NAMESPACE_TYPES, Namespace, Recipe
 from cer.references import CheckpointRef
 
 _MAX_BACKOFF = 60.0

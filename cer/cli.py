@@ -9,7 +9,7 @@ import orjson
 
 from cer.config import CONFIG_NAME, DEFAULT_ROOT, MAX_CAPACITY, default_endpoint
 from cer.errors import CerError
-from cer.linux.namespaces import NAMESPACE_TYPES
+from cer.linux.flags import NAMESPACE_TYPES
 from cer.references import CheckpointRef
 
 NAMESPACE_TYPE = click.Choice(NAMESPACE_TYPES)

@@ -20,7 +20,7 @@ from cer.actors.dispatch import DEFAULT_THREADS as DEFAULT_POOL_THREADS
 from cer.actors.dispatch import Dispatcher
 from cer.actors.extractor import CHECKPOINT_DIRECTORY, CheckpointExtractor
 from cer.actors.factory import NamespaceFactory
-from cer.actors.gateway import Gateway
+from cer.protocol.gateway import Gateway
 from cer.actors.lazy import LAZY_DIRECTORY, LazyPagesServers, LazySettings
 from cer.actors.pool import PoolPeers, PoolSettings, Shelves
 from cer.actors.timers import Timers
@@ -31,18 +31,19 @@ from cer.config import Config
 from cer.containerd.client import DEFAULT_ADDRESS as DEFAULT_CONTAINERD_ADDRESS
 from cer.containerd.client import DEFAULT_TIMEOUT as DEFAULT_CONTAINERD_TIMEOUT
 from cer.criu.views import VIEWS_DIRECTORY
-from cer.errors import CerError
-from cer.files import UnsafePathError, open_private_directory, remove_unless_directory, remove_entry
+from cer.errors import CerError, DaemonError, EndpointRefused, UnsafePathError
+from cer.files import open_private_directory, remove_entry, remove_unless_directory
 from cer.metrics import Metrics
 from cer.progress import FillReporter
 from cer.protocol.frontend import Frontend
 from cer.protocol.legacy import DEFAULT_TIMEOUT as DEFAULT_LEGACY_TIMEOUT
 from cer.protocol.legacy import SOCKET_NAME as LEGACY_SOCKET_NAME
 from cer.protocol.legacy import LegacyFrontend
+from cer.protocol.methods import method_names
 from cer.protocol.http import DEFAULT_ADDRESS as DEFAULT_HTTP_ADDRESS
 from cer.protocol.http import TOKEN_NAME as HTTP_TOKEN_NAME
 from cer.protocol.http import HttpServer, check_address
-from cer.protocol.security import EndpointRefused, check_endpoint
+from cer.protocol.security import check_endpoint
 from cer.restore_mounts import install_action_script
 
 
@@ -88,10 +89,6 @@ _SWITCH_INTERVAL = 0.0002
 _STARTUP_CHECK_SECONDS = 30.0
 
 
-class DaemonError(CerError):
-    """The daemon cannot start (ROOT unusable, another daemon running, endpoint taken)."""
-
-
 def run(config: Config, settings: Settings) -> None:
     """Serve until SIGTERM or SIGINT (SIGHUP reloads the configuration); returns once all is torn down."""
     signals: queue.SimpleQueue = queue.SimpleQueue()
@@ -115,7 +112,7 @@ def run(config: Config, settings: Settings) -> None:
         legacy: LegacyFrontend | None = None
         http: HttpServer | None = None
         progress: FillReporter | None = None
-        metrics = Metrics()
+        metrics = Metrics(method_names())
         timers = Timers()
         pool_threads = Dispatcher("cer-pools", settings.pool_threads)
         try:
