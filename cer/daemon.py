@@ -31,6 +31,8 @@ from cer.containerd.client import DEFAULT_TIMEOUT as DEFAULT_CONTAINERD_TIMEOUT
 from cer.criu.views import VIEWS_DIRECTORY
 from cer.errors import CerError
 from cer.files import UnsafePathError, open_private_directory, remove_unless_directory, remove_entry
+from cer.kdat import KdatCache
+from cer.kdat import prepare as prepare_kdat_cache
 from cer.metrics import Metrics
 from cer.progress import FillReporter
 from cer.protocol.frontend import Frontend
@@ -113,6 +115,7 @@ def run(config: Config, settings: Settings) -> None:
         progress: FillReporter | None = None
         metrics = Metrics()
         timers = Timers()
+        criu_cache: KdatCache | None = None
         try:
             # The extractor stops last: the factory's mount namespaces sit on its containerd snapshots.
             from_containerd = [entry.ref for entry in config.checkpoints if entry.path is None]
@@ -124,6 +127,7 @@ def run(config: Config, settings: Settings) -> None:
             actors.append(factory)
             watcher = ProcessWatcher.start()
             actors.append(watcher)
+            criu_cache = prepare_kdat_cache(settings.lazy.criu)
             # After the watcher, which tells it when its servers exit; stopped before it, after the pools.
             lazy = LazyPagesServers.start(root.root, extractor.proxy(), watcher.proxy(), settings.lazy, settings.ask_timeout)
             actors.append(lazy)
@@ -183,6 +187,8 @@ def run(config: Config, settings: Settings) -> None:
                 actor.stop(block=True, timeout=60)
             pykka.ActorRegistry.stop_all()
             timers.stop()
+            if criu_cache is not None:
+                criu_cache.remove()
     logger.info("stopped")
 
 
