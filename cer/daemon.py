@@ -33,6 +33,8 @@ from cer.containerd.client import DEFAULT_TIMEOUT as DEFAULT_CONTAINERD_TIMEOUT
 from cer.criu.views import VIEWS_DIRECTORY
 from cer.errors import CerError, DaemonError, EndpointRefused, UnsafePathError
 from cer.files import open_private_directory, remove_entry, remove_unless_directory
+from cer.kdat import KdatCache
+from cer.kdat import prepare as prepare_kdat_cache
 from cer.metrics import Metrics
 from cer.progress import FillReporter
 from cer.protocol.frontend import Frontend
@@ -115,6 +117,7 @@ def run(config: Config, settings: Settings) -> None:
         metrics = Metrics(method_names())
         timers = Timers()
         pool_threads = Dispatcher("cer-pools", settings.pool_threads)
+        criu_cache: KdatCache | None = None
         try:
             # The extractor stops last: the factory's mount namespaces sit on its containerd snapshots.
             from_containerd = [entry.ref for entry in config.checkpoints if entry.path is None]
@@ -126,6 +129,7 @@ def run(config: Config, settings: Settings) -> None:
             actors.append(factory)
             watcher = ProcessWatcher.start()
             actors.append(watcher)
+            criu_cache = prepare_kdat_cache(settings.lazy.criu)
             # After the watcher, which tells it when its servers exit; stopped before it, after the pools.
             lazy = LazyPagesServers.start(root.root, extractor.proxy(), watcher.proxy(), settings.lazy, settings.ask_timeout)
             actors.append(lazy)
@@ -186,6 +190,8 @@ def run(config: Config, settings: Settings) -> None:
             pykka.ActorRegistry.stop_all()
             pool_threads.stop()
             timers.stop()
+            if criu_cache is not None:
+                criu_cache.remove()
     logger.info("stopped")
 
 
