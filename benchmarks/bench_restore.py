@@ -18,7 +18,8 @@ returns is taken:
               store, then runs runc restore); memory sizes only;
   runc        ``runc restore -d`` from the extracted image directory, runc's own namespaces: the floor;
   cer         ``contrib/ctr-wrapper restore --runtime runc --external-checkpoint``: cer's images, runc's own
-              namespaces (the wrapper's start-up and its one request to cer included);
+              namespaces (the wrapper's start-up, as its first line runs it, ``python3 -I -S``, and its one
+              request to cer included);
   cer+ns      the same with ``--external-ns uts --external-ns ipc``: cer's pre-filled IPC and UTS namespaces
               (warm), and cer's image view (hard links to the same files; the IPC images left out).
 
@@ -140,7 +141,8 @@ def restore(method: str, checkpoint: Checkpoint, runc: runc_support.Runc, work: 
                                    str(restore_work), "--bundle", str(checkpoint.bundle.path), container),
                          checkpoint.cpu[method])
         namespaces = ["--external-ns", "uts", "--external-ns", "ipc"] if method == "cer+ns" else []
-        return timed([sys.executable, str(WRAPPER), "restore", "--endpoint", daemon.endpoint, "--runtime", "runc",
+        # As the wrapper's first line runs it (python3 -I -S), with this Python.
+        return timed([sys.executable, "-I", "-S", str(WRAPPER), "restore", "--endpoint", daemon.endpoint, "--runtime", "runc",
                       "--runc-root", str(runc.root), "--bundle", str(checkpoint.bundle.path), *namespaces,
                       "--external-checkpoint", checkpoint.name, container], checkpoint.cpu[method])
     finally:

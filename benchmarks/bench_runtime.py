@@ -16,7 +16,8 @@
                    namespaces and the image view from cer in one request (warm pools) and restores from cer's
                    images into them (CRIU leaves the mounts to cer and its action script);
      wrapper       ``contrib/ctr-wrapper restore --external-ns ipc --external-ns uts --external-ns mnt
-                   --external-checkpoint CKPT ID``: the seed's command line, the same path plus the wrapper;
+                   --external-checkpoint CKPT ID``: the seed's command line, the same path plus the wrapper
+                   (run as its first line runs it, ``python3 -I -S``);
      no-mnt        the wrapper with ``--external-ns ipc --external-ns uts`` only: CRIU builds the mounts, as
                    stock; against ``wrapper``, what joining cer's mount namespace saves or costs.
    Each round checks in cer-runc's log that the restore went through cer. Printed: medians, ratios to
@@ -182,7 +183,7 @@ def restore_round(method: str, size: Checkpoints, containerd, daemon, log: Path,
         if method in ("wrapper", "no-mnt"):
             types = ["ipc", "uts", "mnt"] if method == "wrapper" else ["ipc", "uts"]
             result = subprocess.run(
-                [sys.executable, str(WRAPPER), "restore", "--address", containerd.address, "--namespace", NAMESPACE,
+                [sys.executable, "-I", "-S", str(WRAPPER), "restore", "--address", containerd.address, "--namespace", NAMESPACE,
                  *[f"--external-ns={ns_type}" for ns_type in types], "--external-checkpoint", size.cer, container],
                 capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL, env=runc_support.runtime_env())
             if result.returncode != 0:

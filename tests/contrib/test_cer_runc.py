@@ -228,7 +228,8 @@ def bundle_of(setup, container_id: str) -> Path:
 
 
 def run_wrapper(setup, *args: str) -> subprocess.CompletedProcess:
-    argv = [sys.executable, str(WRAPPER), "restore", "--address", setup["containerd"].address, "--namespace",
+    # As the wrapper's first line runs it: isolated, without site (its containerd path needs only the stdlib).
+    argv = [sys.executable, "-I", "-S", str(WRAPPER), "restore", "--address", setup["containerd"].address, "--namespace",
             NAMESPACE, *args]
     return subprocess.run(argv, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
                           env={**runc_support.runtime_env(), "CER_WRAPPER_WORKDIR": str(setup["base"] / "wrapper")})

@@ -7,6 +7,8 @@ runtime: dying mid-way, signals. runc, containerd or CRIU missing is a failure, 
 """
 
 import contextlib
+import importlib.machinery
+import importlib.util
 import json
 import os
 import select
@@ -26,6 +28,8 @@ import runc_support
 from runc_support import RuntimeSupportError
 
 WRAPPER = REPO / "contrib" / "ctr-wrapper"
+# How the wrapper's first line runs it: isolated, without site (and so without cer's package until it asks for it).
+PYTHON = [sys.executable, "-I", "-S"]
 
 pytestmark = pytest.mark.slow
 
@@ -151,12 +155,12 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def run_wrapper(daemon, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
-    argv = [sys.executable, str(WRAPPER), "restore", "--endpoint", daemon.endpoint, *args]
+    argv = [*PYTHON, str(WRAPPER), "restore", "--endpoint", daemon.endpoint, *args]
     return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, env=_env(**env))
 
 
 def start_wrapper(daemon, *args: str, **env: str) -> subprocess.Popen:
-    argv = [sys.executable, str(WRAPPER), "restore", "--endpoint", daemon.endpoint, *args]
+    argv = [*PYTHON, str(WRAPPER), "restore", "--endpoint", daemon.endpoint, *args]
     return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=_env(**env))
 
@@ -382,3 +386,64 @@ def test_refused_before_taking_anything(sample_cer, options, says):
     for ns_type in ("ipc", "uts", "mnt"):
         assert pool["types"][ns_type]["warm_gets"] + pool["types"][ns_type]["cold_gets"] == 0
     assert checkpoint_users(sample_cer, "sample") == 0
+
+
+# --------------------------------------------------------------------------- a lean start
+
+def _load_wrapper():
+    loader = importlib.machinery.SourceFileLoader("ctr_wrapper", str(WRAPPER))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(module)
+    return module
+
+
+def imported_modules(importtime_output: str) -> set[str]:
+    """The modules ``python3 -X importtime`` reports as imported."""
+    return {line.split("|")[-1].strip() for line in importtime_output.splitlines() if line.startswith("import time:")}
+
+
+@pytest.mark.timeout(240)
+def test_an_eager_runc_restore_imports_neither_cer_nor_pyzmq(runc_cer, empty_checkpoint, runc):
+    """The wrapper's start is most of what it adds to runc: an eager runc restore through cer's ipc:// socket
+    runs on the standard library alone (cer-runc-restore's client), the whole way to binding the container."""
+    _, bundle = empty_checkpoint
+    container_id = _unique("lean")
+    argv = [*PYTHON, "-X", "importtime", str(WRAPPER), "restore", "--endpoint", runc_cer.endpoint,
+            *runc_args(runc, bundle), "--external-ns", "uts", "--external-ns", "ipc", "--external-checkpoint",
+            "empty", container_id]
+    result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, env=_env())
+    restored = succeeded(result)
+    assert held(runc_cer, "empty") == {"ipc": (1, 1), "uts": (1, 1)}
+    modules = imported_modules(result.stderr)
+    assert {"json", "socket"} <= modules, "-X importtime reported nothing (socket: cer-runc-restore's client)"
+    heavy = sorted(name for name in modules if name.split(".")[0] in ("cer", "zmq", "protocol", "actors", "site"))
+    assert heavy == [], f"the eager runc path imported {heavy}"
+    runc.delete(container_id)
+    wait_all_back(runc_cer, "empty")
+    assert restored["pid"] > 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("options", [["--lazy", "--endpoint", "ipc:///nonexistent/cer/daemon.sock"],
+                                     ["--external-checkpoint", "--endpoint", "tcp://127.0.0.1:1"]],
+                         ids=["lazy", "tcp-endpoint"])
+def test_what_needs_cers_package_runs_again_with_site(tmp_path, options):
+    """Lazy restores and endpoints other than an ipc:// path need cer's package: run as its first line says
+    (without site), the wrapper runs itself again with site and gets as far as asking cer."""
+    (tmp_path / "config.json").write_text(json.dumps({"root": {"path": "rootfs"},
+                                                      "linux": {"namespaces": [{"type": "uts"}]}}))
+    result = subprocess.run([*PYTHON, str(WRAPPER), "restore", "--runtime", "runc", "--bundle", str(tmp_path),
+                             "--cer-timeout", "0.5", *options, "ckpt", _unique("never")],
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=50, env=_env())
+    assert result.returncode == 3, result.stderr
+    assert "cer: unavailable: no answer from the cer daemon" in result.stderr
+
+
+def test_what_the_wrapper_holds_of_cer_is_cers():
+    """The few facts of cer the wrapper keeps to itself, without importing cer: equal to cer's."""
+    from cer.config import default_endpoint
+    from cer.criu.views import TRANSFORMS
+
+    wrapper = _load_wrapper()
+    assert wrapper.VIEW_KINDS == tuple(sorted(TRANSFORMS))
+    assert wrapper.cer_runc_restore.DEFAULT_ENDPOINT == default_endpoint()
