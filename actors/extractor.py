@@ -212,6 +212,18 @@ class CheckpointExtractor(pykka.ThreadingActor):
         checkpoint.users += 1
         return checkpoint.directory
 
+    @told
+    def lend(self, ref: CheckpointRef, reply, token: object) -> None:
+        """``get`` for an actor that must not wait on this one: the answer is told to ``reply(token, ref,
+        directory, error)`` (a proxy method; one of directory and error is None). A user counted for a
+        borrower that has stopped meanwhile is given back at once."""
+        try:
+            directory, error = self.get(ref), None
+        except CerError as failure:
+            directory, error = None, failure.with_traceback(None)
+        if not tell(reply, token, ref, directory, error) and directory is not None:
+            self.put(ref)
+
     def get_view(self, ref: CheckpointRef, kinds: tuple[str, ...]) -> pykka.Future:
         """A future of the path of ``ref``'s view for ``kinds`` (see cer.criu.views), made once per key;
         counts a user, as ``get`` does, once the view is handed out. No kinds: the directory itself."""
