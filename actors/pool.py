@@ -4,7 +4,8 @@ It is the only owner of those namespaces' bookkeeping: which are idle, which are
 which process, once bound), which are being built. A get takes an idle one and starts a refill; when
 none is idle it asks the factory for one and answers once it arrives (a "cold" get). A namespace that
 was handed out is never handed out again: its put, or the exit of the process it is bound to, destroys
-it and the pool builds a fresh one.
+it and the pool builds a fresh one. Handed-out namespaces are leases (cer.actors.leases), as lazy-pages
+servers are.
 
 The idle namespaces of each type sit on a :class:`Shelf` that the pool publishes (:class:`Shelves`):
 the frontend takes a warm namespace from it in its own thread, without a hop through a worker or the
