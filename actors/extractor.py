@@ -14,7 +14,8 @@ waits on containerd. While containerd cannot be reached (or does not answer in t
 checkpoint that containerd does not have, or that is not a usable checkpoint, fails its pool.
 
 ``get`` answers at once: the directory when the checkpoint is extracted, else Unavailable saying what
-it waits for (the extraction's progress, or containerd).
+it waits for (the extraction's progress, or containerd). ``lend`` is the same for an actor that must not
+wait on this one (the lazy-pages servers): the answer is told back to it.
 
 The extractor also owns the checkpoints' image views (cer.criu.views): ``get_view`` makes the view of a
 key once, in a thread of its own, under ``ROOT/views/<ref.key>/<view key>/``, and counts a user of the
