@@ -169,6 +169,7 @@ class _Server:
     outcome: str | None = None  # set when cer ends the server itself
     reason: str | None = None
     connected: bool = False  # a restore had reached it when cer ended it
+    killed: bool = False  # cer has killed it (or a thread of cer's is about to)
     reaping: pykka.ThreadingFuture | None = None  # its _Exit, once its exit was reported
     timers: list[Timer] = field(default_factory=list)  # its ready timeout and its deadline as a spare
 
@@ -350,10 +351,12 @@ class LazyPagesServers(pykka.ThreadingActor):
         server = self._servers[server_id]  # a server is never dropped while its start runs
         starting, server.starting = server.starting, None
         try:
-            self._started(server, *starting.get(timeout=0))
+            process, pidfd = starting.get(timeout=0)
         except Exception as error:  # noqa: BLE001 - whatever kept it from starting is the request's answer
             tell(self._extractor.put, server.ref)
             self._drop(server, Unavailable(f"cannot start a lazy-pages server ({self._settings.server}): {error}"))
+            return
+        self._started(server, process, pidfd)
 
     @told
     def server_ready(self, server_id: str) -> None:
@@ -404,12 +407,28 @@ class LazyPagesServers(pykka.ThreadingActor):
         if role == "server":
             self._server_exited(server)
         elif role == "holder" and server.state == "waiting" and self._leases.bound_to(server.lease, pid):
-            if has_uffd(server.pid):
-                # A restore is under way: stopping the server now would leave holes in it.
-                logger.warning("lazy-pages server {}: its holder {} exited during the restore; serving it to the end",
-                               server_id, pid)
-            else:
-                self._end(server, "abandoned", f"holder process {pid} exited before a restore came")
+            threading.Thread(target=_read_reached, args=(server_id, pid, server.pid, self._self),
+                             name=f"cer-lazy-holder-{server_id}", daemon=True).start()
+
+    @told
+    def holder_left(self, server_id: str, pid: int, reached: bool) -> None:
+        """Whether a restore had reached the server whose holder ``pid`` exited (from ``_read_reached``)."""
+        server = self._servers.get(server_id)
+        if server is None or server.state != "waiting" or server.reaping is not None:
+            return  # bound, or ended, meanwhile
+        if reached:
+            # A restore is under way: stopping the server now would leave holes in it.
+            logger.warning("lazy-pages server {}: its holder {} exited during the restore; serving it to the end",
+                           server_id, pid)
+        else:
+            self._end(server, "abandoned", f"holder process {pid} exited before a restore came")
+
+    @told
+    def server_stopping(self, server_id: str, connected: bool) -> None:
+        """A server is being killed; whether a restore had reached it (from ``_kill_server``, before the kill)."""
+        server = self._servers.get(server_id)
+        if server is not None:
+            server.connected = connected
 
     @told
     def server_reaped(self, server_id: str) -> None:
@@ -488,7 +507,7 @@ class LazyPagesServers(pykka.ThreadingActor):
             os.close(watch)
             logger.error("lazy-pages server {} started with no process watcher to report its exit", server.server_id)
         if server.outcome is not None:
-            kill_process_group(process.pid)  # ended while it started
+            self._kill(server)  # ended while it started
 
     def _drop(self, server: _Server, error: Exception) -> None:
         """Forget a server that never got a process (the extractor or its start failed)."""
@@ -597,10 +616,23 @@ class LazyPagesServers(pykka.ThreadingActor):
             return
         if server.outcome is None:
             server.outcome, server.reason = outcome, reason
-            # Read before the kill, while its fds are there (one process's fd table: a moment's work).
-            server.connected = bool(server.uffds) or (server.process is not None and has_uffd(server.pid))
-        if server.process is not None and server.reaping is None:
-            kill_process_group(server.pid)
+        if server.process is not None:
+            self._kill(server)
+
+    def _kill(self, server: _Server) -> None:
+        """Kill a server's process, once (what it forked goes when it is reaped, ``_reap_now``). Whether a
+        restore had reached it is read first, while its fds are there: in a thread, but for at shutdown,
+        when no report would be read."""
+        if server.killed or server.reaping is not None:
+            return
+        server.killed = True
+        if self._stopping:
+            server.connected = bool(server.uffds) or has_uffd(server.pid)
+            kill_process(server.pidfd)
+            return
+        threading.Thread(target=_kill_server, args=(server.server_id, server.pid, os.dup(server.pidfd), bool(server.uffds),
+                                                    self._self),
+                         name=f"cer-lazy-kill-{server.server_id}", daemon=True).start()
 
     def _server_exited(self, server: _Server) -> None:
         if server.reaping is not None:
@@ -684,9 +716,11 @@ class LazyPagesServers(pykka.ThreadingActor):
             if server.starting is not None:  # its report will not be read: take the start's result here
                 starting, server.starting = server.starting, None
                 try:
-                    self._started(server, *starting.get(timeout=_REAP_TIMEOUT))
-                except (OSError, pykka.Timeout) as error:
+                    process, pidfd = starting.get(timeout=_REAP_TIMEOUT)
+                except Exception as error:  # noqa: BLE001 - it did not start, or is stuck starting: nothing to stop
                     logger.error("lazy-pages server {} did not start cleanly at shutdown: {}", server.server_id, error)
+                else:
+                    self._started(server, process, pidfd)
             if server.process is None:
                 # Its images, if the extractor lends them yet, go back to it (CheckpointExtractor.lend).
                 self._finish(server, "stopped", "the daemon stopped", False, None)
@@ -710,8 +744,8 @@ class LazyPagesServers(pykka.ThreadingActor):
             if server.reaping is not None:
                 try:
                     exit = server.reaping.get(timeout=_REAP_TIMEOUT)
-                except pykka.Timeout:
-                    logger.error("lazy-pages server {} (pid {}) is not reaped", server.server_id, server.pid)
+                except Exception as error:  # noqa: BLE001 - one server's failure must not leave the others running
+                    logger.error("lazy-pages server {} (pid {}) is not reaped: {}", server.server_id, server.pid, error)
                     continue
             elif server.pidfd in exited:
                 exit = _reap_now(server.process, server.work_dir)
@@ -768,6 +802,21 @@ def _start_server(server_id: str, command: list[str], work_dir: str, started: py
         tell(actor.server_ready, server_id)
     finally:
         os.close(watch)
+
+
+def _kill_server(server_id: str, pid: int, pidfd: int, held: bool, actor: pykka.ActorProxy) -> None:
+    """Tell the actor whether a restore had reached the server, then kill it: the report is in the actor's
+    inbox before the watcher can see the exit."""
+    try:
+        tell(actor.server_stopping, server_id, held or has_uffd(pid))
+        kill_process(pidfd)
+    finally:
+        os.close(pidfd)
+
+
+def _read_reached(server_id: str, holder_pid: int, server_pid: int, actor: pykka.ActorProxy) -> None:
+    """Whether a restore has reached the server whose holder exited: it holds the restore's userfaultfds."""
+    tell(actor.holder_left, server_id, holder_pid, has_uffd(server_pid))
 
 
 def _reap_now(process: subprocess.Popen, work_dir: str) -> _Exit:
