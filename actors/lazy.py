@@ -43,8 +43,9 @@ someone), ``expired``, ``released``, ``abandoned``, ``unused`` (a spare nobody t
 directory removed, its fds closed and its user of the checkpoint directory (``CheckpointExtractor.lend``)
 given back.
 
-The actor's thread never waits: on the extractor, a process's start or reaping, a bind's probe of the
-restored process, or the /proc readings of a status. Those run in short threads of their own (or in the
+The actor's thread never waits (but at shutdown): not on the extractor, a process's start or reaping,
+nor on /proc (a bind's probe of the restored process, a status, whether a restore had reached a server
+that is being killed or whose holder exited). Those run in short threads of their own (or in the
 extractor), which answer the request's future or tell the actor (``@told`` messages: a failure is logged
 and counted, never silent). A handed-out server is a lease (cer.actors.leases, as the pools' namespaces
 are): its holder is bound through the ProcessWatcher, which also reports the servers' own exits
