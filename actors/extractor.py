@@ -39,21 +39,26 @@ from loguru import logger
 from cer.actors.timers import Timer, Timers, default_timers
 from cer.actors.told import tell, told
 from cer.config import CheckpointEntry, validate_image_directory
-from cer.containerd.archive import Cancelled, Progress, extract_once, extract_tar, remove_extraction, remove_stale
-from cer.containerd.checkpoint import CheckpointImageError, find_checkpoint
-from cer.containerd.client import (
-    DEFAULT_ADDRESS,
-    DEFAULT_TIMEOUT,
-    ContainerdClient,
+from cer.containerd.archive import Progress, extract_once, extract_tar, remove_extraction, remove_stale
+from cer.containerd.checkpoint_image import find_checkpoint
+from cer.containerd.client import DEFAULT_ADDRESS, DEFAULT_TIMEOUT, ContainerdClient
+from cer.containerd.rootfs import Rootfs, SnapshotNames, build_rootfs, remove_rootfs
+from cer.criu.checkpoint import read_checkpoint
+from cer.criu.views import VIEWS_DIRECTORY, images_digest, make_view, remove_views, view_key
+from cer.errors import (
+    BadRequest,
+    Cancelled,
+    CerError,
+    CheckpointImageError,
     ContainerdError,
     ContainerdNotFound,
     ContainerdUnavailable,
+    NotFound,
+    RootfsError,
+    Unavailable,
+    ViewError,
 )
-from cer.containerd.rootfs import Rootfs, RootfsError, SnapshotNames, build_rootfs, remove_rootfs
-from cer.criu.checkpoint import read_checkpoint
-from cer.criu.views import VIEWS_DIRECTORY, ViewError, images_digest, make_view, remove_views, view_key
-from cer.errors import BadRequest, CerError, NotFound, Unavailable
-from cer.namespaces import Recipe
+from cer.pooled_namespaces import Recipe
 from cer.references import CheckpointRef
 
 CHECKPOINT_DIRECTORY = "checkpoint"

@@ -19,7 +19,7 @@ import pykka
 from loguru import logger
 
 from cer.actors.told import tell, told
-from cer.namespaces import Namespace, Recipe, build, destroy
+from cer.pooled_namespaces import Namespace, Recipe, build, destroy
 
 # Namespace fds are placed at or above this number, rising with every creation (see namespaces.build).
 FD_BASE = 1024
@@ -189,7 +189,7 @@ def _create(job: _Job, factory: pykka.ActorProxy) -> None:
 
 
 def _tear_down(job: _Job, factory: pykka.ActorProxy | None) -> None:
-    # This thread never enters the namespace (see cer.namespaces.destroy), and the factory hears of it
+    # This thread never enters the namespace (see cer.pooled_namespaces.destroy), and the factory hears of it
     # whatever happens: a job never reported would hold one of its creation slots for good.
     try:
         destroy(job.namespace)

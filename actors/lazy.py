@@ -77,6 +77,9 @@ from cer.actors.leases import Handout, Holder, Leases, Waiter
 from cer.actors.timers import Timer, Timers, default_timers
 from cer.actors.told import tell, told
 from cer.errors import BadRequest, CerError, Exhausted, NotFound, Unavailable
+from cer.kdat import CACHE_NAME as KDAT_CACHE_NAME
+from cer.kdat import RUN as KDAT_RUN
+from cer.kdat import run_is_tmpfs
 from cer.lazy import working_set
 from cer.linux.proc import command_lines, has_uffd, listening, tasks_of_namespace_led_by, uffd_fds, uffd_mappings
 from cer.linux.processes import (
@@ -228,10 +231,11 @@ class LazyPagesServers(pykka.ThreadingActor):
         os.makedirs(os.path.join(self._root, working_set.DIRECTORY), mode=0o700, exist_ok=True)
         if self._unsupported:
             logger.warning("lazy restores are not available: {}", self._unsupported)
-        self._kdat_cached = _run_is_tmpfs()
+        # The daemon puts the cache in place where CRIU cannot (cer.kdat); without it every restore probes.
+        self._kdat_cached = run_is_tmpfs() or os.path.exists(os.path.join(KDAT_RUN, KDAT_CACHE_NAME))
         if not self._kdat_cached:
-            logger.warning("/run is not a tmpfs: CRIU keeps no kernel probe cache (/run/criu.kdat) there and probes "
-                           "the kernel at every restore (about 0.03-0.15 s each); a tmpfs on /run saves that")
+            logger.warning("no CRIU kernel probe cache ({}/{}): CRIU probes the kernel at every restore (about "
+                           "0.03-0.15 s each); a tmpfs on /run saves that", KDAT_RUN, KDAT_CACHE_NAME)
 
     # -- requests -------------------------------------------------------------------------------------
 
@@ -941,20 +945,6 @@ def _working_sets(root: str) -> dict[str, dict]:
 
 def _fail(future: pykka.ThreadingFuture, error: Exception) -> None:
     future.set_exception(exc_info=(type(error), error, None))
-
-
-def _run_is_tmpfs() -> bool:
-    """Whether CRIU can cache its kernel probes: it keeps /run/criu.kdat only on a tmpfs (criu/kerndat.c)."""
-    try:
-        with open("/proc/self/mountinfo") as file:
-            mounts = [line.split(" - ", 1) for line in file]
-    except OSError:
-        return False
-    fstype = None
-    for fields, rest in (m for m in mounts if len(m) == 2):
-        if fields.split()[4] == "/run":
-            fstype = rest.split()[0]  # the last mount on /run is the one seen
-    return fstype == "tmpfs"
 
 
 def _read_stats(work_dir: str) -> dict | None:

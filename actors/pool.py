@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 import pykka
 from loguru import logger
 
+from cer.actors.dispatch import DispatchedActor, Dispatcher, default_dispatcher
 from cer.actors.leases import Handout, Holder, Leases, Waiter
 from cer.actors.timers import Timer, Timers, default_timers
 from cer.actors.told import tell, told
-from cer.budget import BudgetExceeded, PrefillBudget
+from cer.budget import PrefillBudget
 from cer.config import CheckpointEntry
-from cer.errors import BadRequest, Exhausted, NotFound, Unavailable
-from cer.namespaces import NAMESPACE_TYPES, Namespace, Recipe
+from cer.errors import BadRequest, BudgetExceeded, Exhausted, NotFound, Unavailable
+from cer.pooled_namespaces import NAMESPACE_TYPES, Namespace, Recipe
 from cer.references import CheckpointRef
 
 _MAX_BACKOFF = 60.0
@@ -59,6 +60,8 @@ class PoolPeers:
     shelves: "Shelves | None" = None
     budget: PrefillBudget = field(default_factory=PrefillBudget)
     """What every pool's pre-filled IPC namespaces may hold in all (shared, thread-safe)."""
+    dispatcher: Dispatcher = field(default_factory=default_dispatcher)
+    """The threads the pools run on, shared by all of them."""
 
 
 @dataclass(frozen=True)
@@ -257,7 +260,7 @@ class _TypePool:
         return self.shelf.idle
 
 
-class PoolActor(pykka.ThreadingActor):
+class PoolActor(DispatchedActor):
     """The pool of one checkpoint.
 
     States: loading, unavailable (the checkpoint cannot be had yet), ready, failing (creations fail and
@@ -265,7 +268,7 @@ class PoolActor(pykka.ThreadingActor):
     """
 
     def __init__(self, entry: CheckpointEntry, peers: PoolPeers, settings: PoolSettings) -> None:
-        super().__init__()
+        super().__init__(peers.dispatcher)
         self.entry = entry
         self._factory = peers.factory
         self._extractor = peers.extractor

@@ -73,7 +73,7 @@ class InstantGateway:
 
     def get_namespace(self, ns_type, ref, *_options):
         from cer.actors.pool import Lease
-        from cer.namespaces import Namespace
+        from cer.pooled_namespaces import Namespace
 
         return Lease(Namespace(ns_type, 1234, self.pid), False, False)
 
@@ -497,7 +497,7 @@ def measure_bare(ns_type: str, count: int) -> tuple[float, list[float], list[flo
 
 def measure_creations(args, workdir: Path) -> list[CreationResult]:
     from cer.criu.checkpoint import read_checkpoint
-    from cer.namespaces import Recipe
+    from cer.pooled_namespaces import Recipe
 
     contents = read_checkpoint(SAMPLE / "checkpoint")
     recipe = Recipe.from_checkpoint(contents, str(SAMPLE / "rootfs"))  # what the daemon's extractor makes

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cer.criu.checkpoint import IpcContents, ShmSegment, read_checkpoint  # noqa: E402
 from cer.linux.libc import check, libc  # noqa: E402
-from cer.linux.sysv import CLONE_NEWIPC, fresh_ipc_sysctls, populate_ipc_namespace  # noqa: E402
+from cer.linux.sysv import CLONE_NEWIPC, fresh_ipc_sysctls, is_fresh_ipc_namespace, populate_ipc_namespace  # noqa: E402
 
 SEGMENT = 64 << 20
 EMPTY_CHECKPOINT = Path(__file__).resolve().parents[1] / "contrib" / "sample" / "checkpoint-empty-ipc"
@@ -95,7 +95,7 @@ def main() -> None:
 
     fresh_ipc_sysctls()  # its one-off probe namespace is not what is measured
     empty = read_checkpoint(EMPTY_CHECKPOINT).ipc
-    assert empty.is_default
+    assert is_fresh_ipc_namespace(empty)
     data = os.urandom(SEGMENT)
     with_shm = IpcContents(sysctls=empty.sysctls,
                            shm=(ShmSegment(id=0, key=0x62656E63, mode=0o600, uid=0, gid=0, size=SEGMENT, data=data),))

@@ -60,7 +60,7 @@ from conftest import start_daemon  # noqa: E402
 
 from cer.criu.checkpoint import read_checkpoint  # noqa: E402
 from cer.linux import namespaces as ns  # noqa: E402
-from cer.namespaces import Namespace, Recipe, build, destroy  # noqa: E402
+from cer.pooled_namespaces import Namespace, Recipe, build, destroy  # noqa: E402
 from cer.protocol.client import Client  # noqa: E402
 from cer.protocol.methods import CheckpointPut, CheckpointRestore, NamespacePut  # noqa: E402
 from cer.references import CheckpointRef  # noqa: E402

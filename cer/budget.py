@@ -12,14 +12,10 @@ from __future__ import annotations
 import os
 import threading
 
-from cer.errors import BadRequest
+from cer.errors import BudgetExceeded
 
 # Without --prefill-budget: a quarter of the machine's memory.
 DEFAULT_SHARE = 4
-
-
-class BudgetExceeded(BadRequest):
-    """A pool's pre-filled IPC memory would take the daemon past its budget."""
 
 
 def default_limit() -> int:

@@ -9,7 +9,7 @@ import orjson
 
 from cer.config import CONFIG_NAME, DEFAULT_ROOT, MAX_CAPACITY, default_endpoint
 from cer.errors import CerError
-from cer.linux.namespaces import NAMESPACE_TYPES
+from cer.linux.flags import NAMESPACE_TYPES
 from cer.references import CheckpointRef
 
 NAMESPACE_TYPE = click.Choice(NAMESPACE_TYPES)
@@ -96,6 +96,7 @@ def main(context: click.Context, debug: bool) -> None:
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help=f"Default: ROOT/{CONFIG_NAME}.")
 @click.option("--endpoint", help="ZeroMQ endpoint to serve. Default: ipc://ROOT/daemon.sock.")
 @click.option("--workers", default=8, show_default=True, type=click.IntRange(1, 256), help="Requests served at once.")
+@click.option("--pool-threads", default=4, show_default=True, type=click.IntRange(1, 256), help="Threads all pools share, however many checkpoints there are (a pool's messages are short: builds run in the factory's threads).")
 @click.option("--cold-timeout", default=10.0, show_default=True, type=click.FloatRange(0.1, 600), help="Longest wait, in seconds, for a namespace built on demand.")
 @click.option("--curve-keys", type=click.Path(file_okay=False, exists=True), help="Keys directory (see `cer keys`): tcp:// clients must present an authorized key.")
 @click.option("--insecure-tcp-any-local-user", "insecure_tcp", is_flag=True, help="Serve a loopback tcp:// --endpoint without --curve-keys. EVERY LOCAL USER then has the whole API (get and put anyone's namespaces, lazy restores, status): only for a host with no other users.")
@@ -117,7 +118,7 @@ def main(context: click.Context, debug: bool) -> None:
 @click.option("--prefill-budget", type=_SIZE, help="Most SysV memory (shm pages, queued messages) pre-filled into pooled IPC namespaces, all pools together, e.g. 8G; a pool that would pass it is refused.  [default: a quarter of the machine's memory]")
 @click.pass_context
 def start(
-    context, debug, root, config_path, endpoint, workers, cold_timeout, curve_keys, insecure_tcp, lease_timeout, containerd_address,
+    context, debug, root, config_path, endpoint, workers, pool_threads, cold_timeout, curve_keys, insecure_tcp, lease_timeout, containerd_address,
     containerd_timeout, http_port, http_address, http_allow_remote, http_unauthenticated_updates, legacy_socket,
     legacy_timeout, lazy_deadline,
     lazy_spares, lazy_max_servers, lazy_max_per_checkpoint, criu, lazy_server, prefill_budget,
@@ -143,6 +144,7 @@ def start(
             endpoint=endpoint or default_endpoint(root),
             debug=debug,
             workers=workers,
+            pool_threads=pool_threads,
             pool=PoolSettings(cold_timeout=cold_timeout, lease_timeout=lease_timeout),
             curve_keys=curve_keys,
             insecure_tcp=insecure_tcp,

@@ -16,9 +16,11 @@ import pykka
 import pykka.debug
 from loguru import logger
 
+from cer.actors.dispatch import DEFAULT_THREADS as DEFAULT_POOL_THREADS
+from cer.actors.dispatch import Dispatcher
 from cer.actors.extractor import CHECKPOINT_DIRECTORY, CheckpointExtractor
 from cer.actors.factory import NamespaceFactory
-from cer.actors.gateway import Gateway
+from cer.protocol.gateway import Gateway
 from cer.actors.lazy import LAZY_DIRECTORY, LazyPagesServers, LazySettings
 from cer.actors.pool import PoolPeers, PoolSettings, Shelves
 from cer.actors.timers import Timers
@@ -29,18 +31,21 @@ from cer.config import Config
 from cer.containerd.client import DEFAULT_ADDRESS as DEFAULT_CONTAINERD_ADDRESS
 from cer.containerd.client import DEFAULT_TIMEOUT as DEFAULT_CONTAINERD_TIMEOUT
 from cer.criu.views import VIEWS_DIRECTORY
-from cer.errors import CerError
-from cer.files import UnsafePathError, open_private_directory, remove_unless_directory, remove_entry
+from cer.errors import CerError, DaemonError, EndpointRefused, UnsafePathError
+from cer.files import open_private_directory, remove_entry, remove_unless_directory
+from cer.kdat import KdatCache
+from cer.kdat import prepare as prepare_kdat_cache
 from cer.metrics import Metrics
 from cer.progress import FillReporter
 from cer.protocol.frontend import Frontend
 from cer.protocol.legacy import DEFAULT_TIMEOUT as DEFAULT_LEGACY_TIMEOUT
 from cer.protocol.legacy import SOCKET_NAME as LEGACY_SOCKET_NAME
 from cer.protocol.legacy import LegacyFrontend
+from cer.protocol.methods import method_names
 from cer.protocol.http import DEFAULT_ADDRESS as DEFAULT_HTTP_ADDRESS
 from cer.protocol.http import TOKEN_NAME as HTTP_TOKEN_NAME
 from cer.protocol.http import HttpServer, check_address
-from cer.protocol.security import EndpointRefused, check_endpoint
+from cer.protocol.security import check_endpoint
 from cer.restore_mounts import install_action_script
 
 
@@ -71,6 +76,8 @@ class Settings:
     """The lazy-pages servers of lazy restores (checkpoint.lazy)."""
     prefill_budget: int | None = None
     """Bytes of SysV memory all pools together may pre-fill into IPC namespaces (None: a quarter of the memory)."""
+    pool_threads: int = DEFAULT_POOL_THREADS
+    """Threads all pools share (cer-pools-N), however many checkpoints there are."""
 
 
 BUNDLES_DIRECTORY = "bundles"
@@ -82,10 +89,6 @@ CLEANED_BY_ACTORS = (CHECKPOINT_DIRECTORY, LAZY_DIRECTORY, VIEWS_DIRECTORY)
 _SWITCH_INTERVAL = 0.0002
 # How long every actor has to answer the start-up check before the daemon gives up.
 _STARTUP_CHECK_SECONDS = 30.0
-
-
-class DaemonError(CerError):
-    """The daemon cannot start (ROOT unusable, another daemon running, endpoint taken)."""
 
 
 def run(config: Config, settings: Settings) -> None:
@@ -111,8 +114,10 @@ def run(config: Config, settings: Settings) -> None:
         legacy: LegacyFrontend | None = None
         http: HttpServer | None = None
         progress: FillReporter | None = None
-        metrics = Metrics()
+        metrics = Metrics(method_names())
         timers = Timers()
+        pool_threads = Dispatcher("cer-pools", settings.pool_threads)
+        criu_cache: KdatCache | None = None
         try:
             # The extractor stops last: the factory's mount namespaces sit on its containerd snapshots.
             from_containerd = [entry.ref for entry in config.checkpoints if entry.path is None]
@@ -124,12 +129,13 @@ def run(config: Config, settings: Settings) -> None:
             actors.append(factory)
             watcher = ProcessWatcher.start()
             actors.append(watcher)
+            criu_cache = prepare_kdat_cache(settings.lazy.criu)
             # After the watcher, which tells it when its servers exit; stopped before it, after the pools.
             lazy = LazyPagesServers.start(root.root, extractor.proxy(), watcher.proxy(), settings.lazy, timers)
             actors.append(lazy)
             budget = PrefillBudget(settings.prefill_budget)
             logger.info("IPC pre-fill budget: {}", describe_bytes(budget.limit))
-            peers = PoolPeers(factory.proxy(), extractor.proxy(), watcher.proxy(), timers, Shelves(), budget)
+            peers = PoolPeers(factory.proxy(), extractor.proxy(), watcher.proxy(), timers, Shelves(), budget, pool_threads)
             supervisor = Supervisor.start(config, peers, settings.pool)
             actors.append(supervisor)
             gateway = Gateway(supervisor.proxy(), peers, settings.ask_timeout, settings.pool.cold_timeout, config.path,
@@ -182,7 +188,10 @@ def run(config: Config, settings: Settings) -> None:
             for actor in reversed(actors):
                 actor.stop(block=True, timeout=60)
             pykka.ActorRegistry.stop_all()
+            pool_threads.stop()
             timers.stop()
+            if criu_cache is not None:
+                criu_cache.remove()
     logger.info("stopped")
 
 

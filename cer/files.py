@@ -23,17 +23,11 @@ import os
 import shutil
 import stat
 
+from cer.errors import UnsafePathError
+
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # Symbolic links followed while resolving a path, as the kernel's own limit (MAXSYMLINKS).
 _MAX_LINKS = 40
-
-
-class UnsafePathError(OSError):
-    """A path from outside is not what cer may use: not a regular file, a link where none is expected,
-    or a directory that someone other than root can change. ``strerror`` says which."""
-
-    def __init__(self, path: str, problem: str, code: int = errno.EINVAL) -> None:
-        super().__init__(code, problem, path)
 
 
 def open_regular_file(path: str | os.PathLike[str], *, follow_links: bool = False, dir_fd: int | None = None) -> int:

@@ -7,8 +7,8 @@ handed to whoever sees it: namespace creation times by the namespace factory (``
 request latency and errors by the frontends (``request_answered``).
 
 Labels are bounded by design. Checkpoint labels come only from the daemon's own pools (configured, or
-added by ``namespace.update``); methods from the protocol's method table, namespace types and error codes
-from fixed sets. Nothing a request merely names (an unknown ref, an unknown method) becomes a label.
+added by ``namespace.update``); methods from the names the daemon hands in (the protocol's method table),
+namespace types and error codes from fixed sets. Nothing a request merely names (an unknown ref, an unknown method) becomes a label.
 
     cer_pool_state{checkpoint, checkpoint_namespace, state}            1 for the pool's state, else 0
     cer_pool_capacity{checkpoint, checkpoint_namespace, type}          idle namespaces the pool keeps (its floor)
@@ -26,14 +26,13 @@ from fixed sets. Nothing a request merely names (an unknown ref, an unknown meth
 method (malformed, or an unknown one).
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from loguru import logger
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from cer.linux.namespaces import NAMESPACE_TYPES
-from cer.protocol.methods import METHODS
+from cer.linux.flags import NAMESPACE_TYPES
 
 INVALID_METHOD = "invalid"
 # Creating an IPC or UTS namespace takes about a millisecond, a mount namespace tens; restoring SysV
@@ -43,14 +42,16 @@ _CREATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # Every state a pool reports (actors/pool.py), and the supervisor's for a pool that does not answer.
 POOL_STATES = ("loading", "unavailable", "ready", "failing", "failed", "retired", "crashed", "unresponsive")
-_METHOD_NAMES = frozenset(f"{service}.{name}" for service, name in METHODS)
 
 
 class Metrics:
-    """One daemon's metrics: feed it through its callables, expose it with ``exposition``."""
+    """One daemon's metrics: feed it through its callables, expose it with ``exposition``. ``method_names`` are
+    the protocol's methods as ``service.name`` (:func:`cer.protocol.methods.method_names`): the only method
+    labels there are, handed in so that metrics know nothing of the protocol layer above them."""
 
-    def __init__(self) -> None:
+    def __init__(self, method_names: Iterable[str]) -> None:
         self.registry = CollectorRegistry()
+        self._method_names = frozenset(method_names)
         self._creation = Histogram(
             "cer_namespace_creation_seconds",
             "Time to build one namespace, per namespace type (successful creations).",
@@ -75,7 +76,7 @@ class Metrics:
         for ns_type in NAMESPACE_TYPES:
             self._creation.labels(ns_type)
         # Each method's histogram looked up once: the frontend observes every request.
-        self._latency_of = {method: self._latency.labels(method) for method in sorted(_METHOD_NAMES | {INVALID_METHOD})}
+        self._latency_of = {method: self._latency.labels(method) for method in sorted(self._method_names | {INVALID_METHOD})}
 
     def watch_pools(self, status: Callable[[], dict]) -> None:
         """Report the pools from ``status`` (the Gateway's ``status``), asked for at every scrape."""
@@ -89,7 +90,7 @@ class Metrics:
     def request_answered(self, method: str | None, seconds: float, error_code: str | None) -> None:
         """A request was answered after ``seconds``; ``method`` is ``service.name`` or None when the request
         named no known method, ``error_code`` the protocol error code of an error reply."""
-        label = method if method in _METHOD_NAMES else INVALID_METHOD
+        label = method if method in self._method_names else INVALID_METHOD
         self._latency_of[label].observe(seconds)
         if error_code is not None:
             self._errors.labels(label, error_code).inc()

@@ -22,11 +22,11 @@ from collections import deque
 from collections.abc import Mapping
 from types import SimpleNamespace
 
-from cer.errors import CerError, ImageError
+from cer.errors import ImageError, MountError
 from cer.linux import namespaces as ns
 from cer.linux.namespaces import MOUNT_FLAGS, MS_BIND, MS_RDONLY, MS_RELATIME, MS_REMOUNT
 
-__all__ = ["ALLOWED_DEVICES", "MountError", "allowed_device", "enter_root", "mount_restore_sysctls", "mount_tree",
+__all__ = ["ALLOWED_DEVICES", "allowed_device", "enter_root", "mount_restore_sysctls", "mount_tree",
            "decode_plan", "encode_plan", "plan_from_document", "restore_contents", "unmount_tree"]
 
 _MAX_SYMLINKS = 40
@@ -43,12 +43,6 @@ ALLOWED_DEVICES = {
     (1, 9): "urandom",
     (5, 0): "tty",
 }
-
-
-class MountError(CerError):
-    """A mount of the checkpoint cannot be reproduced, or making it failed; the message names it."""
-
-    code = "unavailable"
 
 
 def allowed_device(entry) -> bool:

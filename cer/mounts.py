@@ -53,9 +53,10 @@ from dataclasses import dataclass
 
 from cer.criu.mountpoints import MountEntry, MountTree
 from cer.criu.tmpfs import TmpfsContents, entries_with_data
-from cer.mounting import ALLOWED_DEVICES, MountError, allowed_device, mount_tree, restore_contents, unmount_tree
+from cer.errors import MountError
+from cer.mounting import ALLOWED_DEVICES, allowed_device, mount_tree, restore_contents, unmount_tree
 
-__all__ = ["MountError", "MountPlan", "MountStep", "mount_tree", "plan_document", "plan_mounts", "restore_contents",
+__all__ = ["MountPlan", "MountStep", "mount_tree", "plan_document", "plan_mounts", "restore_contents",
            "restore_plan_document", "unmount_tree"]
 
 NAMESPACE_BOUND = {

@@ -31,8 +31,9 @@ from __future__ import annotations
 import os
 import sys
 
+from cer.errors import MountError
 from cer.linux import namespaces as ns
-from cer.mounting import MountError, decode_plan, mount_tree, unmount_tree
+from cer.mounting import decode_plan, mount_tree, unmount_tree
 
 ACTION = "post-restore"
 PLAN_NAME = "restore-mounts.plan"  # in the "mnt" view (cer.criu.mntview.RESTORE_PLAN_NAME)

@@ -1,1 +1,2 @@
-"""The cer wire protocol: method definitions, the ZeroMQ frontend and the client."""
+"""The cer wire protocol: method definitions, the ZeroMQ frontend, the client, and the Gateway through which
+the frontends' requests reach the actors."""

@@ -20,10 +20,10 @@ from collections.abc import Callable
 import zmq
 from loguru import logger
 
-from cer.actors.gateway import Gateway
-from cer.errors import CerError, InternalError, Unavailable
+from cer.protocol.gateway import Gateway
+from cer.errors import CerError, EndpointRefused, FrontendError, InternalError, Unavailable
 from cer.protocol.methods import Method, find_method
-from cer.protocol.security import INSECURE_TCP_FLAG, CurveServer, EndpointRefused, bind_ipc, check_endpoint
+from cer.protocol.security import INSECURE_TCP_FLAG, CurveServer, bind_ipc, check_endpoint
 from cer.protocol.wire import MAX_REQUEST_BYTES, decode_request, encode_error, encode_result
 
 # Plain ints: pyzmq's flag enums cost microseconds per operation, and the router thread uses them for every request.
@@ -40,10 +40,6 @@ _REPORT_IDLE_MS = 1
 _REPORT_BATCH = 64
 _WORKER_DONE = b"done"
 _instances = itertools.count()
-
-
-class FrontendError(CerError):
-    """The endpoint cannot be served (bad URL, address in use, path too long)."""
 
 
 # Told of every answered request: its method (``service.name``, None when it named no known method), the

@@ -45,9 +45,9 @@ from urllib.parse import urlsplit
 
 from loguru import logger
 
-from cer.actors.gateway import Gateway
+from cer.protocol.gateway import Gateway
 from cer.documents import load_object, reject_unknown
-from cer.errors import BadRequest, CerError, InternalError, NotFound
+from cer.errors import BadRequest, CerError, HttpServerError, InternalError, NotFound, Unauthorized
 from cer.metrics import Metrics
 from cer.protocol.methods import NamespaceUpdate
 from cer.protocol.wire import MAX_REQUEST_BYTES, encode_error, encode_result
@@ -68,16 +68,6 @@ _STATUS_BY_CODE = {
     "exhausted": HTTPStatus.SERVICE_UNAVAILABLE,
     "unavailable": HTTPStatus.SERVICE_UNAVAILABLE,
 }
-
-
-class HttpServerError(CerError):
-    """The HTTP server cannot be started (address refused or not usable, port taken)."""
-
-
-class Unauthorized(CerError):
-    """An update without the token (HTTP only: the other endpoints are root's alone)."""
-
-    code = "unauthorized"
 
 
 def check_address(address: str, allow_remote: bool) -> ipaddress.IPv4Address | ipaddress.IPv6Address:

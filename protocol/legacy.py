@@ -32,8 +32,7 @@ import orjson
 from loguru import logger
 
 from cer.documents import load_object
-from cer.errors import BadRequest, CerError, InternalError, UnknownMethod
-from cer.protocol.frontend import FrontendError
+from cer.errors import BadRequest, CerError, FrontendError, InternalError, UnknownMethod
 from cer.protocol.methods import CheckpointGet, CheckpointPut, Method, NamespaceGet, NamespacePut, NamespaceUpdate
 from cer.protocol.wire import MAX_REQUEST_BYTES
 
@@ -47,6 +46,7 @@ _SERVICE = struct.Struct(">H")
 _LENGTH = struct.Struct(">I")
 
 
+# Not in cer.errors: it only ends one connection's loop here and never reaches a caller.
 class _Hangup(Exception):
     """The connection cannot go on: the peer left, stalled, or broke the framing."""
 

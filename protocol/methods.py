@@ -13,11 +13,11 @@ from cer.config import MAX_CAPACITY
 from cer.criu.views import TRANSFORMS, view_kinds
 from cer.documents import reject_unknown
 from cer.errors import BadRequest, NotFound, Unavailable, UnknownMethod
-from cer.linux.namespaces import NAMESPACE_TYPES
+from cer.linux.flags import NAMESPACE_TYPES
 from cer.references import CheckpointRef
 
 if TYPE_CHECKING:  # clients use these definitions without the daemon's actors
-    from cer.actors.gateway import Gateway
+    from cer.protocol.gateway import Gateway
     from cer.actors.pool import Lease
 
 _MAX_EXTRA_REFS = 64
@@ -106,6 +106,11 @@ def _method(service: str, name: str):
         return cls
 
     return register
+
+
+def method_names() -> frozenset[str]:
+    """Every method as ``service.name`` (``namespace.get``): what metrics may label a request with."""
+    return frozenset(f"{service}.{name}" for service, name in METHODS)
 
 
 def find_method(service: str, name: str) -> type[Method]:

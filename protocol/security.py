@@ -27,11 +27,7 @@ from urllib.parse import urlsplit
 import zmq
 import zmq.auth
 
-from cer.errors import CerError
-
-
-class EndpointRefused(CerError):
-    """An endpoint the daemon will not serve as asked."""
+from cer.errors import EndpointRefused
 
 
 INSECURE_TCP_FLAG = "--insecure-tcp-any-local-user"

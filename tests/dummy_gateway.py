@@ -8,7 +8,7 @@ import threading
 
 from cer.actors.pool import Lease
 from cer.errors import NotFound
-from cer.namespaces import Namespace
+from cer.pooled_namespaces import Namespace
 
 
 class DummyGateway:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from loguru import logger
 
+from cer.errors import ArchiveError, Cancelled
 from cer.files import open_regular_file, remove_entry
 
 READY_MARKER = ".cer-ready"
@@ -51,14 +52,6 @@ _TYPE_NAMES = {
     tarfile.FIFOTYPE: "a fifo",
     tarfile.GNUTYPE_SPARSE: "a sparse file",
 }
-
-
-class ArchiveError(Exception):
-    """The archive is unsafe, corrupt, larger than its descriptor says, or not what its digest says."""
-
-
-class Cancelled(Exception):
-    """The extraction was asked to stop (the daemon is stopping)."""
 
 
 @dataclass

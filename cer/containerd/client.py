@@ -34,6 +34,13 @@ from cer.containerd.api import (
     snapshots_pb2,
     snapshots_pb2_grpc,
 )
+from cer.errors import (
+    ContainerdAlreadyExists,
+    ContainerdError,
+    ContainerdFailedPrecondition,
+    ContainerdNotFound,
+    ContainerdUnavailable,
+)
 
 DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
 DEFAULT_TIMEOUT = 10.0
@@ -51,26 +58,6 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 2000),
     ("grpc.max_receive_message_length", 16 << 20),
 ]
-
-
-class ContainerdError(Exception):
-    """A containerd call failed; the message names the call and gives containerd's reason."""
-
-
-class ContainerdUnavailable(ContainerdError):
-    """containerd is not reachable, or did not answer in time: worth trying again later."""
-
-
-class ContainerdNotFound(ContainerdError):
-    """What the call names does not exist in that containerd namespace."""
-
-
-class ContainerdAlreadyExists(ContainerdError):
-    """What the call would create exists already."""
-
-
-class ContainerdFailedPrecondition(ContainerdError):
-    """The object is in a state that refuses the call (e.g. a snapshot that still has children)."""
 
 
 _ERRORS = {

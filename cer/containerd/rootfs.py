@@ -19,25 +19,21 @@ from dataclasses import dataclass
 
 from loguru import logger
 
-from cer.containerd.archive import Cancelled
-from cer.containerd.checkpoint import INDEXES, MANIFESTS, CheckpointImage, CheckpointImageError, read_json
-from cer.containerd.client import (
+from cer.containerd.checkpoint_image import INDEXES, MANIFESTS, CheckpointImage, read_json
+from cer.containerd.client import ContainerdClient, Descriptor, Mount
+from cer.errors import (
+    Cancelled,
+    CheckpointImageError,
     ContainerdAlreadyExists,
-    ContainerdClient,
     ContainerdError,
     ContainerdNotFound,
-    Descriptor,
-    Mount,
+    RootfsError,
 )
 
 # An overlay mount's options must fit in a page, with the pool's upperdir and workdir beside them.
 MAX_LOWERDIR = 3000
 _GC_SNAPSHOT_LABEL = "containerd.io/gc.ref.snapshot."
 _ARCHITECTURES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x"}
-
-
-class RootfsError(Exception):
-    """The checkpoint's root filesystem cannot be built (a base image cer cannot read or mount)."""
 
 
 @dataclass(frozen=True)

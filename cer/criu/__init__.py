@@ -3,7 +3,8 @@
 ``images`` reads single image files (CRIU's framing, checked against the file's size);
 ``checkpoint`` turns an image directory into frozen contents, with ``mountpoints`` (the mount tree)
 and ``tmpfs`` (tmpfs contents from their tar images); ``views`` makes image views for restores that
-join cer's namespaces; ``criu.proto`` is the schema.
+join cer's namespaces; ``criu.proto`` is the schema. The reader holds data and makes no syscalls: what is
+decided against a live namespace (is a checkpoint's IPC namespace a fresh one?) is the namespace layer's.
 
 The names below are loaded on first use: runtime wrappers import ``cer.criu.views`` on every restore
 and must not pay for the image reader (protobuf) they do not use.

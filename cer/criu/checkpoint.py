@@ -3,6 +3,8 @@
 :func:`read_checkpoint` reads them into frozen dataclasses that are safe to hand between actors
 and threads; :func:`cer.linux.sysv.populate_ipc_namespace` turns an :class:`IpcContents` back
 into a live IPC namespace, :mod:`cer.mounts` a :class:`~cer.criu.mountpoints.MountTree` into mounts.
+This is data only: what a fresh namespace of this kernel holds, and whether a checkpoint's differs, is
+decided by the namespace layer (:func:`cer.linux.sysv.is_fresh_ipc_namespace`), which makes the syscalls.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ from cer.criu.images import (
 )
 from cer.criu.mountpoints import MountTree, read_mount_tree
 from cer.errors import ImageError
-from cer.linux.sysv import SysctlValue, fresh_ipc_sysctls
 
 # The image set version every CRIU since 1.x writes (CRTOOLS_IMAGES_V1_1 in criu/include/magic.h).
 IMAGES_VERSION = 2
@@ -70,6 +71,9 @@ IPC_VAR_SYSCTLS = (
     ("shm_next_id", "kernel.shm_next_id"),
 )
 SEM_CTLS_COUNT = 4  # kernel.sem: semmsl, semmns, semopm, semmni
+
+SysctlValue = int | tuple[int, ...]
+"""A recorded sysctl's value: one integer, or a tuple for one that holds several (kernel.sem)."""
 
 
 @dataclass(frozen=True)
@@ -206,15 +210,6 @@ class IpcContents:
         """The memory one namespace filled with these objects costs: shm pages written and queued messages."""
         return sum(segment.prefill_bytes for segment in self.shm) + sum(
             len(text) for queue in self.msg for _, text in queue.messages)
-
-    @property
-    def is_default(self) -> bool:
-        """True when a fresh IPC namespace of this kernel already is this one: no objects, and
-        every recorded sysctl at a fresh namespace's value."""
-        if self.shm or self.sem or self.msg:
-            return False
-        fresh = fresh_ipc_sysctls()
-        return all(fresh.get(name) == value for name, value in self.sysctls)
 
 
 @dataclass(frozen=True)

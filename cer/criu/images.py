@@ -27,8 +27,8 @@ from typing import BinaryIO
 from google.protobuf.message import DecodeError, Message
 
 from cer.criu import criu_pb2 as pb
-from cer.errors import ImageError
-from cer.files import UnsafePathError, open_regular_file
+from cer.errors import ImageError, UnsafePathError
+from cer.files import open_regular_file
 
 IMG_COMMON_MAGIC = 0x54564319
 IMG_SERVICE_MAGIC = 0x55105940

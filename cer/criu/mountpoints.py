@@ -21,7 +21,7 @@ from pathlib import Path
 from cer.criu.images import MNTS, ImageReader, text
 from cer.criu.tmpfs import MAX_TMPFS_BYTES, TmpfsContents, read_tmpfs_image, tmpfs_image_names
 from cer.errors import ImageError
-from cer.linux.namespaces import MOUNT_FLAGS, MS_RDONLY
+from cer.linux.flags import MOUNT_FLAGS, MS_RDONLY
 
 MAX_MOUNTS = 4096
 

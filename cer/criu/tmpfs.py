@@ -38,9 +38,6 @@ from typing import BinaryIO
 
 from cer.criu.images import ImageFile, RawImage
 from cer.errors import ImageError
-# ALLOWED_DEVICES: the character devices runc (and the OCI runtime spec's default set) creates in a container's
-# /dev, the only ones cer makes; defined beside the code that makes them, which an action script imports alone.
-from cer.mounting import ALLOWED_DEVICES, allowed_device  # noqa: F401
 
 MAX_TMPFS_BYTES = 64 << 20
 """File bytes one tmpfs archive may hold (sparse files count at their full size)."""

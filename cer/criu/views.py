@@ -34,7 +34,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from cer.errors import CerError, ImageError
+from cer.errors import CerError, ImageError, ViewError
 
 if TYPE_CHECKING:
     from cer.criu.images import ImageType
@@ -52,12 +52,6 @@ IDENTITY_IMAGES = ("inventory.img", "pstree.img")
 _MAX_IDENTITY_IMAGE = 1 << 20
 
 Transform = Callable[[Path], Mapping[str, bytes]]
-
-
-class ViewError(CerError):
-    """A view cannot be made (the images are on another filesystem than ROOT, a transform failed)."""
-
-    code = "unavailable"
 
 
 def image_header(image_type: ImageType) -> bytes:

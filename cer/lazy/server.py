@@ -42,7 +42,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from cer.errors import ImageError
+from cer.errors import ImageError, WorkingSetError
 from cer.lazy import working_set as ws
 from cer.lazy.pages import PAGE_SIZE, Ranges, TaskImage, load_checkpoint
 from cer.linux.userfaultfd import (EVENT_FORK, EVENT_PAGEFAULT, EVENT_REMAP, EVENT_REMOVE, EVENT_UNMAP, MESSAGE_SIZE,
@@ -71,6 +71,7 @@ _FINISHED = struct.Struct("=I")
 _MAX_FDS_PER_READ = 16
 
 
+# Not in cer.errors: raised and caught inside this server's loop only, it never leaves this process.
 class ProtocolError(Exception):
     """Something the restore or the kernel said that this server cannot go on from."""
 
@@ -335,7 +336,7 @@ class LazyPagesServer:
         self.stats.working_set, self.stats.working_set_reason, self.stats.working_set_pages = "none", None, 0
         try:
             found = ws.read(self.working_set_path) if identity is not None else None
-        except (OSError, ws.WorkingSetError) as error:
+        except (OSError, WorkingSetError) as error:
             self.stats.working_set, self.stats.working_set_reason = "ignored", str(error)
             self.log(f"working set ignored, recording anew: {error}")
             found = None

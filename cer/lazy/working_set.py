@@ -22,6 +22,8 @@ import struct
 import time
 from dataclasses import dataclass
 
+from cer.errors import WorkingSetError
+
 DIRECTORY = "working-sets"
 _MAGIC = b"CER-WORKING-SET\n"
 _HEADER_LENGTH = struct.Struct("<I")
@@ -29,10 +31,6 @@ _RECORD = struct.Struct("<IQ")
 _MAX_HEADER = 64 << 10
 MAX_PAGES = 1 << 24
 """The most pages a set may name (64 GiB of memory): a larger file is not a set cer wrote."""
-
-
-class WorkingSetError(ValueError):
-    """A working-set file that cannot be used (garbled, another checkpoint's, too large)."""
 
 
 @dataclass(frozen=True)

@@ -7,31 +7,12 @@ one namespace and then ends: a thread that has unshared must never serve anythin
 import ctypes
 import os
 
+from cer.linux.flags import (  # noqa: F401 - the flags this module's callers pass to its functions
+    CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_FS, CLONE_NEWCGROUP, CLONE_NEWPID, CLONE_NEWNET, MS_RDONLY,
+    MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME,
+    MS_STRICTATIME, MOUNT_FLAGS, MNT_DETACH, CLONE_FLAGS, NAMESPACE_TYPES,
+)
 from cer.linux.libc import check, libc
-
-CLONE_NEWNS = 0x00020000
-CLONE_NEWUTS = 0x04000000
-CLONE_NEWIPC = 0x08000000
-CLONE_FS = 0x00000200
-CLONE_NEWCGROUP = 0x02000000
-CLONE_NEWPID = 0x20000000
-CLONE_NEWNET = 0x40000000
-
-MS_RDONLY = 0x1
-MS_NOSUID = 0x2
-MS_NODEV = 0x4
-MS_NOEXEC = 0x8
-MS_REMOUNT = 0x20
-MS_NOATIME = 0x400
-MS_NODIRATIME = 0x800
-MS_BIND = 0x1000
-MS_REC = 0x4000
-MS_PRIVATE = 0x40000
-MS_RELATIME = 0x200000
-MS_STRICTATIME = 0x1000000
-# The per-mount flags (as /proc/PID/mountinfo shows them and a bind remount sets them).
-MOUNT_FLAGS = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_NOATIME | MS_NODIRATIME | MS_RELATIME | MS_STRICTATIME
-MNT_DETACH = 0x2
 
 # open_tree(2) and move_mount(2): a bind taken as a detached mount in one mount namespace can be attached in
 # another (a path bind cannot cross namespaces). Numbers are the same on every architecture since 5.2.
@@ -43,10 +24,6 @@ _SYSCALLS = {
     "x86_64": {"pivot_root": 155, "open_tree": 428, "move_mount": 429},
     "aarch64": {"pivot_root": 41, "open_tree": 428, "move_mount": 429},
 }.get(os.uname().machine, {"open_tree": 428, "move_mount": 429})
-
-# Namespace type names as the protocol and /proc/*/ns/ spell them, with their clone flags.
-CLONE_FLAGS = {"ipc": CLONE_NEWIPC, "uts": CLONE_NEWUTS, "mnt": CLONE_NEWNS}
-NAMESPACE_TYPES = tuple(CLONE_FLAGS)
 
 libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]

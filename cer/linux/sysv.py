@@ -22,11 +22,12 @@ from ctypes import POINTER, c_int, c_long, c_size_t, c_uint32, c_ulong, c_ushort
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+from cer.errors import IpcPopulateError
 from cer.linux.libc import check, libc
 from cer.linux.namespaces import CLONE_NEWIPC, unshare
 
 if TYPE_CHECKING:
-    from cer.criu.checkpoint import IpcContents, MessageQueue, SemaphoreSet, ShmSegment
+    from cer.criu.checkpoint import IpcContents, MessageQueue, SemaphoreSet, ShmSegment, SysctlValue
 
 
 IPC_CREAT = 0o1000
@@ -63,8 +64,6 @@ IPC_SYSCTLS = (
 # Each *get consumes its next_id sysctl (the kernel resets it to -1), so a checkpoint's own
 # values are written after every object exists.
 NEXT_ID_SYSCTLS = {"shm": "kernel.shm_next_id", "sem": "kernel.sem_next_id", "msg": "kernel.msg_next_id"}
-
-SysctlValue = int | tuple[int, ...]
 
 
 class IpcPerm(ctypes.Structure):
@@ -256,8 +255,13 @@ def fresh_ipc_sysctls() -> Mapping[str, SysctlValue | None]:
     return MappingProxyType(outcome[0])
 
 
-class IpcPopulateError(OSError):
-    """Re-creating one object of a checkpoint's IPC namespace failed; the message names it."""
+def is_fresh_ipc_namespace(contents: IpcContents) -> bool:
+    """True when a fresh IPC namespace of this kernel already is ``contents``: no objects, and every
+    recorded sysctl at a fresh namespace's value (:func:`fresh_ipc_sysctls`, probed once)."""
+    if contents.shm or contents.sem or contents.msg:
+        return False
+    fresh = fresh_ipc_sysctls()
+    return all(fresh.get(name) == value for name, value in contents.sysctls)
 
 
 def populate_ipc_namespace(contents: IpcContents) -> None:

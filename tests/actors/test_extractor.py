@@ -25,7 +25,7 @@ from cer.actors.extractor import CheckpointExtractor, RetryPolicy
 from cer.config import CheckpointEntry
 from cer.containerd.api import content_pb2, content_pb2_grpc, descriptor_pb2, images_pb2, images_pb2_grpc
 from cer.containerd.archive import READY_MARKER
-from cer.containerd.checkpoint import CRIU_ARCHIVE
+from cer.containerd.checkpoint_image import CRIU_ARCHIVE
 from cer.criu.checkpoint import read_checkpoint
 from cer.errors import NotFound, Unavailable
 from cer.references import CheckpointRef

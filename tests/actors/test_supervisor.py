@@ -9,7 +9,7 @@ from conftest import SAMPLE, wait_for
 from cer.actors import supervisor as supervisor_module
 from cer.actors.extractor import CheckpointExtractor
 from cer.actors.factory import NamespaceFactory
-from cer.actors.gateway import Gateway
+from cer.protocol.gateway import Gateway
 from cer.actors.pool import PoolActor, PoolPeers, PoolSettings
 from cer.actors.watcher import ProcessWatcher
 from cer.config import CheckpointEntry, Config

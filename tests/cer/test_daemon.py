@@ -211,6 +211,26 @@ def test_shutdown_leaves_nothing_behind(signum):
     assert host_mounts() == before
 
 
+@pytest.mark.timeout(90)
+def test_the_pools_share_the_pool_threads_however_many_pools_there_are():
+    entries = [{"name": f"many-{index}", "capacity": 1, "path": str(SAMPLE / "checkpoint")} for index in range(30)]
+    running = start_daemon({"containerd_checkpoints": entries}, "--pool-threads", "2")
+    try:
+        wait_for(lambda: sum(pool["state"] == "ready" for pool in running.status()["pools"]) == 30, 30,
+                 what="the 30 pools to load")
+
+        def threads() -> int:
+            return int(Path(f"/proc/{running.process.pid}/status").read_text().split("Threads:")[1].split()[0])
+
+        # 18 with no pool at all, and the factory's while it builds; a thread per pool made it 48 or more.
+        wait_for(lambda: threads() < 30, 20, what="fewer threads than pools")
+    finally:
+        assert running.stop() == 0
+    loaded = [line for line in running.output().splitlines() if "checkpoint loaded" in line]
+    assert len(loaded) == 30
+    assert all(" cer-pools-1: " in line or " cer-pools-2: " in line for line in loaded), loaded
+
+
 def test_a_killed_daemon_leaves_bundles_that_the_next_run_removes():
     running = start_daemon(sample_config())
     running.wait_full("sample")

@@ -11,8 +11,8 @@ import pytest
 from conftest import short_tempdir
 
 from cer.config import load_config, validate_image_directory
-from cer.errors import BadRequest, ConfigError
-from cer.files import UnsafePathError, open_private_directory, open_regular_file, read_regular_file, remove_entry
+from cer.errors import BadRequest, ConfigError, UnsafePathError
+from cer.files import open_private_directory, open_regular_file, read_regular_file, remove_entry
 
 UNPRIVILEGED_UID = 54321
 

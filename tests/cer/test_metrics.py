@@ -11,8 +11,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cer.actors.factory import NamespaceFactory
 from cer.metrics import POOL_STATES, Metrics
-from cer.namespaces import Recipe
+from cer.pooled_namespaces import Recipe
 from cer.protocol.frontend import Frontend
+from cer.protocol.methods import method_names
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -46,7 +47,7 @@ def pool_status(name: str, state: str = "ready", mnt: bool = True, **counts) -> 
 
 def test_pool_series_come_from_the_status_at_scrape_time():
     pools = [pool_status("a"), pool_status("b", state="failing", mnt=False, failures=4)]
-    metrics = Metrics()
+    metrics = Metrics(method_names())
     metrics.watch_pools(lambda: {"pools": pools})
     a_uts = {"checkpoint": "a", "checkpoint_namespace": "default", "type": "uts"}
     assert value(metrics, "cer_status_ok") == 1
@@ -69,21 +70,21 @@ def test_pool_series_come_from_the_status_at_scrape_time():
 
 def test_a_crashed_pool_and_a_failed_status_are_reported_not_raised():
     crashed = {"ref": {"name": "c", "labels": {"namespace": "ns1"}}, "state": "crashed", "last_error": "the pool actor died"}
-    metrics = Metrics()
+    metrics = Metrics(method_names())
     metrics.watch_pools(lambda: {"pools": [crashed]})
     assert value(metrics, "cer_pool_state", checkpoint="c", checkpoint_namespace="ns1", state="crashed") == 1
 
     def broken():
         raise RuntimeError("the supervisor did not answer")
 
-    failing = Metrics()
+    failing = Metrics(method_names())
     failing.watch_pools(broken)
     assert value(failing, "cer_status_ok") == 0
     assert not any(name.startswith("cer_pool_") for name, _ in samples(failing))
 
 
 def test_daemons_in_one_process_keep_their_own_metrics():
-    first, second = Metrics(), Metrics()  # no "duplicated timeseries" error: each owns its registry
+    first, second = Metrics(method_names()), Metrics(method_names())  # no "duplicated timeseries" error: each owns its registry
     first.request_answered("admin.status", 0.001, None)
     first.namespace_created("uts", 0.002)
     assert value(first, "cer_request_duration_seconds_count", method="admin.status") == 1
@@ -93,7 +94,7 @@ def test_daemons_in_one_process_keep_their_own_metrics():
 
 
 def test_method_labels_come_from_the_method_table_only():
-    metrics = Metrics()
+    metrics = Metrics(method_names())
     metrics.request_answered("namespace.steal-everything", 0.001, "unknown_method")
     metrics.namespace_created("net-of-nonsense", 0.001)
     text = metrics.exposition()[0].decode()
@@ -118,7 +119,7 @@ def request(service: str, method: str, params: dict | None = None) -> bytes:
 
 
 def test_the_frontend_reports_each_request_by_method_and_error_code():
-    metrics = Metrics()
+    metrics = Metrics(method_names())
     endpoint = f"ipc://{short_tempdir()}/metrics.sock"
     frontend = Frontend(endpoint, DummyGateway(), workers=2, observe=metrics.request_answered)
     frontend.start()
@@ -182,7 +183,7 @@ class Exploding:
 
 
 def test_the_factory_reports_successful_creation_times(tmp_path):
-    metrics = Metrics()
+    metrics = Metrics(method_names())
     observed = []
 
     def on_created(ns_type, seconds):
@@ -219,6 +220,6 @@ def test_the_target_of_an_adaptive_pool_is_exported_beside_its_floor():
 
 def test_told_messages_that_failed_are_counted_per_actor_and_message():
     failures = [{"actor": "PoolActor", "message": "namespace_created", "count": 3, "last_error": "KeyError: 'x'"}]
-    metrics = Metrics()
+    metrics = Metrics(method_names())
     metrics.watch_pools(lambda: {"pools": [], "message_failures": failures})
     assert value(metrics, "cer_actor_message_failures_total", actor="PoolActor", message="namespace_created") == 3

@@ -12,16 +12,8 @@ import threading
 
 import pytest
 
-from cer.containerd.archive import (
-    READY_MARKER,
-    ArchiveError,
-    Cancelled,
-    Progress,
-    extract_once,
-    extract_tar,
-    ready_digest,
-    remove_stale,
-)
+from cer.containerd.archive import READY_MARKER, Progress, extract_once, extract_tar, ready_digest, remove_stale
+from cer.errors import ArchiveError, Cancelled
 
 
 def tar_bytes(*members: tuple[tarfile.TarInfo, bytes | None], fmt=tarfile.PAX_FORMAT) -> bytes:

@@ -229,3 +229,15 @@ def test_the_runtimeclass_selects_a_containerd_handler_whose_runc_is_cer_runc(tm
     assert handler["runtime_type"] == "io.containerd.runc.v2"
     assert handler["options"]["BinaryName"] == "/usr/local/bin/cer-runc"
     assert (REPO / "contrib" / "cer-runc").exists() and (REPO / "contrib" / "cer-runc-restore").exists()
+
+
+# --- the Python package ------------------------------------------------------------------------------
+
+
+def test_every_package_directory_is_installed():
+    """pyproject lists packages by hand (actors/ and protocol/ install as cer.actors and cer.protocol): a
+    package left out would be missing from every installation but an editable one."""
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {".".join((package, *init.parent.relative_to(REPO / folder).parts))
+             for package, folder in setuptools["package-dir"].items() for init in (REPO / folder).rglob("__init__.py")}
+    assert found == set(setuptools["packages"])

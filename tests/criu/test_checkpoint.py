@@ -16,13 +16,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 import criu_support  # noqa: E402
 
 from cer.criu import criu_pb2 as pb  # noqa: E402
-from cer.criu.checkpoint import (  # noqa: E402
-    IpcContents,
-    MessageQueue,
-    SemaphoreSet,
-    ShmSegment,
-    read_checkpoint,
-)
+from cer.criu.checkpoint import read_checkpoint  # noqa: E402
 from cer.criu.images import (  # noqa: E402
     IDS,
     IMG_COMMON_MAGIC,
@@ -123,25 +117,6 @@ def test_sample_holds_what_the_workload_made():
     assert shm == expected["shm"]
     assert [{**owner(s), "values": list(s.values)} for s in contents.ipc.sem] == expected["sem"]
     assert [{**owner(q), "messages": list(q.messages)} for q in contents.ipc.msg] == expected["msg"]
-
-
-def test_is_default():
-    """The empty-IPC sample matches a fresh namespace; the sample and any change to the empty one do not."""
-    empty = read_checkpoint(criu_support.SAMPLE_DIR / "checkpoint-empty-ipc").ipc
-    assert empty.is_default
-    assert not read_checkpoint(criu_support.SAMPLE_DIR / "checkpoint").ipc.is_default
-
-    def changed(name, value):
-        return dataclasses.replace(empty, sysctls=tuple((n, value if n == name else v) for n, v in empty.sysctls))
-
-    assert not changed("kernel.msgmax", 8193).is_default
-    assert not changed("kernel.sem", (32000, 1024000000, 500, 31999)).is_default
-    assert not changed("fs.mqueue.msg_default", 9).is_default
-    assert not dataclasses.replace(empty, sysctls=empty.sysctls + (("kernel.shm_next_id", 7),)).is_default
-    assert not dataclasses.replace(empty, sem=(SemaphoreSet(0, 1, 0o600, 0, 0, (0,)),)).is_default
-    assert not dataclasses.replace(empty, msg=(MessageQueue(0, 1, 0o600, 0, 0, 16384, ()),)).is_default
-    assert not dataclasses.replace(empty, shm=(ShmSegment(0, 1, 0o600, 0, 0, 1, b"\0"),)).is_default
-    assert IpcContents().is_default  # nothing recorded, nothing to differ
 
 
 # --------------------------------------------------------------------------- which namespace

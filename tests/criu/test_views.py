@@ -19,7 +19,6 @@ from cer.criu.checkpoint import VMA_AREA_SYSVIPC, attached_shm_ids, read_checkpo
 from cer.criu.images import IPCNS_MSG, IPCNS_SEM, IPCNS_SHM, MM, ImageReader, read_entries  # noqa: E402
 from cer.criu.views import (  # noqa: E402
     TRANSFORMS,
-    ViewError,
     image_header,
     images_digest,
     ipc_transform,
@@ -27,7 +26,7 @@ from cer.criu.views import (  # noqa: E402
     view_key,
     view_kinds,
 )
-from cer.errors import ImageError  # noqa: E402
+from cer.errors import ImageError, ViewError  # noqa: E402
 
 SAMPLE = criu_support.SAMPLE_DIR / "checkpoint"
 SAMPLE_IPC_NS = 10  # ipcns-*-10.img: the sample's root IPC namespace

@@ -8,6 +8,7 @@ import struct
 
 import pytest
 
+from cer.errors import WorkingSetError
 from cer.lazy import working_set as ws
 from cer.lazy.pages import PAGE_SIZE, Ranges
 from cer.linux.userfaultfd import EVENT_FORK, EVENT_PAGEFAULT, EVENT_REMAP, EVENT_REMOVE, EVENT_UNMAP, parse_message
@@ -100,7 +101,7 @@ def test_a_damaged_working_set_file_is_refused(tmp_path, damage, message):
     path = tmp_path / "set.ws"
     ws.write(str(path), ws.WorkingSet("default/x", "f" * 64, 1.5, 0.25, ((1, 0x1000), (1, 0x5000), (7, 0x2000))))
     path.write_bytes(damage(path.read_bytes()))
-    with pytest.raises(ws.WorkingSetError, match=message):
+    with pytest.raises(WorkingSetError, match=message):
         ws.read(str(path))
 
 
@@ -116,7 +117,7 @@ def test_a_working_set_header_that_cer_did_not_write_is_refused(tmp_path, header
     raw = json.dumps(header).encode()
     path = tmp_path / "set.ws"
     path.write_bytes(b"CER-WORKING-SET\n" + struct.pack("<I", len(raw)) + raw)
-    with pytest.raises(ws.WorkingSetError):
+    with pytest.raises(WorkingSetError):
         ws.read(str(path))
 
 

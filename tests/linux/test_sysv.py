@@ -1,6 +1,7 @@
 """cer.linux.sysv: filling a fresh IPC namespace, checked against what CRIU's own restore builds."""
 
 import ctypes
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -15,9 +16,15 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 import criu_support  # noqa: E402
 
 from cer.criu.checkpoint import IpcContents, MessageQueue, SemaphoreSet, ShmSegment, read_checkpoint  # noqa: E402
+from cer.errors import IpcPopulateError  # noqa: E402
 from cer.linux import sysv  # noqa: E402
 from cer.linux.libc import check, libc  # noqa: E402
-from cer.linux.sysv import IpcPopulateError, fresh_ipc_sysctls, populate_ipc_namespace, read_ipc_sysctls  # noqa: E402
+from cer.linux.sysv import (  # noqa: E402
+    fresh_ipc_sysctls,
+    is_fresh_ipc_namespace,
+    populate_ipc_namespace,
+    read_ipc_sysctls,
+)
 
 SAMPLE = criu_support.SAMPLE_DIR / "checkpoint"
 
@@ -82,15 +89,34 @@ def test_empty_ipc_sample_is_a_fresh_namespace(in_fresh_namespaces):
     """populate of the empty-IPC sample writes nothing and equals what CRIU restores."""
     require_criu()
     contents = read_checkpoint(criu_support.SAMPLE_DIR / "checkpoint-empty-ipc")
-    assert contents.ipc.is_default
+    assert is_fresh_ipc_namespace(contents.ipc)
     populate_and_compare(in_fresh_namespaces, criu_support.SAMPLE_DIR / "checkpoint-empty-ipc")
 
 
 # --------------------------------------------------------------------------- namespaces
 
 
+def test_is_fresh_ipc_namespace():
+    """The empty-IPC sample matches a fresh namespace; the sample and any change to the empty one do not."""
+    empty = read_checkpoint(criu_support.SAMPLE_DIR / "checkpoint-empty-ipc").ipc
+    assert is_fresh_ipc_namespace(empty)
+    assert not is_fresh_ipc_namespace(read_checkpoint(criu_support.SAMPLE_DIR / "checkpoint").ipc)
+
+    def changed(name, value):
+        return dataclasses.replace(empty, sysctls=tuple((n, value if n == name else v) for n, v in empty.sysctls))
+
+    assert not is_fresh_ipc_namespace(changed("kernel.msgmax", 8193))
+    assert not is_fresh_ipc_namespace(changed("kernel.sem", (32000, 1024000000, 500, 31999)))
+    assert not is_fresh_ipc_namespace(changed("fs.mqueue.msg_default", 9))
+    assert not is_fresh_ipc_namespace(dataclasses.replace(empty, sysctls=empty.sysctls + (("kernel.shm_next_id", 7),)))
+    assert not is_fresh_ipc_namespace(dataclasses.replace(empty, sem=(SemaphoreSet(0, 1, 0o600, 0, 0, (0,)),)))
+    assert not is_fresh_ipc_namespace(dataclasses.replace(empty, msg=(MessageQueue(0, 1, 0o600, 0, 0, 16384, ()),)))
+    assert not is_fresh_ipc_namespace(dataclasses.replace(empty, shm=(ShmSegment(0, 1, 0o600, 0, 0, 1, b"\0"),)))
+    assert is_fresh_ipc_namespace(IpcContents())  # nothing recorded, nothing to differ
+
+
 def test_fresh_sysctls_are_a_new_namespaces():
-    """The is_default baseline equals a namespace made by unshare(1) and read by the inspector."""
+    """The is_fresh_ipc_namespace baseline equals a namespace made by unshare(1) and read by the inspector."""
     fresh = criu_support.inspect_fresh_namespaces()["sysctls"]
     assert dict(fresh_ipc_sysctls()) == {
         name: tuple(fresh[name]) if isinstance(fresh[name], list) else fresh[name] for name in sysv.IPC_SYSCTLS}

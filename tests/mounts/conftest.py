@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 
 import mounts_support  # noqa: E402
 
-from cer.namespaces import Namespace, Recipe, build, destroy  # noqa: E402
+from cer.pooled_namespaces import Namespace, Recipe, build, destroy  # noqa: E402
 
 
 def _checkpoint(tmp_path_factory, name: str, host_bind: bool) -> mounts_support.ContainerCheckpoint:

@@ -19,9 +19,10 @@ from conftest import wait_for  # noqa: E402
 from mounts_support import FILLED_TMPFS, host_mount_changes, host_mounts, mount_table, tmpfs_digest  # noqa: E402
 
 from cer.criu.checkpoint import read_checkpoint  # noqa: E402
+from cer.errors import MountError  # noqa: E402
 from cer.linux import namespaces as ns  # noqa: E402
-from cer.mounts import MountError, plan_document, plan_mounts  # noqa: E402
-from cer.namespaces import Recipe, remove_bundle  # noqa: E402
+from cer.mounts import plan_document, plan_mounts  # noqa: E402
+from cer.pooled_namespaces import Recipe, remove_bundle  # noqa: E402
 from cer.mounting import encode_plan  # noqa: E402
 from cer.restore_mounts import PLAN_NAME, install_action_script  # noqa: E402
 

@@ -13,7 +13,7 @@ from cer.criu.checkpoint import read_checkpoint  # noqa: E402
 from cer.criu.mountpoints import MountEntry, MountTree  # noqa: E402
 from cer.criu.tmpfs import TmpfsContents, TmpfsEntry  # noqa: E402
 from cer.mounts import plan_mounts  # noqa: E402
-from cer.namespaces import Recipe  # noqa: E402
+from cer.pooled_namespaces import Recipe  # noqa: E402
 
 READY = ["/dev", "/run", "/tmp", "/data", "/dev/pts", "/dev/shm"]
 

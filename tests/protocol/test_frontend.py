@@ -10,9 +10,9 @@ import zmq
 from conftest import short_tempdir, wait_for
 from dummy_gateway import DummyGateway
 
-from cer.errors import NotFound
+from cer.errors import FrontendError, NotFound
 from cer.protocol.client import Client
-from cer.protocol.frontend import Frontend, FrontendError
+from cer.protocol.frontend import Frontend
 from cer.protocol.methods import AdminStatus, NamespaceGet, NamespacePut
 from cer.protocol.wire import MAX_REQUEST_BYTES
 from cer.references import CheckpointRef

@@ -17,7 +17,7 @@ from conftest import as_unprivileged, sample_config, short_tempdir, start_daemon
 from prometheus_client.parser import text_string_to_metric_families
 
 from cer.errors import CerError
-from cer.protocol.methods import CheckpointGet, NamespaceGet, NamespacePut
+from cer.protocol.methods import CheckpointGet, NamespaceGet, NamespacePut, method_names
 from cer.protocol.wire import MAX_REQUEST_BYTES
 from cer.references import CheckpointRef
 
@@ -342,7 +342,7 @@ def in_process(monkeypatch):
     monkeypatch.setattr(http_module._Handler, "timeout", 1.0)
     gateway = DummyGateway()
     token_file = short_tempdir() / "http.token"
-    server = http_module.HttpServer("127.0.0.1", free_port(), gateway, Metrics(), token_file=str(token_file))
+    server = http_module.HttpServer("127.0.0.1", free_port(), gateway, Metrics(method_names()), token_file=str(token_file))
     server.start()
     yield server, gateway, Http(int(server.url.rsplit(":", 1)[1]), token_file.read_text().strip())
     server.stop()

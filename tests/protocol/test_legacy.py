@@ -19,9 +19,8 @@ from conftest import sample_config, short_tempdir, start_daemon, wait_for
 import mounts_support
 
 from cer.actors.pool import Lease
-from cer.errors import NotFound
-from cer.namespaces import Namespace
-from cer.protocol.frontend import FrontendError
+from cer.errors import FrontendError, NotFound
+from cer.pooled_namespaces import Namespace
 from cer.protocol.legacy import MAX_CONNECTIONS, MAX_METHOD_BYTES, LegacyFrontend
 from cer.protocol.methods import AdminStatus
 from cer.protocol.wire import MAX_REQUEST_BYTES

@@ -15,7 +15,7 @@ from cer.actors.supervisor import Supervisor
 from cer.actors.watcher import ProcessWatcher
 from cer.config import CheckpointEntry, Config
 from cer.criu.checkpoint import IpcContents, ShmSegment
-from cer.namespaces import Recipe
+from cer.pooled_namespaces import Recipe
 from cer.references import CheckpointRef
 
 

@@ -18,7 +18,7 @@ import pytest
 import mounts_support
 from conftest import wait_for
 
-from cer.namespaces import remove_bundle
+from cer.pooled_namespaces import remove_bundle
 from cer.protocol.methods import NamespaceGet, NamespacePut
 from cer.references import CheckpointRef
 

@@ -1,6 +1,7 @@
 """How requests reach the actors: one deadline per request, and pools are found by reference.
 
-Request handlers run in the frontend's threads and call this; it never runs in an actor. Each request
+Request handlers run in the frontends' threads and call this; it is no actor and never runs in one, which
+is why it sits with the frontends in the protocol package rather than among the actors. Each request
 gets one :class:`Deadline`; every wait on its way (the supervisor, then a pool, ...) gets what is left
 of it, never more, so the actors' own time limits (a pool's cold timeout) are the first to fire and an
 "unavailable" answer says where the time went. A warm get does not ask any actor: ``take_warm`` takes

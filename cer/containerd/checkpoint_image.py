@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 
 from cer.containerd.client import ContainerdClient, Descriptor
+from cer.errors import CheckpointImageError
 
 CRIU_ARCHIVE = "application/vnd.containerd.container.criu.checkpoint.criu.tar"
 RW_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -22,10 +23,6 @@ SNAPSHOTTER_ANNOTATION = "io.containerd.checkpoint.snapshotter"
 DEFAULT_SNAPSHOTTER = "overlayfs"
 # Indexes, manifests and configs are small JSON documents; anything much bigger is not one.
 MAX_DOCUMENT = 4 << 20
-
-
-class CheckpointImageError(Exception):
-    """The image is not a checkpoint cer can use (not an index, no CRIU archive, malformed JSON)."""
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,8 @@
 import pykka
 import pytest
 
-from cer.actors.gateway import Deadline
 from cer.errors import Unavailable
+from cer.protocol.gateway import Deadline
 
 
 def test_each_wait_gets_what_is_left_and_the_message_says_where_it_went():

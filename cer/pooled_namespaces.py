@@ -25,11 +25,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cer.criu.checkpoint import CheckpointContents, IpcContents, UtsContents
+from cer.errors import MountError
 from cer.linux import namespaces as ns
 from cer.linux.namespaces import NAMESPACE_TYPES
-from cer.linux.sysv import populate_ipc_namespace
+from cer.linux.sysv import is_fresh_ipc_namespace, populate_ipc_namespace
 from cer.mounting import enter_root, mount_restore_sysctls
-from cer.mounts import MountError, MountPlan, mount_tree, plan_mounts, unmount_tree
+from cer.mounts import MountPlan, mount_tree, plan_mounts, unmount_tree
 
 __all__ = ["NAMESPACE_TYPES", "Namespace", "Recipe", "build", "destroy", "remove_bundle"]
 
@@ -42,6 +43,10 @@ class Recipe:
     uts: UtsContents | None = None
     rootfs: str | None = None
     mounts: MountPlan | None = None  # None: the overlay alone
+    ipc_default: bool = False
+    """Whether the checkpoint's IPC namespace holds nothing a fresh one lacks (no objects, default sysctls):
+    decided once by :meth:`from_checkpoint`, which may probe a fresh namespace; False (claim nothing) for a
+    recipe made otherwise."""
 
     @classmethod
     def from_checkpoint(cls, contents: CheckpointContents, rootfs: str | None,
@@ -55,12 +60,8 @@ class Recipe:
             plan = MountPlan(0, (), (f"the checkpoint's mount tree cannot be used: {contents.mounts_error}",))
         elif rootfs is not None and contents.mounts is not None:
             plan = plan_mounts(contents.mounts, external_mounts)
-        return cls(ipc=contents.ipc, uts=contents.uts, rootfs=rootfs, mounts=plan)
-
-    @property
-    def ipc_default(self) -> bool:
-        """Whether the checkpoint's IPC namespace holds nothing a fresh one lacks (no objects, default sysctls)."""
-        return self.ipc is None or self.ipc.is_default
+        ipc_default = contents.ipc is None or is_fresh_ipc_namespace(contents.ipc)
+        return cls(ipc=contents.ipc, uts=contents.uts, rootfs=rootfs, mounts=plan, ipc_default=ipc_default)
 
     def ipc_info(self) -> dict | None:
         """What a pooled IPC namespace of this checkpoint holds, for a get's ``info.ipc``: the ids of the
