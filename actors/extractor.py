@@ -14,7 +14,8 @@ waits on containerd. While containerd cannot be reached (or does not answer in t
 checkpoint that containerd does not have, or that is not a usable checkpoint, fails its pool.
 
 ``get`` answers at once: the directory when the checkpoint is extracted, else Unavailable saying what
-it waits for (the extraction's progress, or containerd).
+it waits for (the extraction's progress, or containerd). ``lend`` is the same for an actor that must not
+wait on this one (the lazy-pages servers): the answer is told back to it.
 
 The extractor also owns the checkpoints' image views (cer.criu.views): ``get_view`` makes the view of a
 key once, in a thread of its own, under ``ROOT/views/<ref.key>/<view key>/``, and counts a user of the
@@ -216,6 +217,18 @@ class CheckpointExtractor(pykka.ThreadingActor):
             raise Unavailable(f"checkpoint {ref} is not extracted yet: {self._describe(checkpoint)}")
         checkpoint.users += 1
         return checkpoint.directory
+
+    @told
+    def lend(self, ref: CheckpointRef, reply, token: object) -> None:
+        """``get`` for an actor that must not wait on this one: the answer is told to ``reply(token, ref,
+        directory, error)`` (a proxy method; one of directory and error is None). A user counted for a
+        borrower that has stopped meanwhile is given back at once."""
+        try:
+            directory, error = self.get(ref), None
+        except CerError as failure:
+            directory, error = None, failure.with_traceback(None)
+        if not tell(reply, token, ref, directory, error) and directory is not None:
+            self.put(ref)
 
     def get_view(self, ref: CheckpointRef, kinds: tuple[str, ...]) -> pykka.Future:
         """A future of the path of ``ref``'s view for ``kinds`` (see cer.criu.views), made once per key;

@@ -12,8 +12,9 @@ at once each get their own server.
 
 What a server is for, and how it ends:
 
-- **starting**: spawned; it is ready once its socket exists (bounded by ``ready_timeout``). A request
-  waits for that before it is answered.
+- **starting**: the extractor lends it the checkpoint's images (``CheckpointExtractor.lend``), a thread
+  starts its process, and it is ready once its socket exists; all within ``ready_timeout`` (``not_ready``
+  beyond). A request waits for that before it is answered.
 - **spare**: ready and not handed out. Once a server that was handed out has ended, the actor starts
   ``spares`` servers of that checkpoint ahead of the next request (the ~40 ms a server takes to start is
   then off the restore's path; started only then, a spare does not compete for CPU with the restore and
@@ -39,18 +40,24 @@ What a server is for, and how it ends:
 Outcomes (``ended`` in status): ``completed`` (exited 0), ``failed`` (exited otherwise, e.g. killed by
 someone), ``expired``, ``released``, ``abandoned``, ``unused`` (a spare nobody took), ``not_ready``,
 ``stopped`` (the daemon stopped). Each ended server leaves nothing: its process is reaped, its work
-directory removed, its fds closed and its user of the checkpoint directory (``CheckpointExtractor.get``)
+directory removed, its fds closed and its user of the checkpoint directory (``CheckpointExtractor.lend``)
 given back.
 
-Exits are noticed through pidfds handed to the ProcessWatcher (servers and holders), which tells
-``holder_exited``. At shutdown, servers with a restore in progress get ``shutdown_grace`` seconds to
-finish; then every server left is killed, its restored process too. Servers left by a daemon killed
-with SIGKILL (they outlive it) are found by their work directory at the next start and killed.
+The actor's thread never waits (but at shutdown): not on the extractor, a process's start or reaping,
+nor on /proc (a bind's probe of the restored process, a status, whether a restore had reached a server
+that is being killed or whose holder exited). Those run in short threads of their own (or in the
+extractor), which answer the request's future or tell the actor (``@told`` messages: a failure is logged
+and counted, never silent). A handed-out server is a lease (cer.actors.leases, as the pools' namespaces
+are): its holder is bound through the ProcessWatcher, which also reports the servers' own exits
+(``holder_exited``); its deadline, the ready timeout and a spare's deadline are timers of the daemon's
+timer service (cer.actors.timers), so tests move their clock. At shutdown, servers with a restore in
+progress get ``shutdown_grace`` seconds (one wait for all of them) to finish; then every server left is
+killed, its restored process too. Servers left by a daemon killed with SIGKILL (they outlive it) are
+found by their work directory at the next start and killed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
@@ -60,19 +67,24 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import pykka
 from loguru import logger
 
-from cer.errors import BadRequest, Exhausted, NotFound, Unavailable
+from cer.actors.leases import Handout, Holder, Leases, Waiter
+from cer.actors.timers import Timer, Timers, default_timers
+from cer.actors.told import tell, told
+from cer.errors import BadRequest, CerError, Exhausted, NotFound, Unavailable
 from cer.kdat import CACHE_NAME as KDAT_CACHE_NAME
 from cer.kdat import RUN as KDAT_RUN
 from cer.kdat import run_is_tmpfs
 from cer.lazy import working_set
-from cer.linux.processes import pidfd_getfd, pidfd_open, same_open_file
+from cer.linux.proc import command_lines, has_uffd, listening, tasks_of_namespace_led_by, uffd_fds, uffd_mappings
+from cer.linux.processes import (
+    has_exited, kill_process, kill_process_group, pidfd_getfd, pidfd_open, same_open_file, wait_exited,
+)
 from cer.linux.userfaultfd import lazy_pages_unsupported, registered_page
 from cer.references import CheckpointRef
 
@@ -132,25 +144,28 @@ class LazyServer:
         }
 
 
-@dataclass(eq=False)
-class _Request:
-    future: pykka.ThreadingFuture
-    holder_pid: int | None
-    holder_pidfd: int | None
+@dataclass(frozen=True)
+class _Exit:
+    """How a server's process ended, read by the thread that reaped it (its work directory is gone then)."""
+
+    status: int
+    stats: dict | None
+    log_tail: str
 
 
 @dataclass(eq=False)
 class _Server:
     server_id: str
     ref: CheckpointRef
-    images: str
     work_dir: str
-    process: subprocess.Popen
-    pidfd: int
     started: float
+    images: str | None = None  # once the extractor lent them: a user of the checkpoint until the server ends
+    starting: pykka.ThreadingFuture | None = None  # the start thread's (process, pidfd), while it runs
+    process: subprocess.Popen | None = None
+    pidfd: int | None = None
     state: str = "starting"  # starting, spare, waiting, serving
-    request: _Request | None = None  # the request waiting for this server to get ready
-    handed_out: float | None = None
+    request: Waiter | None = None  # the request waiting for this server to get ready
+    lease: Handout | None = None  # once handed out
     holder_pid: int | None = None
     restored_pid: int | None = None
     restored_pidfd: int | None = None
@@ -158,22 +173,33 @@ class _Server:
     outcome: str | None = None  # set when cer ends the server itself
     reason: str | None = None
     connected: bool = False  # a restore had reached it when cer ended it
-    timer: threading.Timer | None = None
+    killed: bool = False  # cer has killed it (or a thread of cer's is about to)
+    reaping: pykka.ThreadingFuture | None = None  # its _Exit, once its exit was reported
+    timers: list[Timer] = field(default_factory=list)  # its ready timeout and its deadline as a spare
 
     @property
     def socket(self) -> str:
         return os.path.join(self.work_dir, SOCKET_NAME)
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
 
     def reply(self, deadline: float) -> LazyServer:
         return LazyServer(self.server_id, self.process.pid, self.work_dir, self.socket, self.images, deadline)
 
 
 class LazyPagesServers(pykka.ThreadingActor):
-    """Starts, hands out, watches and ends lazy-pages servers (see the module's docstring)."""
+    """Starts, hands out, watches and ends lazy-pages servers (see the module's docstring).
+
+    The actor's thread never waits: the extractor's answer, a server's start (and readiness), its reaping,
+    a bind's probe of the restored process and a status's /proc readings come back as told messages or
+    complete the request's future from the threads that did them.
+    """
 
     def __init__(
         self, root: str, extractor: pykka.ActorProxy, watcher: pykka.ActorProxy, settings: LazySettings = LazySettings(),
-        ask_timeout: float = 5.0,
+        timers: Timers | None = None,
     ) -> None:
         super().__init__()
         self._base = os.path.join(root, LAZY_DIRECTORY)
@@ -181,7 +207,8 @@ class LazyPagesServers(pykka.ThreadingActor):
         self._extractor = extractor
         self._watcher = watcher
         self._settings = settings
-        self._ask_timeout = ask_timeout
+        self._timers = timers or default_timers()
+        self._now = self._timers.now
         self._servers: dict[str, _Server] = {}
         self._ended: deque[dict] = deque(maxlen=_HISTORY)
         self._counts: Counter = Counter()
@@ -192,6 +219,7 @@ class LazyPagesServers(pykka.ThreadingActor):
 
     def on_start(self) -> None:
         self._self = self.actor_ref.proxy()
+        self._leases = Leases(self._self, self._watcher, self._timers)
         self._criu = shutil.which(self._settings.criu)
         self._unsupported = lazy_pages_unsupported()
         if self._criu is None:
@@ -213,18 +241,19 @@ class LazyPagesServers(pykka.ThreadingActor):
 
     def get(self, ref: CheckpointRef, holder_pid: int | None = None) -> pykka.Future:
         """A server for one lazy restore of ``ref``: a future of a LazyServer, set once it is ready (or of
-        the error). With ``holder_pid``, the server is stopped if that process exits before a restore
-        reached it."""
+        the error), within ``ready_timeout``. With ``holder_pid``, the server is stopped if that process
+        exits before a restore reached it."""
         if self._unsupported:
             raise Unavailable(f"lazy restores are not available on this host: {self._unsupported}")
         spare = self._find(ref, "spare") or self._find(ref, "starting")
         if spare is None:
             self._make_room(ref)
-        request = _Request(pykka.ThreadingFuture(), holder_pid, _open_holder(holder_pid))
+        request = Waiter(pykka.ThreadingFuture(), Holder.of(holder_pid))
         try:
             server = spare if spare is not None else self._spawn(ref)
         except BaseException:
-            _close(request.holder_pidfd)
+            if request.holder is not None:
+                request.holder.close()
             raise
         if server.state == "spare":
             self._hand_out(server, request)
@@ -232,53 +261,34 @@ class LazyPagesServers(pykka.ThreadingActor):
             server.request = request
         return request.future
 
-    def bind(self, server_id: str, pid: int) -> str:
+    def bind(self, server_id: str, pid: int) -> pykka.Future:
         """Process ``pid`` was restored with server ``server_id``: if the server ends before it has delivered
-        all its pages, the process is killed. Returns the server's state (``serving``, or ``completed`` when
-        it is done already).
+        all its pages, the process is killed. A future of the server's state (``serving``, or ``completed``
+        when it is done already).
 
         The daemon kills only a process it has tied to this server's restore itself: every mapping the
         process has registered with a userfaultfd must be registered, at the same address, in the memory
         that one of this server's userfaultfds serves (``_restored_state``). Nothing else is ever killed, not
         even for a server that has ended: such a bind is ``unavailable`` and the client removes its container.
+        That probe reads /proc in a thread of its own; what it found is recorded by ``restore_probed``, in
+        the actor, so a server that ends meanwhile is seen.
         """
+        future = pykka.ThreadingFuture()
         server = self._servers.get(server_id)
         if server is None:
-            ended = self._ended_entry(server_id)
-            if ended["outcome"] == "completed":
-                return "completed"
-            raise Unavailable(
-                f"lazy-pages server {server_id} ended ({ended['outcome']}: {ended['reason']}) before its restore was "
-                f"bound: the restored process may lack pages that never came; stop it (the daemon kills only "
-                f"processes bound to a live server)"
-            )
+            future.set(self._unbound_state(server_id))
+            return future
         if server.state in ("starting", "spare"):
             raise NotFound(f"lazy-pages server {server_id} is not handed out")
-        other = next((s for s in self._servers.values() if s is not server and s.restored_pid == pid), None)
-        if other is not None:
-            raise BadRequest(f"process {pid} is bound to lazy-pages server {other.server_id} already")
+        self._check_unbound(server, pid)
         try:
             restored_pidfd = pidfd_open(pid)
         except ProcessLookupError:
             raise NotFound(f"process {pid} is not running") from None
-        try:
-            self._hold_uffds(server)
-            state = self._restored_state(server, pid, restored_pidfd)
-        except BaseException:
-            os.close(restored_pidfd)
-            raise
-        if state == "completed":
-            os.close(restored_pidfd)
-            logger.info("lazy-pages server {}: process {} waits on no userfaultfd and the server serves none any more: "
-                        "nothing to protect", server_id, pid)
-            return state
-        _close(server.restored_pidfd)
-        server.restored_pid, server.restored_pidfd = pid, restored_pidfd
-        if server.holder_pid is not None:
-            self._watcher.unwatch(("lazy", server_id, "holder"))
-        server.state = "serving"
-        logger.info("lazy-pages server {}: serving process {} ({} userfaultfd(s) held)", server_id, pid, len(server.uffds))
-        return "serving"
+        probe = _Probe(server_id, server.pid, os.dup(server.pidfd), tuple(server.uffds), pid, restored_pidfd, future)
+        threading.Thread(target=_probe_restore, args=(probe, self._self), name=f"cer-lazy-bind-{server_id}",
+                         daemon=True).start()
+        return future
 
     def put(self, server_id: str) -> str:
         """End a server now (``released``); a process bound to it that lacks pages is killed. For a server
@@ -291,23 +301,26 @@ class LazyPagesServers(pykka.ThreadingActor):
         self._end(server, "released", "given back by its client")
         return "released"
 
-    def status(self) -> dict:
-        now = time.monotonic()
-        servers = []
-        for server in self._servers.values():
-            servers.append({
-                "server_id": server.server_id, "ref": str(server.ref), "state": server.state, "pid": server.process.pid,
-                "work_dir": server.work_dir, "images": server.images, "age_seconds": round(now - server.started, 3),
-                "holder_pid": server.holder_pid, "restored_pid": server.restored_pid,
-                "restore_connected": bool(server.uffds) or _has_uffd(server.process.pid),
-                "deadline_in_seconds": self._deadline_in(server, now),
-            })
-        return {
+    def status(self) -> pykka.Future:
+        """A future of what the servers are doing; what /proc and the working-set files say is read in a
+        thread, off the actor."""
+        now = self._now()
+        servers = [{
+            "server_id": server.server_id, "ref": str(server.ref), "state": server.state, "pid": server.pid,
+            "work_dir": server.work_dir, "images": server.images, "age_seconds": round(now - server.started, 3),
+            "holder_pid": server.holder_pid, "restored_pid": server.restored_pid,
+            "restore_connected": bool(server.uffds), "deadline_in_seconds": self._deadline_in(server, now),
+        } for server in self._servers.values()]
+        status = {
             "supported": self._unsupported is None, "unsupported_reason": self._unsupported, "criu": self._criu,
             "deadline_seconds": self._settings.deadline, "spares": self._settings.spares, "servers": servers,
             "ended": list(self._ended), "counts": dict(self._counts), "server": self._settings.server,
-            "working_sets": self._working_sets(), "criu_kdat_cached": self._kdat_cached,
+            "criu_kdat_cached": self._kdat_cached,
         }
+        future = pykka.ThreadingFuture()
+        threading.Thread(target=_complete_status, args=(status, self._root, future), name="cer-lazy-status",
+                         daemon=True).start()
+        return future
 
     def forget_working_set(self, ref: CheckpointRef) -> bool:
         """Remove ``ref``'s recorded working set: its next lazy restore records one anew. Whether there was one."""
@@ -318,55 +331,78 @@ class LazyPagesServers(pykka.ThreadingActor):
         logger.info("working set of {} forgotten", ref)
         return True
 
-    def _working_sets(self) -> dict[str, dict]:
-        """Every recorded working set, by checkpoint (read from the files: servers write them)."""
-        found = {}
-        directory = os.path.join(self._root, working_set.DIRECTORY)
+    # -- what other actors, threads, timers and the watcher report -----------------------------------------
+
+    @told
+    def checkpoint_lent(self, server_id: str, ref: CheckpointRef, images: str | None, error: Exception | None) -> None:
+        """The extractor's answer for a server being started (CheckpointExtractor.lend)."""
+        server = self._servers.get(server_id)
+        if server is None:
+            if images is not None:
+                tell(self._extractor.put, ref)  # the server was ended before its images came
+            return
+        if error is not None:
+            self._drop(server, error)
+            return
+        server.images = images
+        server.starting = pykka.ThreadingFuture()
+        threading.Thread(target=_start_server, args=(server_id, self._command(ref, images, server.work_dir), server.work_dir,
+                                                     server.starting, self._self),
+                         name=f"cer-lazy-start-{server_id}", daemon=True).start()
+
+    @told
+    def server_started(self, server_id: str) -> None:
+        """A server's start thread is done: its process runs, or could not be started."""
+        server = self._servers[server_id]  # a server is never dropped while its start runs
+        starting, server.starting = server.starting, None
         try:
-            names = sorted(os.listdir(directory))
-        except OSError:
-            return found
-        for name in names:
-            if not name.endswith(".ws"):
-                continue
-            path = os.path.join(directory, name)
-            try:
-                header = working_set.read_header(path)
-            except (OSError, working_set.WorkingSetError) as error:
-                logger.debug("working set {}: {}", path, error)
-                continue
-            if working_set.path_for(self._root, header["ref"]) != path:
-                continue  # not where that checkpoint's set would be: not cer's
-            found[header["ref"]] = {"pages": header["pages"], "bytes": header["pages"] * 4096,
-                                    "recorded": header["recorded"], "seconds": header["seconds"]}
-        return found
+            process, pidfd = starting.get(timeout=0)
+        except Exception as error:  # noqa: BLE001 - whatever kept it from starting is the request's answer
+            tell(self._extractor.put, server.ref)
+            self._drop(server, Unavailable(f"cannot start a lazy-pages server ({self._settings.server}): {error}"))
+            return
+        self._started(server, process, pidfd)
 
-    # -- what threads and the watcher report ------------------------------------------------------------
-
+    @told
     def server_ready(self, server_id: str) -> None:
         server = self._servers.get(server_id)
-        if server is None or server.state != "starting":
+        if server is None or server.state != "starting" or server.outcome is not None:
             return
-        logger.debug("lazy-pages server {} ready after {:.3f} s", server_id, time.monotonic() - server.started)
+        logger.debug("lazy-pages server {} ready after {:.3f} s", server_id, self._now() - server.started)
         if server.request is not None:
             self._hand_out(server, server.request)
         else:
             server.state = "spare"
 
-    def server_not_ready(self, server_id: str, reason: str) -> None:
+    @told
+    def server_not_ready(self, server_id: str) -> None:
+        """A server's ready timeout (from the timer service)."""
         server = self._servers.get(server_id)
-        if server is not None and server.state == "starting":
-            self._end(server, "not_ready", reason)
-
-    def deadline_passed(self, server_id: str, timer: threading.Timer) -> None:
-        server = self._servers.get(server_id)
-        if server is None or server.timer is not timer:
+        if server is None or server.state != "starting":
             return
-        if server.state in ("starting", "spare"):
-            self._end(server, "unused", f"not taken within {self._settings.deadline:g} s")
+        timeout = self._settings.ready_timeout
+        if server.images is None:
+            reason = f"the checkpoint extractor did not answer within {timeout:g} s"
+        elif server.process is None:
+            reason = f"its process did not start within {timeout:g} s"
         else:
-            self._end(server, "expired", f"not done {self._settings.deadline:g} s after it was handed out")
+            reason = f"no {SOCKET_NAME} within {timeout:g} s"
+        self._end(server, "not_ready", reason)
 
+    @told
+    def deadline_passed(self, server_id: str) -> None:
+        """A server's deadline, as a spare or handed out (from the timer service); one moved later since
+        was armed anew, and this call is moot."""
+        server = self._servers.get(server_id)
+        if server is None:
+            return
+        if server.lease is not None:
+            if self._leases.expired(server.lease):
+                self._end(server, "expired", f"not done {self._settings.deadline:g} s after it was handed out")
+        elif self._now() >= server.started + self._settings.deadline:
+            self._end(server, "unused", f"not taken within {self._settings.deadline:g} s")
+
+    @told
     def holder_exited(self, key: tuple, pid: int) -> None:
         """From the process watcher: a server (``key[2] == "server"``) or the holder of one exited."""
         _lazy, server_id, role = key
@@ -375,27 +411,58 @@ class LazyPagesServers(pykka.ThreadingActor):
             return
         if role == "server":
             self._server_exited(server)
-        elif role == "holder" and server.state == "waiting" and server.holder_pid == pid:
-            if _has_uffd(server.process.pid):
-                # A restore is under way: stopping the server now would leave holes in it.
-                logger.warning("lazy-pages server {}: its holder {} exited during the restore; serving it to the end",
-                               server_id, pid)
-            else:
-                self._end(server, "abandoned", f"holder process {pid} exited before a restore came")
+        elif role == "holder" and server.state == "waiting" and self._leases.bound_to(server.lease, pid):
+            threading.Thread(target=_read_reached, args=(server_id, pid, server.pid, self._self),
+                             name=f"cer-lazy-holder-{server_id}", daemon=True).start()
+
+    @told
+    def holder_left(self, server_id: str, pid: int, reached: bool) -> None:
+        """Whether a restore had reached the server whose holder ``pid`` exited (from ``_read_reached``)."""
+        server = self._servers.get(server_id)
+        if server is None or server.state != "waiting" or server.reaping is not None:
+            return  # bound, or ended, meanwhile
+        if reached:
+            # A restore is under way: stopping the server now would leave holes in it.
+            logger.warning("lazy-pages server {}: its holder {} exited during the restore; serving it to the end",
+                           server_id, pid)
+        else:
+            self._end(server, "abandoned", f"holder process {pid} exited before a restore came")
+
+    @told
+    def server_stopping(self, server_id: str, connected: bool) -> None:
+        """A server is being killed; whether a restore had reached it (from ``_kill_server``, before the kill)."""
+        server = self._servers.get(server_id)
+        if server is not None:
+            server.connected = connected
+
+    @told
+    def server_reaped(self, server_id: str) -> None:
+        """A server's process is reaped and its work directory removed (from the reaping thread)."""
+        server = self._servers[server_id]  # a server is never dropped while it is reaped
+        self._conclude(server, server.reaping.get(timeout=0))
+
+    @told
+    def restore_probed(self, probe: _Probe, state: str | None, taken: tuple[int, ...], error: Exception | None) -> None:
+        """What a bind's thread found (``_probe_restore``); recorded here, where the server's end is seen."""
+        try:
+            self._record_bind(probe, state, taken, error)
+        except Exception as failure:
+            _fail(probe.future, failure)
+            raise
 
     # -- internals --------------------------------------------------------------------------------------
 
     def _find(self, ref: CheckpointRef, state: str) -> _Server | None:
-        return next((s for s in self._servers.values() if s.ref == ref and s.state == state and s.request is None), None)
+        return next((s for s in self._live() if s.ref == ref and s.state == state and s.request is None), None)
 
     def _start_spares(self, ref: CheckpointRef) -> None:
-        ready = [s for s in self._servers.values() if s.ref == ref and s.state in ("starting", "spare") and s.request is None]
+        ready = [s for s in self._live() if s.ref == ref and s.state in ("starting", "spare") and s.request is None]
         for _ in range(self._settings.spares - len(ready)):
             if len(self._live()) >= self._settings.max_servers:
                 return  # spares never take the place of a restore
             try:
                 self._spawn(ref)
-            except (Unavailable, NotFound) as error:
+            except Unavailable as error:
                 logger.warning("no spare lazy-pages server for {}: {}", ref, error)
                 return
 
@@ -423,31 +490,39 @@ class LazyPagesServers(pykka.ThreadingActor):
         self._end(spare, "unused", "its place was needed for a restore")
 
     def _spawn(self, ref: CheckpointRef) -> _Server:
-        images = self._wait(self._extractor.get(ref), "the checkpoint extractor")  # a user until the server ends
+        """A new server, starting: the extractor lends it the images (``checkpoint_lent``), a thread starts its
+        process (``server_started``) and reports it ready (``server_ready``), all within ``ready_timeout``."""
         server_id = f"{os.getpid()}-{next(self._serial)}"
-        work_dir = os.path.join(self._base, server_id)
-        try:
-            os.mkdir(work_dir, 0o700)
-            with open(os.path.join(work_dir, "lazy-pages.stderr"), "wb") as stderr:
-                process = subprocess.Popen(
-                    self._command(ref, images, work_dir),
-                    stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, cwd=work_dir, start_new_session=True,
-                )
-        except OSError as error:
-            shutil.rmtree(work_dir, ignore_errors=True)
-            self._extractor.put(ref)
-            raise Unavailable(f"cannot start a lazy-pages server ({self._settings.server}): {error}") from None
-        # Our child, not reaped until we wait for it: its pid cannot name another process before then.
-        server = _Server(server_id, ref, images, work_dir, process, pidfd_open(process.pid), time.monotonic())
+        server = _Server(server_id, ref, os.path.join(self._base, server_id), self._now())
+        if not tell(self._extractor.lend, ref, self._self.checkpoint_lent, server_id):
+            raise Unavailable("the checkpoint extractor has stopped")
         self._servers[server_id] = server
-        self._counts["started"] += 1
-        self._watcher.watch(os.dup(server.pidfd), process.pid, self._self, ("lazy", server_id, "server"))
-        self._arm_deadline(server)
-        # The thread polls a pidfd of its own: the actor closes the server's when the server ends.
-        threading.Thread(target=_await_ready, args=(server.socket, os.dup(server.pidfd), server_id,
-                                                     self._settings.ready_timeout, self._self),
-                         name=f"cer-lazy-ready-{server_id}", daemon=True).start()
+        server.timers = [
+            self._timers.call_later(self._settings.ready_timeout, self._self.server_not_ready.defer, server_id),
+            self._timers.call_later(self._settings.deadline, self._self.deadline_passed.defer, server_id),
+        ]
         return server
+
+    def _started(self, server: _Server, process: subprocess.Popen, pidfd: int) -> None:
+        # Our child, not reaped until we wait for it: its pid cannot name another process before then.
+        server.process, server.pidfd = process, pidfd
+        self._counts["started"] += 1
+        watch = os.dup(pidfd)
+        if not tell(self._watcher.watch, watch, process.pid, self._self, ("lazy", server.server_id, "server")):
+            os.close(watch)
+            logger.error("lazy-pages server {} started with no process watcher to report its exit", server.server_id)
+        if server.outcome is not None:
+            self._kill(server)  # ended while it started
+
+    def _drop(self, server: _Server, error: Exception) -> None:
+        """Forget a server that never got a process (the extractor or its start failed)."""
+        del self._servers[server.server_id]
+        for timer in server.timers:
+            timer.cancel()
+        if server.request is not None:
+            server.request.fail(error)
+        else:
+            logger.warning("no spare lazy-pages server for {}: {}", server.ref, error)
 
     def _command(self, ref: CheckpointRef, images: str, work_dir: str) -> list[str]:
         """The server's command line; both kinds carry ``lazy-pages`` and ``-W work_dir`` (_kill_leftovers)."""
@@ -457,128 +532,167 @@ class LazyPagesServers(pykka.ThreadingActor):
                 "--working-set", working_set.path_for(self._root, str(ref)), "--ref", str(ref),
                 "--record-quiet", str(self._settings.record_quiet), "--record-limit", str(self._settings.record_limit)]
 
-    def _hand_out(self, server: _Server, request: _Request) -> None:
+    def _hand_out(self, server: _Server, request: Waiter) -> None:
         server.request = None
         server.state = "waiting"
-        server.handed_out = time.monotonic()
+        for timer in server.timers:
+            timer.cancel()
+        server.timers = []
         self._counts["handed_out"] += 1
-        if request.holder_pidfd is not None:
-            server.holder_pid = request.holder_pid
-            self._watcher.watch(request.holder_pidfd, request.holder_pid, self._self, ("lazy", server.server_id, "holder"))
-        self._arm_deadline(server)
-        logger.info("lazy-pages server {} of {} handed out (pid {}, {})", server.server_id, server.ref, server.process.pid,
+        server.holder_pid = None if request.holder is None else request.holder.pid
+        server.lease = self._leases.hand_out(server.server_id, ("lazy", server.server_id, "holder"), request.holder)
+        self._leases.expire_after(server.lease, self._settings.deadline, self._self.deadline_passed.defer, server.server_id)
+        logger.info("lazy-pages server {} of {} handed out (pid {}, {})", server.server_id, server.ref, server.pid,
                     server.work_dir)
-        request.future.set(server.reply(self._settings.deadline))
-
-    def _arm_deadline(self, server: _Server) -> None:
-        if server.timer is not None:
-            server.timer.cancel()
-        timer = threading.Timer(self._settings.deadline, lambda: _tell(self._self, "deadline_passed", server.server_id, timer))
-        timer.daemon = True
-        server.timer = timer
-        timer.start()
+        request.answer(server.reply(self._settings.deadline))
 
     def _deadline_in(self, server: _Server, now: float) -> float | None:
-        since = server.handed_out if server.handed_out is not None else server.started
-        return round(max(0.0, since + self._settings.deadline - now), 3)
+        due = server.lease.expires if server.lease is not None else server.started + self._settings.deadline
+        return round(max(0.0, due - now), 3)
 
-    def _hold_uffds(self, server: _Server) -> None:
-        """Hold a duplicate of each userfaultfd the server has, once: one the daemon holds already is not
-        taken again, however often a client binds."""
-        own = os.getpid()
-        for fd in _uffd_fds(server.process.pid):
-            try:
-                if any(same_open_file(own, held, server.process.pid, fd) for held in server.uffds):
-                    continue
-                server.uffds.append(pidfd_getfd(server.pidfd, fd))
-            except OSError as error:  # closed meanwhile, or the server is gone: nothing to hold
-                logger.debug("lazy-pages server {}: cannot hold fd {}: {}", server.server_id, fd, error)
+    def _check_unbound(self, server: _Server, pid: int) -> None:
+        other = next((s for s in self._servers.values() if s is not server and s.restored_pid == pid), None)
+        if other is not None:
+            raise BadRequest(f"process {pid} is bound to lazy-pages server {other.server_id} already")
 
-    def _restored_state(self, server: _Server, pid: int, pidfd: int) -> str:
-        """``serving`` when process ``pid`` is provably what ``server``'s restore made: its memory that waits on a
-        userfaultfd is the memory one of the server's serves, or (when nothing of its own waits any more, its
-        children's pages may still be on their way) it is the init of the pid namespace of a process whose is.
-        ``completed`` when nothing of it waits on a userfaultfd and the server, reached by its restore, has none
-        left (it has delivered all and is about to exit). Anything else is refused (BadRequest)."""
-        mappings = _uffd_mappings(pid)
-        tasks = [pid] if mappings else _tasks_of_namespace_led_by(pid)
-        tied = any(_serves_all(uffd, _uffd_mappings(task) if task != pid else mappings)
-                   for task in tasks for uffd in server.uffds)
-        # Read after the pidfd was opened and checked alive after: what was read was this very process's.
-        if _exited(pidfd, 0):
-            raise NotFound(f"process {pid} is not running")
-        if tied:
-            return "serving"
-        if _listening(server.process.pid):
-            raise BadRequest(f"no restore has reached lazy-pages server {server.server_id} yet: bind the process its "
-                             f"restore made, once the restore has returned")
-        if not mappings and not _uffd_fds(server.process.pid):
+    def _unbound_state(self, server_id: str) -> str:
+        """A bind's answer for a server that has ended: ``completed``, or Unavailable."""
+        ended = self._ended_entry(server_id)
+        if ended["outcome"] == "completed":
             return "completed"
-        raise BadRequest(
-            f"process {pid} is not the restore of lazy-pages server {server.server_id}: "
-            + ("none of its memory waits on a userfaultfd" if not mappings else
-               "its lazily restored memory is not the memory this server's userfaultfds serve")
+        raise Unavailable(
+            f"lazy-pages server {server_id} ended ({ended['outcome']}: {ended['reason']}) before its restore was "
+            f"bound: the restored process may lack pages that never came; stop it (the daemon kills only "
+            f"processes bound to a live server)"
         )
 
+    def _record_bind(self, probe: _Probe, state: str | None, taken: tuple[int, ...], error: Exception | None) -> None:
+        server = self._servers.get(probe.server_id)
+        if server is None:  # it ended while the probe ran: nothing may be tied to it now
+            for fd in taken:
+                os.close(fd)
+            os.close(probe.restored_pidfd)
+            try:
+                probe.future.set(self._unbound_state(probe.server_id))
+            except CerError as refused:
+                _fail(probe.future, refused)
+            return
+        self._hold(server, taken)
+        if error is None:
+            try:
+                self._check_unbound(server, probe.pid)
+            except BadRequest as refused:
+                error = refused
+        if error is not None:
+            os.close(probe.restored_pidfd)
+            _fail(probe.future, error)
+            return
+        if state == "completed":
+            os.close(probe.restored_pidfd)
+            logger.info("lazy-pages server {}: process {} waits on no userfaultfd and the server serves none any more: "
+                        "nothing to protect", server.server_id, probe.pid)
+            probe.future.set(state)
+            return
+        if server.restored_pidfd is not None:
+            os.close(server.restored_pidfd)
+        server.restored_pid, server.restored_pidfd = probe.pid, probe.restored_pidfd
+        self._leases.unbind(server.lease)  # its restore is bound now: the holder's exit no longer matters
+        server.state = "serving"
+        logger.info("lazy-pages server {}: serving process {} ({} userfaultfd(s) held)", server.server_id, probe.pid,
+                    len(server.uffds))
+        probe.future.set("serving")
+
+    @staticmethod
+    def _hold(server: _Server, taken: tuple[int, ...]) -> None:
+        """Keep one duplicate of each of the server's userfaultfds: two probes at once may take the same."""
+        own = os.getpid()
+        for fd in taken:
+            if any(same_open_file(own, held, own, fd) for held in server.uffds):
+                os.close(fd)
+            else:
+                server.uffds.append(fd)
+
     def _end(self, server: _Server, outcome: str, reason: str) -> None:
-        """End a server ourselves; the rest happens when its exit is reported (``_server_exited``)."""
+        """End a server ourselves; the rest happens when its exit is reported (``_server_exited``), or, for one
+        whose process has not started yet, when the extractor or the start thread answers."""
+        if server.process is None and server.starting is None:
+            # Still waiting for the extractor: its late answer is given back (checkpoint_lent).
+            self._finish(server, outcome, reason, False, None)
+            return
         if server.outcome is None:
             server.outcome, server.reason = outcome, reason
-            server.connected = bool(server.uffds) or _has_uffd(server.process.pid)
-        _kill_group(server)
+        if server.process is not None:
+            self._kill(server)
+
+    def _kill(self, server: _Server) -> None:
+        """Kill a server's process, once (what it forked goes when it is reaped, ``_reap_now``). Whether a
+        restore had reached it is read first, while its fds are there: in a thread, but for at shutdown,
+        when no report would be read."""
+        if server.killed or server.reaping is not None:
+            return
+        server.killed = True
+        if self._stopping:
+            server.connected = bool(server.uffds) or has_uffd(server.pid)
+            kill_process(server.pidfd)
+            return
+        threading.Thread(target=_kill_server, args=(server.server_id, server.pid, os.dup(server.pidfd), bool(server.uffds),
+                                                    self._self),
+                         name=f"cer-lazy-kill-{server.server_id}", daemon=True).start()
 
     def _server_exited(self, server: _Server) -> None:
-        # Not reaped yet, so its pid still names its process group: CRIU's start-up forks helpers (a stopped
-        # ptrace test child among them) that outlive a server killed at that moment.
-        _kill_group(server)
-        status = server.process.wait()
-        outcome = server.outcome or ("completed" if status == 0 else "failed")
-        reason = server.reason or _describe_status(status)
+        if server.reaping is not None:
+            return
+        server.reaping = pykka.ThreadingFuture()
+        threading.Thread(target=_reap, args=(server.server_id, server.process, server.work_dir, server.reaping, self._self),
+                         name=f"cer-lazy-reap-{server.server_id}", daemon=True).start()
+
+    def _conclude(self, server: _Server, exit: _Exit) -> None:
+        outcome = server.outcome or ("completed" if exit.status == 0 else "failed")
+        reason = server.reason or _describe_status(exit.status)
         if outcome == "completed":
-            self._finish(server, outcome, reason, killed=False)
+            self._finish(server, outcome, reason, False, exit.stats)
             return
         if server.request is not None or outcome == "not_ready":
-            reason = f"{reason}: {_log_tail(server.work_dir)}"
+            reason = f"{reason}: {exit.log_tail}"
         killed = False
         if server.restored_pidfd is not None:
-            killed = _kill(server.restored_pidfd)
+            killed = kill_process(server.restored_pidfd)
             if killed:
                 logger.error("lazy-pages server {} ended ({}: {}) before process {} had all its pages: killed it",
                              server.server_id, outcome, reason, server.restored_pid)
         elif server.state == "waiting" and (server.connected or outcome == "failed"):
             logger.warning("lazy-pages server {} ended ({}: {}) with no restored process bound to it: the restore it "
                            "served may lack pages", server.server_id, outcome, reason)
-        self._finish(server, outcome, reason, killed)
+        self._finish(server, outcome, reason, killed, exit.stats)
 
-    def _finish(self, server: _Server, outcome: str, reason: str, killed: bool) -> None:
+    def _finish(self, server: _Server, outcome: str, reason: str, killed: bool, stats: dict | None) -> None:
         del self._servers[server.server_id]
-        if server.timer is not None:
-            server.timer.cancel()
+        for timer in server.timers:
+            timer.cancel()
         if server.request is not None:
-            _close(server.request.holder_pidfd)
-            server.request.future.set_exception(exc_info=(Unavailable, Unavailable(
-                f"the lazy-pages server for {server.ref} did not get ready ({reason})"), None))
-        if server.holder_pid is not None:
-            self._watcher.unwatch(("lazy", server.server_id, "holder"))
+            server.request.fail(Unavailable(f"the lazy-pages server for {server.ref} did not get ready ({reason})"))
+        if server.lease is not None:
+            self._leases.release(server.lease)
         # The restored process is dead (or was never at risk) before cer lets go of its userfaultfds.
         _release_later(server.restored_pidfd if killed else None, server.uffds)
-        if not killed:
-            _close(server.restored_pidfd)
-        os.close(server.pidfd)
-        stats = _read_stats(server.work_dir)
-        shutil.rmtree(server.work_dir, ignore_errors=True)
-        self._extractor.put(server.ref)
+        if not killed and server.restored_pidfd is not None:
+            os.close(server.restored_pidfd)
+        if server.pidfd is not None:
+            os.close(server.pidfd)
+        if server.images is not None:
+            tell(self._extractor.put, server.ref)
         self._counts[outcome] += 1
+        now = self._now()
         self._ended.append({
             "server_id": server.server_id, "ref": str(server.ref), "outcome": outcome, "reason": reason,
-            "pid": server.process.pid, "seconds": round(time.monotonic() - server.started, 3),
-            "served_seconds": None if server.handed_out is None else round(time.monotonic() - server.handed_out, 3),
+            "pid": server.pid, "seconds": round(now - server.started, 3),
+            "served_seconds": None if server.lease is None else round(now - server.lease.since, 3),
             "restored_pid": server.restored_pid, "restored_killed": killed, "server": self._settings.server,
             "stats": stats,
         })
         log = logger.warning if killed or server.connected or outcome in ("failed", "not_ready") else logger.info
         log("lazy-pages server {} of {} ended: {} ({})", server.server_id, server.ref, outcome, reason)
-        if server.handed_out is not None and not self._stopping:
+        if server.lease is not None and not self._stopping:
             self._start_spares(server.ref)
 
     def _ended_entry(self, server_id: str) -> dict:
@@ -586,14 +700,6 @@ class LazyPagesServers(pykka.ThreadingActor):
         if entry is None:
             raise NotFound(f"no lazy-pages server {server_id} (ids of an earlier daemon are not known)")
         return entry
-
-    def _wait(self, future: pykka.Future, who: str):
-        try:
-            return future.get(timeout=self._ask_timeout)
-        except pykka.Timeout:
-            raise Unavailable(f"{who} did not answer within {self._ask_timeout:g} s") from None
-        except pykka.ActorDeadError:
-            raise Unavailable(f"{who} has stopped") from None
 
     # -- shutdown -------------------------------------------------------------------------------------
 
@@ -604,28 +710,54 @@ class LazyPagesServers(pykka.ThreadingActor):
         self._shut_down()
 
     def _shut_down(self) -> None:
+        """End every server, giving those with a restore in progress ``shutdown_grace`` seconds (all at once)
+        to finish. The one place the actor waits: it must not stop while a server it started runs."""
         self._stopping = True
-        for server in self._servers.values():
-            if server.timer is not None:
-                server.timer.cancel()
-        busy = [s for s in self._servers.values() if s.state == "serving" or (s.state == "waiting" and _has_uffd(s.process.pid))]
-        for server in self._servers.values():
+        for server in list(self._servers.values()):
+            for timer in server.timers:
+                timer.cancel()
+            if server.lease is not None and server.lease.timer is not None:
+                server.lease.timer.cancel()
+            if server.starting is not None:  # its report will not be read: take the start's result here
+                starting, server.starting = server.starting, None
+                try:
+                    process, pidfd = starting.get(timeout=_REAP_TIMEOUT)
+                except Exception as error:  # noqa: BLE001 - it did not start, or is stuck starting: nothing to stop
+                    logger.error("lazy-pages server {} did not start cleanly at shutdown: {}", server.server_id, error)
+                else:
+                    self._started(server, process, pidfd)
+            if server.process is None:
+                # Its images, if the extractor lends them yet, go back to it (CheckpointExtractor.lend).
+                self._finish(server, "stopped", "the daemon stopped", False, None)
+        busy = [s for s in self._servers.values()
+                if s.reaping is None and (s.state == "serving" or (s.state == "waiting" and has_uffd(s.pid)))]
+        for server in list(self._servers.values()):
             if server not in busy:
                 self._end(server, "stopped", "the daemon stopped")
         if busy:
             logger.info("waiting up to {:g} s for {} lazy restore(s) to get all their pages", self._settings.shutdown_grace,
                         len(busy))
-            deadline = time.monotonic() + self._settings.shutdown_grace
+            done = wait_exited([s.pidfd for s in busy], self._settings.shutdown_grace)
             for server in busy:
-                if not _exited(server.pidfd, max(0.0, deadline - time.monotonic())):
+                if server.pidfd not in done:
                     logger.warning("lazy-pages server {} still serving at shutdown: stopping it and its restored process",
                                    server.server_id)
                     self._end(server, "stopped", "the daemon stopped before its restore had all its pages")
-        for server in list(self._servers.values()):
-            if not _exited(server.pidfd, _REAP_TIMEOUT):
-                logger.error("lazy-pages server {} (pid {}) does not die", server.server_id, server.process.pid)
+        servers = list(self._servers.values())
+        exited = wait_exited([s.pidfd for s in servers if s.reaping is None], _REAP_TIMEOUT)
+        for server in servers:
+            if server.reaping is not None:
+                try:
+                    exit = server.reaping.get(timeout=_REAP_TIMEOUT)
+                except Exception as error:  # noqa: BLE001 - one server's failure must not leave the others running
+                    logger.error("lazy-pages server {} (pid {}) is not reaped: {}", server.server_id, server.pid, error)
+                    continue
+            elif server.pidfd in exited:
+                exit = _reap_now(server.process, server.work_dir)
+            else:
+                logger.error("lazy-pages server {} (pid {}) does not die", server.server_id, server.pid)
                 continue
-            self._server_exited(server)
+            self._conclude(server, exit)
         shutil.rmtree(self._base, ignore_errors=True)
         try:  # kept only when it holds a working set
             os.rmdir(os.path.join(self._root, working_set.DIRECTORY))
@@ -633,23 +765,186 @@ class LazyPagesServers(pykka.ThreadingActor):
             pass
 
 
-# -- helpers, run in the actor or in threads of their own ------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class _Probe:
+    """A bind under way: what its thread reads and what it answers."""
 
-def _await_ready(socket: str, pidfd: int, server_id: str, timeout: float, actor: pykka.ActorProxy) -> None:
-    """Tell the actor once the server's socket exists (``pidfd`` is this thread's to close); an exit on
-    the way is the watcher's to report."""
+    server_id: str
+    server_pid: int
+    server_pidfd: int  # the thread's own duplicate: the actor may close the server's meanwhile
+    held: tuple[int, ...]  # the userfaultfds the actor holds already
+    pid: int
+    restored_pidfd: int
+    future: pykka.ThreadingFuture
+
+
+# -- helpers, run in threads of their own (or in the actor, where said) -----------------------------------
+
+def _start_server(server_id: str, command: list[str], work_dir: str, started: pykka.ThreadingFuture,
+                  actor: pykka.ActorProxy) -> None:
+    """Start a server's process in ``work_dir``: ``started`` gets its (process, pidfd), and the actor hears
+    ``server_started``; then tell it ``server_ready`` once the server's socket exists. A server that exits
+    first is the watcher's to report."""
     try:
-        deadline = time.monotonic() + timeout
+        os.mkdir(work_dir, 0o700)
+        with open(os.path.join(work_dir, "lazy-pages.stderr"), "wb") as stderr:
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, cwd=work_dir,
+                                       start_new_session=True)
+        pidfd = pidfd_open(process.pid)  # our child, not reaped: the pid is still its own
+        watch = os.dup(pidfd)  # this thread's: the actor closes the server's when the server ends
+    except Exception as error:  # noqa: BLE001 - handed to the actor, which answers the request with it
+        shutil.rmtree(work_dir, ignore_errors=True)
+        started.set_exception(exc_info=(type(error), error, None))
+        tell(actor.server_started, server_id)
+        return
+    started.set((process, pidfd))
+    tell(actor.server_started, server_id)
+    try:
+        socket = os.path.join(work_dir, SOCKET_NAME)
         while not os.path.exists(socket):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                _tell(actor, "server_not_ready", server_id, f"no {SOCKET_NAME} within {timeout:g} s")
+            if has_exited(watch, _READY_POLL):
                 return
-            if select.select([pidfd], [], [], min(_READY_POLL, left))[0]:
-                return  # exited
-        _tell(actor, "server_ready", server_id)
+        tell(actor.server_ready, server_id)
+    finally:
+        os.close(watch)
+
+
+def _kill_server(server_id: str, pid: int, pidfd: int, held: bool, actor: pykka.ActorProxy) -> None:
+    """Tell the actor whether a restore had reached the server, then kill it: the report is in the actor's
+    inbox before the watcher can see the exit."""
+    try:
+        tell(actor.server_stopping, server_id, held or has_uffd(pid))
+        kill_process(pidfd)
     finally:
         os.close(pidfd)
+
+
+def _read_reached(server_id: str, holder_pid: int, server_pid: int, actor: pykka.ActorProxy) -> None:
+    """Whether a restore has reached the server whose holder exited: it holds the restore's userfaultfds."""
+    tell(actor.holder_left, server_id, holder_pid, has_uffd(server_pid))
+
+
+def _reap_now(process: subprocess.Popen, work_dir: str) -> _Exit:
+    """Reap a server that has exited, after killing what it forked; read what it left and remove its work
+    directory. (The actor calls this itself only at shutdown.)"""
+    # Not reaped yet, so its pid still names its process group: CRIU's start-up forks helpers (a stopped
+    # ptrace test child among them) that outlive a server killed at that moment.
+    kill_process_group(process.pid)
+    status = process.wait()
+    exit = _Exit(status, _read_stats(work_dir), _log_tail(work_dir))
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return exit
+
+
+def _reap(server_id: str, process: subprocess.Popen, work_dir: str, reaped: pykka.ThreadingFuture,
+          actor: pykka.ActorProxy) -> None:
+    try:
+        reaped.set(_reap_now(process, work_dir))
+    except Exception as error:  # noqa: BLE001 - the actor logs it as the failure of server_reaped
+        reaped.set_exception(exc_info=(type(error), error, None))
+    tell(actor.server_reaped, server_id)
+
+
+def _probe_restore(probe: _Probe, actor: pykka.ActorProxy) -> None:
+    """A bind's /proc readings and userfaultfd probes (see ``LazyPagesServers.bind``); the actor records
+    the result (``restore_probed``) and answers."""
+    taken: tuple[int, ...] = ()
+    state = error = None
+    try:
+        taken = _take_uffds(probe)
+        state = _restored_state(probe, probe.held + taken)
+    except Exception as failure:  # noqa: BLE001 - the bind's answer
+        error = failure
+    finally:
+        os.close(probe.server_pidfd)
+    if not tell(actor.restore_probed, probe, state, taken, error):
+        for fd in taken:
+            os.close(fd)
+        os.close(probe.restored_pidfd)
+        _fail(probe.future, Unavailable("the daemon is stopping: stop the restored process"))
+
+
+def _take_uffds(probe: _Probe) -> tuple[int, ...]:
+    """A duplicate of each userfaultfd of the server the actor does not hold yet (told apart with kcmp):
+    however often a client binds, the daemon holds each once."""
+    own = os.getpid()
+    taken = []
+    for fd in uffd_fds(probe.server_pid):
+        try:
+            if any(same_open_file(own, held, probe.server_pid, fd) for held in probe.held):
+                continue
+            taken.append(pidfd_getfd(probe.server_pidfd, fd))
+        except OSError as error:  # closed meanwhile, or the server is gone: nothing to hold
+            logger.debug("lazy-pages server {}: cannot hold fd {}: {}", probe.server_id, fd, error)
+    return tuple(taken)
+
+
+def _restored_state(probe: _Probe, uffds: tuple[int, ...]) -> str:
+    """``serving`` when process ``probe.pid`` is provably what the server's restore made: its memory that waits
+    on a userfaultfd is the memory one of the server's serves, or (when nothing of its own waits any more,
+    its children's pages may still be on their way) it is the init of the pid namespace of a process whose
+    is. ``completed`` when nothing of it waits on a userfaultfd and the server, reached by its restore, has
+    none left (it has delivered all and is about to exit). Anything else is refused (BadRequest)."""
+    pid = probe.pid
+    mappings = uffd_mappings(pid)
+    tasks = [pid] if mappings else tasks_of_namespace_led_by(pid)
+    tied = any(_serves_all(uffd, uffd_mappings(task) if task != pid else mappings) for task in tasks for uffd in uffds)
+    # Read after the pidfd was opened and checked alive after: what was read was this very process's.
+    if has_exited(probe.restored_pidfd):
+        raise NotFound(f"process {pid} is not running")
+    if tied:
+        return "serving"
+    if listening(probe.server_pid):
+        raise BadRequest(f"no restore has reached lazy-pages server {probe.server_id} yet: bind the process its "
+                         f"restore made, once the restore has returned")
+    if not mappings and not uffd_fds(probe.server_pid):
+        return "completed"
+    raise BadRequest(
+        f"process {pid} is not the restore of lazy-pages server {probe.server_id}: "
+        + ("none of its memory waits on a userfaultfd" if not mappings else
+           "its lazily restored memory is not the memory this server's userfaultfds serve")
+    )
+
+
+def _complete_status(status: dict, root: str, future: pykka.ThreadingFuture) -> None:
+    """Add to the actor's status what /proc and the working-set files say, and answer it."""
+    try:
+        for server in status["servers"]:
+            if not server["restore_connected"] and server["pid"] is not None:
+                server["restore_connected"] = has_uffd(server["pid"])
+        status["working_sets"] = _working_sets(root)
+    except Exception as error:  # noqa: BLE001 - the status request's answer
+        _fail(future, error)
+        return
+    future.set(status)
+
+
+def _working_sets(root: str) -> dict[str, dict]:
+    """Every recorded working set, by checkpoint (read from the files: servers write them)."""
+    found = {}
+    directory = os.path.join(root, working_set.DIRECTORY)
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return found
+    for name in names:
+        if not name.endswith(".ws"):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            header = working_set.read_header(path)
+        except (OSError, working_set.WorkingSetError) as error:
+            logger.debug("working set {}: {}", path, error)
+            continue
+        if working_set.path_for(root, header["ref"]) != path:
+            continue  # not where that checkpoint's set would be: not cer's
+        found[header["ref"]] = {"pages": header["pages"], "bytes": header["pages"] * 4096,
+                                "recorded": header["recorded"], "seconds": header["seconds"]}
+    return found
+
+
+def _fail(future: pykka.ThreadingFuture, error: Exception) -> None:
+    future.set_exception(exc_info=(type(error), error, None))
 
 
 def _read_stats(work_dir: str) -> dict | None:
@@ -681,112 +976,6 @@ def _release_later(pidfd: int | None, uffds: list[int]) -> None:
     threading.Thread(target=wait_then_close, name="cer-lazy-release", daemon=True).start()
 
 
-def _open_holder(pid: int | None) -> int | None:
-    if pid is None:
-        return None
-    try:
-        return pidfd_open(pid)
-    except ProcessLookupError:
-        raise NotFound(f"process {pid} is not running") from None
-
-
-def _kill_group(server: _Server) -> None:
-    """SIGKILL a server and whatever it forked (its own process group: started in a session of its own).
-    Only while it is not reaped: until then its pid, hence its group id, cannot name anyone else."""
-    try:
-        os.killpg(server.process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def _exited(pidfd: int, timeout: float) -> bool:
-    return bool(select.select([pidfd], [], [], timeout)[0])
-
-
-def _kill(pidfd: int) -> bool:
-    try:
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        return True
-    except ProcessLookupError:
-        return False
-
-
-def _uffd_fds(pid: int) -> list[int]:
-    fds = []
-    try:
-        names = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return fds
-    for name in names:
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{name}") == "anon_inode:[userfaultfd]":
-                fds.append(int(name))
-        except OSError:
-            continue
-    return fds
-
-
-def _uffd_mappings(pid: int) -> list[tuple[int, int]]:
-    """The mappings (start, end) of process ``pid`` registered with a userfaultfd for missing pages (``um``
-    in smaps' VmFlags): those of a lazy restore wait on its server."""
-    mappings = []
-    start = end = 0
-    try:
-        with open(f"/proc/{pid}/smaps") as smaps:
-            for line in smaps:
-                first = line.split(None, 1)[0]
-                if "-" in first and not first.endswith(":"):
-                    low, _, high = first.partition("-")
-                    start, end = int(low, 16), int(high, 16)
-                elif first == "VmFlags:" and " um" in line:
-                    mappings.append((start, end))
-    except (OSError, ValueError):
-        return []
-    return mappings
-
-
-def _tasks_of_namespace_led_by(pid: int) -> list[int]:
-    """The processes of the pid namespace whose init is ``pid`` (a container's), none when ``pid`` is no such
-    init or its namespace is the daemon's own: killing an init kills its namespace, nothing outside it."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            nspid = next((line.split()[1:] for line in status if line.startswith("NSpid:")), [])
-        namespace = os.stat(f"/proc/{pid}/ns/pid").st_ino
-        if len(nspid) < 2 or nspid[-1] != "1" or namespace == os.stat("/proc/self/ns/pid").st_ino:
-            return []
-    except OSError:
-        return []
-    tasks = []
-    for name in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if int(name) != pid and os.stat(f"/proc/{name}/ns/pid").st_ino == namespace:
-                tasks.append(int(name))
-        except OSError:
-            continue
-    return tasks
-
-
-def _listening(pid: int) -> bool:
-    """Whether process ``pid`` holds a listening unix socket: a lazy-pages server stops listening once its
-    restore has connected. (Told by inode: CRIU binds its socket by a name relative to its work directory.)"""
-    inodes = set()
-    try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("socket:["):
-                    inodes.add(target[len("socket:["):-1])
-        with open("/proc/net/unix") as table:
-            next(table)
-            for line in table:
-                fields = line.split()
-                if len(fields) >= 7 and fields[6] in inodes and int(fields[3], 16) & 0x10000:
-                    return True
-    except (OSError, ValueError, StopIteration):
-        pass
-    return False
-
-
 def _serves_all(uffd: int, mappings: list[tuple[int, int]]) -> bool:
     """Whether every one of ``mappings`` (the first and last page of each) is registered in the memory that
     ``uffd`` serves: true of the process that memory is, and of no process whose layout differs."""
@@ -798,11 +987,6 @@ def _serves_all(uffd: int, mappings: list[tuple[int, int]]) -> bool:
     except OSError as error:  # that memory is gone, or being remapped: not provably the same
         logger.debug("userfaultfd probe failed: {}", error)
         return False
-
-
-def _has_uffd(pid: int) -> bool:
-    """Whether a restore has reached the server: it holds the restored processes' userfaultfds."""
-    return bool(_uffd_fds(pid))
 
 
 def _describe_status(status: int) -> str:
@@ -826,29 +1010,12 @@ def _log_tail(work_dir: str, lines: int = 5) -> str:
 def _kill_leftovers(base: str) -> None:
     """Servers of a daemon killed with SIGKILL outlive it: find them by their work directory under ``base``."""
     prefix = base.rstrip("/") + "/"
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/cmdline", "rb") as file:
-                argv = file.read().split(b"\0")
-        except OSError:
-            continue
+    for pid, argv in command_lines().items():
         if b"lazy-pages" in argv and any(arg.decode(errors="replace").startswith(prefix) for arg in argv):
-            logger.warning("killing lazy-pages server {} left by an earlier run", name)
+            logger.warning("killing lazy-pages server {} left by an earlier run", pid)
             try:
-                os.kill(int(name), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
 
 
-def _close(fd: int | None) -> None:
-    if fd is not None:
-        os.close(fd)
-
-
-def _tell(actor: pykka.ActorProxy, method: str, *args: object) -> None:
-    try:
-        getattr(actor, method)(*args)
-    except pykka.ActorDeadError:
-        pass

@@ -4,7 +4,8 @@ It is the only owner of those namespaces' bookkeeping: which are idle, which are
 which process, once bound), which are being built. A get takes an idle one and starts a refill; when
 none is idle it asks the factory for one and answers once it arrives (a "cold" get). A namespace that
 was handed out is never handed out again: its put, or the exit of the process it is bound to, destroys
-it and the pool builds a fresh one.
+it and the pool builds a fresh one. Handed-out namespaces are leases (cer.actors.leases), as lazy-pages
+servers are.
 
 The idle namespaces of each type sit on a :class:`Shelf` that the pool publishes (:class:`Shelves`):
 the frontend takes a warm namespace from it in its own thread, without a hop through a worker or the
@@ -13,7 +14,6 @@ any other request about it can reach the pool (``shelf_events``). All timed work
 the adaptive pools' decay) goes through the daemon's one timer service (cer.actors.timers).
 """
 
-import os
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -22,12 +22,12 @@ import pykka
 from loguru import logger
 
 from cer.actors.dispatch import DispatchedActor, Dispatcher, default_dispatcher
+from cer.actors.leases import Handout, Holder, Leases, Waiter
 from cer.actors.timers import Timer, Timers, default_timers
 from cer.actors.told import tell, told
 from cer.budget import PrefillBudget
 from cer.config import CheckpointEntry
 from cer.errors import BadRequest, BudgetExceeded, Exhausted, NotFound, Unavailable
-from cer.linux.processes import pidfd_open
 from cer.pooled_namespaces import NAMESPACE_TYPES, Namespace, Recipe
 from cer.references import CheckpointRef
 
@@ -82,35 +82,13 @@ class Lease:
     ipc: dict | None = None  # an IPC namespace's contents (Recipe.ipc_info)
 
 
-@dataclass
-class _Handout:
-    namespace: Namespace
-    since: float
-    holder_pid: int | None = None
-
-
-@dataclass(frozen=True)
-class _Holder:
-    """The process a namespace is to be bound to, with a pidfd on it that the watcher will own."""
-
-    pid: int
-    pidfd: int
-
-    @classmethod
-    def of(cls, pid: int) -> "_Holder":
-        try:
-            return cls(pid, pidfd_open(pid))
-        except ProcessLookupError:
-            raise NotFound(f"process {pid} is not running") from None
-
-
 @dataclass(frozen=True)
 class _Taken:
     """A namespace the frontend took off a shelf, for its pool's books."""
 
     ns_type: str
     namespace: Namespace
-    holder: _Holder | None
+    holder: Holder | None
     at: float
 
 
@@ -154,12 +132,12 @@ class Shelf:
         """
         if not self.idle:
             return None
-        holder = _Holder.of(holder_pid) if holder_pid is not None else None
+        holder = Holder.of(holder_pid)
         try:
             namespace = self.idle.popleft()
         except IndexError:  # the pool or another thread took the last one meanwhile
             if holder is not None:
-                os.close(holder.pidfd)
+                holder.close()
             return None
         self._shelves.handed[(self.ns_type, namespace.namespace_id)] = self.owner
         self._shelves.reports.append((self.owner, _Taken(self.ns_type, namespace, holder, self._clock())))
@@ -237,21 +215,8 @@ class Shelves:
                 if isinstance(event, _Taken):
                     logger.error("{} namespace {} was handed out by a pool that has stopped", event.ns_type, event.namespace.namespace_id)
                     if event.holder is not None:
-                        os.close(event.holder.pidfd)
+                        event.holder.close()
                     tell(owner.factory.destroy, event.namespace)
-
-
-@dataclass(eq=False)
-class _Waiter:
-    future: pykka.Future
-    timer: Timer
-    holder: _Holder | None
-
-    def fail(self, error: Exception) -> None:
-        self.timer.cancel()
-        if self.holder is not None:
-            os.close(self.holder.pidfd)
-        self.future.set_exception(exc_info=(type(error), error, None))
 
 
 class _Demand:
@@ -282,9 +247,9 @@ class _TypePool:
     shelf: Shelf
     target: int = 0
     demand: _Demand = field(default_factory=_Demand)
-    in_use: dict = field(default_factory=dict)
+    in_use: dict[int, Handout[Namespace]] = field(default_factory=dict)
     building: int = 0
-    waiters: deque = field(default_factory=deque)
+    waiters: deque[Waiter] = field(default_factory=deque)
     warm_gets: int = 0
     cold_gets: int = 0
     failures: int = 0
@@ -331,6 +296,7 @@ class PoolActor(DispatchedActor):
 
     def on_start(self) -> None:
         self._self = self.actor_ref.proxy()
+        self._leases = Leases(self._self, self._watcher, self._timers)
         self._shelf_owner = _ShelfOwner(self._self.shelf_events, self._factory)
         if self._shelves is None:
             self._shelves = Shelves()  # published nowhere: only the pool's own gets take from its shelves
@@ -387,15 +353,16 @@ class PoolActor(DispatchedActor):
         ``holder_pid`` the namespace is bound to that process as it is handed out (see ``bind``).
         """
         self._check_serving(ns_type)
-        holder = _Holder.of(holder_pid) if holder_pid is not None else None
+        holder = Holder.of(holder_pid)
         pool = self._types[ns_type]
         self._record_demand(pool, self._now())
         future = pykka.ThreadingFuture()
         try:
             namespace = pool.idle.popleft()
         except IndexError:
-            timer = self._timers.call_later(self._cold_timeout, self._self.expire_waiter.defer, ns_type, future)
-            pool.waiters.append(_Waiter(future, timer, holder))
+            pool.waiters.append(
+                self._leases.waiter(future, holder, self._cold_timeout, self._self.expire_waiter.defer, ns_type, future)
+            )
             self._refill()  # this one is waited for
         else:
             pool.warm_gets += 1
@@ -414,9 +381,9 @@ class PoolActor(DispatchedActor):
             pool = self._types[event.ns_type]
             pool.warm_gets += 1
             self._record_demand(pool, event.at)
-            handout = pool.in_use[event.namespace.namespace_id] = _Handout(event.namespace, event.at)
-            if event.holder is not None:
-                self._bind(event.ns_type, handout, event.holder)
+            pool.in_use[event.namespace.namespace_id] = self._leases.hand_out(
+                event.namespace, (event.ns_type, event.namespace.namespace_id), event.holder, event.at
+            )
         self._refill_soon()
 
     def _record_demand(self, pool: _TypePool, when: float) -> None:
@@ -441,34 +408,28 @@ class PoolActor(DispatchedActor):
         Binding again moves it to another process (a restore wrapper binds to itself, then to the
         restored container's init).
         """
-        self._bind(ns_type, self._handout(ns_type, namespace_id), _Holder.of(holder_pid))
-
-    def _bind(self, ns_type: str, handout: _Handout, holder: _Holder) -> None:
-        handout.holder_pid = holder.pid
-        if not tell(self._watcher.watch, holder.pidfd, holder.pid, self._self, (ns_type, handout.namespace.namespace_id)):
-            os.close(holder.pidfd)
+        self._leases.bind(self._handout(ns_type, namespace_id), Holder.of(holder_pid))
 
     @told
     def holder_exited(self, key: tuple[str, int], pid: int) -> None:
         """The process a namespace was bound to has exited (from the process watcher)."""
         ns_type, namespace_id = key
         handout = self._types[ns_type].in_use.get(namespace_id)
-        if handout is not None and handout.holder_pid == pid:
+        if self._leases.bound_to(handout, pid):
             logger.info("pool {}: {} namespace {} released: its holder {} exited", self.entry.ref, ns_type, namespace_id, pid)
             self._release(ns_type, handout)
 
-    def _handout(self, ns_type: str, namespace_id: int) -> _Handout:
+    def _handout(self, ns_type: str, namespace_id: int) -> Handout[Namespace]:
         handout = self._types[ns_type].in_use.get(namespace_id)
         if handout is None:
             raise NotFound(f"{ns_type} namespace {namespace_id} of {self.entry.ref} is not handed out")
         return handout
 
-    def _release(self, ns_type: str, handout: _Handout) -> None:
-        del self._types[ns_type].in_use[handout.namespace.namespace_id]
-        self._shelves.forget(ns_type, handout.namespace.namespace_id)
-        if handout.holder_pid is not None:
-            tell(self._watcher.unwatch, (ns_type, handout.namespace.namespace_id))
-        tell(self._factory.destroy, handout.namespace)
+    def _release(self, ns_type: str, handout: Handout[Namespace]) -> None:
+        del self._types[ns_type].in_use[handout.item.namespace_id]
+        self._shelves.forget(ns_type, handout.item.namespace_id)
+        self._leases.release(handout)
+        tell(self._factory.destroy, handout.item)
         self._refill_soon()
         self._stop_when_retired()
 
@@ -600,10 +561,7 @@ class PoolActor(DispatchedActor):
                     "idle": len(pool.idle),
                     "in_use": len(pool.in_use),
                     "bound": sum(handout.holder_pid is not None for handout in pool.in_use.values()),
-                    "overdue": sum(
-                        handout.holder_pid is None and now - handout.since > self._lease_timeout
-                        for handout in pool.in_use.values()
-                    ),
+                    "overdue": sum(handout.overdue(now, self._lease_timeout) for handout in pool.in_use.values()),
                     "building": pool.building,
                     "waiting": len(pool.waiters),
                     "warm_gets": pool.warm_gets,
@@ -632,9 +590,8 @@ class PoolActor(DispatchedActor):
             self._state, self._last_error = "ready", None
         if pool.waiters:
             waiter = pool.waiters.popleft()
-            waiter.timer.cancel()
             pool.cold_gets += 1
-            waiter.future.set(self._hand_out(ns_type, namespace, True, waiter.holder))
+            waiter.answer(self._hand_out(ns_type, namespace, True, waiter.holder))
         elif len(pool.idle) < pool.target:
             pool.idle.append(namespace)
         else:
@@ -684,10 +641,10 @@ class PoolActor(DispatchedActor):
             why = "its entry has no rootfs" if self.entry.path else "containerd gave it no root filesystem"
             raise BadRequest(f"checkpoint {self.entry.ref} has no mnt namespaces: {why}")
 
-    def _hand_out(self, ns_type: str, namespace: Namespace, cold: bool, holder: _Holder | None) -> Lease:
-        handout = self._types[ns_type].in_use[namespace.namespace_id] = _Handout(namespace, self._now())
-        if holder is not None:
-            self._bind(ns_type, handout, holder)
+    def _hand_out(self, ns_type: str, namespace: Namespace, cold: bool, holder: Holder | None) -> Lease:
+        self._types[ns_type].in_use[namespace.namespace_id] = self._leases.hand_out(
+            namespace, (ns_type, namespace.namespace_id), holder
+        )
         return Lease(namespace, cold, self._recipe.ipc_default, self._types[ns_type].shelf.ipc)
 
     def _refill(self) -> None:
@@ -728,10 +685,10 @@ class PoolActor(DispatchedActor):
                 waiter.fail(Unavailable("the daemon is stopping"))
             for handout in pool.in_use.values():
                 logger.warning(
-                    "pool {}: {} namespace {} was still handed out at shutdown", self.entry.ref, ns_type, handout.namespace.namespace_id
+                    "pool {}: {} namespace {} was still handed out at shutdown", self.entry.ref, ns_type, handout.item.namespace_id
                 )
             self._destroy_idle(pool, 0)
             for handout in pool.in_use.values():
-                self._shelves.forget(ns_type, handout.namespace.namespace_id)
-                tell(self._factory.destroy, handout.namespace)  # a factory already stopped destroyed all it held
+                self._shelves.forget(ns_type, handout.item.namespace_id)
+                tell(self._factory.destroy, handout.item)  # a factory already stopped destroyed all it held
             pool.in_use.clear()

@@ -344,7 +344,7 @@ def _lazy_table(lazy: dict):
     shown = set()
     for server in lazy["servers"]:
         shown.add(server["ref"])
-        table.add_row(server["ref"], server["server_id"], server["state"], str(server["pid"]),
+        table.add_row(server["ref"], server["server_id"], server["state"], str(server["pid"] or "-"),
                       str(server["restored_pid"] or "-"), f"{server['age_seconds']:.1f}",
                       f"{server['deadline_in_seconds']:.0f}", described(server["ref"]))
     for ref in sorted(set(sets) - shown):

@@ -131,7 +131,7 @@ def run(config: Config, settings: Settings) -> None:
             actors.append(watcher)
             criu_cache = prepare_kdat_cache(settings.lazy.criu)
             # After the watcher, which tells it when its servers exit; stopped before it, after the pools.
-            lazy = LazyPagesServers.start(root.root, extractor.proxy(), watcher.proxy(), settings.lazy, settings.ask_timeout)
+            lazy = LazyPagesServers.start(root.root, extractor.proxy(), watcher.proxy(), settings.lazy, timers)
             actors.append(lazy)
             budget = PrefillBudget(settings.prefill_budget)
             logger.info("IPC pre-fill budget: {}", describe_bytes(budget.limit))

@@ -217,7 +217,9 @@ class Gateway:
         return deadline.wait(pending, f"a lazy-pages server for {ref}")
 
     def bind_lazy_server(self, server_id: str, restored_pid: int) -> str:
-        return self._wait(self._lazy_servers().bind(server_id, restored_pid), "the lazy-pages servers")
+        deadline = Deadline(self._ask_timeout)
+        pending = deadline.wait(self._lazy_servers().bind(server_id, restored_pid), "the lazy-pages servers")
+        return deadline.wait(pending, f"the bind of lazy-pages server {server_id}")
 
     def put_lazy_server(self, server_id: str) -> str:
         return self._wait(self._lazy_servers().put(server_id), "the lazy-pages servers")
@@ -246,7 +248,8 @@ class Gateway:
             "factory": deadline.wait(factory, "the namespace factory"),
             "checkpoints": deadline.wait(checkpoints, "the checkpoint extractor"),
             "watched_holders": deadline.wait(watching, "the process watcher"),
-            "lazy": deadline.wait(lazy, "the lazy-pages servers") if lazy is not None else None,
+            "lazy": deadline.wait(deadline.wait(lazy, "the lazy-pages servers"), "the lazy-pages servers' status")
+            if lazy is not None else None,
             "message_failures": MESSAGE_FAILURES.snapshot(),
         }
 

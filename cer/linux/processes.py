@@ -1,4 +1,5 @@
-"""pidfds: a handle on a process that becomes readable when the process exits, and never names another.
+"""pidfds: a handle on a process that becomes readable when the process exits, and never names another;
+and the kills and waits done through them.
 
 Unlike a pid, a pidfd cannot be recycled for a new process, so watching one is race-free.
 """
@@ -6,6 +7,10 @@ Unlike a pid, a pidfd cannot be recycled for a new process, so watching one is r
 import ctypes
 import errno
 import os
+import select
+import signal
+import time
+from collections.abc import Callable, Iterable
 
 from cer.linux.libc import check, libc
 
@@ -58,3 +63,41 @@ def same_open_file(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
         f"kcmp {pid1}:{fd1} {pid2}:{fd2}",
     )
     return result == 0
+
+
+def kill_process(pidfd: int) -> bool:
+    """SIGKILL the process behind ``pidfd``; False when it had exited already."""
+    try:
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def kill_process_group(pgid: int) -> None:
+    """SIGKILL process group ``pgid``, if any of it is left. Only for a group led by a child of this process
+    not reaped yet: until then its pid, hence the group's id, cannot name anyone else."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def has_exited(pidfd: int, timeout: float = 0.0) -> bool:
+    """Whether the process behind ``pidfd`` exits within ``timeout`` seconds (0: has exited already)."""
+    return bool(select.select([pidfd], [], [], timeout)[0])
+
+
+def wait_exited(pidfds: Iterable[int], timeout: float, clock: Callable[[], float] = time.monotonic) -> set[int]:
+    """Wait, for all at once, up to ``timeout`` seconds for the processes behind ``pidfds`` to exit; the
+    pidfds of those that did."""
+    waiting = set(pidfds)
+    exited: set[int] = set()
+    deadline = clock() + timeout
+    while waiting:
+        ready = select.select(list(waiting), [], [], max(0.0, deadline - clock()))[0]
+        exited.update(ready)
+        waiting.difference_update(ready)
+        if not ready and clock() >= deadline:
+            break
+    return exited

@@ -339,3 +339,38 @@ def test_without_a_root_containerd_entries_are_unavailable():
     pool, events = start_pool()
     extractor.load_recipe(ENTRY, pool)
     assert "give the entry a path" in next_event(events, "unavailable")[1]
+
+
+class Borrower(pykka.ThreadingActor):
+    """Stands in for the lazy-pages actor: records what ``CheckpointExtractor.lend`` tells it."""
+
+    def __init__(self, answers: queue.Queue) -> None:
+        super().__init__()
+        self._answers = answers
+
+    def lent(self, token, ref, directory, error) -> None:
+        self._answers.put((token, ref, directory, error))
+
+
+@pytest.mark.timeout(30)
+def test_lend_answers_by_a_message_and_takes_back_a_user_nobody_is_there_to_take():
+    entry = CheckpointEntry(CheckpointRef("sample"), 1, str(SAMPLE / "checkpoint"))
+    extractor = CheckpointExtractor.start().proxy()
+    pool, events = start_pool()
+    extractor.load_recipe(entry, pool)
+    assert next_event(events, "loaded")[2] is None
+
+    answers: queue.Queue = queue.Queue()
+    borrower = Borrower.start(answers).proxy()
+    extractor.lend(entry.ref, borrower.lent, "first")
+    assert answers.get(timeout=5) == ("first", entry.ref, str(SAMPLE / "checkpoint"), None)
+    extractor.lend(CheckpointRef("nobody"), borrower.lent, "second")
+    token, _, directory, error = answers.get(timeout=5)
+    assert (token, directory, type(error)) == ("second", None, NotFound)
+
+    gone = Borrower.start(queue.Queue()).proxy()
+    lent = gone.lent
+    gone.actor_ref.stop(block=True)
+    extractor.lend(entry.ref, lent, "third")
+    # Told in order: by the time status answers, the lend to the stopped borrower was handled.
+    assert extractor.status().get(timeout=5)[str(entry.ref)]["users"] == 1  # only the first's

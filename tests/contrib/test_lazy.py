@@ -434,7 +434,7 @@ def test_lazy_servers_of_unknown_checkpoints_and_holders_are_refused(daemon):
 def test_only_the_init_of_a_pid_namespace_other_than_the_daemons_leads_its_tasks():
     """What a bind of a container's init may be tied through (its namespace's restored tasks): never the
     host's init, never a process that is no namespace's init."""
-    from cer.actors.lazy import _tasks_of_namespace_led_by
+    from cer.linux.proc import tasks_of_namespace_led_by as _tasks_of_namespace_led_by
 
     container = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "sh", "-c", "sleep 60 & sleep 60 & wait"])
     try:

@@ -58,3 +58,26 @@ def test_a_holder_pid_naming_a_thread_is_not_found(daemon, thread_id):
         daemon.call(NamespaceBind("uts", reply["namespace_id"], thread_id))
     daemon.call(NamespaceBind("uts", reply["namespace_id"], os.getpid()))  # the process itself binds
     daemon.call(NamespacePut("uts", reply["namespace_id"], reply["pid"]))
+
+
+@pytest.mark.timeout(30)
+def test_wait_exited_waits_for_all_at_once_and_only_up_to_its_timeout():
+    import time
+
+    from cer.linux.processes import has_exited, wait_exited
+
+    quick = [subprocess.Popen(["sleep", "0.5"]) for _ in range(3)]
+    slow = subprocess.Popen(["sleep", "30"])
+    pidfds = {pidfd_open(process.pid): process for process in (*quick, slow)}
+    try:
+        started = time.monotonic()
+        exited = wait_exited(pidfds, 2.0)
+        spent = time.monotonic() - started
+        assert {pidfds[fd] for fd in exited} == set(quick)
+        assert 2.0 <= spent < 3.0  # the three exits are one wait, and the slow one costs the timeout once
+        assert not has_exited(next(fd for fd, process in pidfds.items() if process is slow))
+    finally:
+        slow.kill()
+        for fd, process in pidfds.items():
+            process.wait(10)
+            os.close(fd)
