@@ -11,7 +11,6 @@ import json
 import os
 import queue
 import tarfile
-import threading
 import time
 from concurrent import futures
 from pathlib import Path

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import SAMPLE, sample_config, start_daemon, wait_for
+from conftest import SAMPLE, sample_config, wait_for
 
 from cer.errors import BadRequest, NotFound
 from cer.protocol.methods import AdminReload, NamespaceGet, NamespacePut, NamespaceUpdate
