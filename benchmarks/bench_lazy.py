@@ -208,9 +208,15 @@ class ResponseBench:
 
 
 def _server_stats(daemon, server_pid: int) -> dict | None:
+    """What the server reported, once the daemon has reaped it (a moment after the process exits)."""
+    deadline = time.monotonic() + 10
     with Client(daemon.endpoint, 30) as client:
-        ended = client.call(AdminStatus())["lazy"]["ended"]
-    return next((entry["stats"] for entry in reversed(ended) if entry["pid"] == server_pid), None)
+        while True:
+            ended = client.call(AdminStatus())["lazy"]["ended"]
+            entry = next((entry for entry in reversed(ended) if entry["pid"] == server_pid), None)
+            if entry is not None or time.monotonic() > deadline:
+                return None if entry is None else entry["stats"]
+            time.sleep(0.01)
 
 
 @contextlib.contextmanager
