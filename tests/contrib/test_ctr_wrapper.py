@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SAMPLE, short_tempdir, start_daemon, wait_for
+from conftest import REPO, SAMPLE, serving_daemon, short_tempdir, wait_for
 
 import criu_support
 import runc_support
@@ -88,7 +88,8 @@ def runc_cer(empty_checkpoint, ipc_checkpoint):
         {"name": "empty", "capacity": 1, "path": str(empty_checkpoint[0])},
         {"name": "ipc", "capacity": 1, "path": str(ipc_checkpoint[0])},
     ]
-    yield from _daemon({"containerd_checkpoints": entries, "default_capacity": 1})
+    with serving_daemon({"containerd_checkpoints": entries, "default_capacity": 1}) as daemon:
+        yield daemon
 
 
 @pytest.fixture
@@ -96,20 +97,8 @@ def sample_cer():
     """A cer daemon serving the bundled sample checkpoint, with mount namespaces."""
     entries = [{"name": "sample", "capacity": 1, "path": str(SAMPLE / "checkpoint-empty-ipc"),
                 "rootfs": str(SAMPLE / "rootfs")}]
-    yield from _daemon({"containerd_checkpoints": entries, "default_capacity": 1})
-
-
-def _daemon(config: dict, *args: str):
-    daemon = start_daemon(config, *args)
-    try:
-        for entry in config["containerd_checkpoints"]:
-            types = ("ipc", "uts", "mnt") if "rootfs" in entry or "path" not in entry else ("ipc", "uts")
-            daemon.wait_full(entry["name"], types, timeout=60)
+    with serving_daemon({"containerd_checkpoints": entries, "default_capacity": 1}) as daemon:
         yield daemon
-    finally:
-        code = daemon.stop()
-        subprocess.run(["rm", "-rf", str(daemon.root.parent)], timeout=60)
-    assert code == 0, daemon.output()
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, short_tempdir, start_daemon, wait_for
+from conftest import REPO, serving_daemon, short_tempdir, wait_for
 
 import containerd_support
 import criu_support
@@ -102,14 +102,9 @@ def check(pid: int, results: Path, round_: int, timeout: float = 60) -> str:
 
 @pytest.fixture
 def cer(checkpoint):
-    daemon = start_daemon({"containerd_checkpoints": [{"name": NAME, "capacity": 1, "path": str(checkpoint.images)}]})
-    try:
-        daemon.wait_full(NAME, ("ipc", "uts"), timeout=60)
+    config = {"containerd_checkpoints": [{"name": NAME, "capacity": 1, "path": str(checkpoint.images)}]}
+    with serving_daemon(config) as daemon:
         yield daemon
-    finally:
-        code = daemon.stop()
-        subprocess.run(["rm", "-rf", str(daemon.root.parent)], timeout=60)
-    assert code == 0, daemon.output()
 
 
 @pytest.fixture
