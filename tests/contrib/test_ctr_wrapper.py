@@ -31,7 +31,8 @@ WRAPPER = REPO / "contrib" / "ctr-wrapper"
 # How the wrapper's first line runs it: isolated, without site (and so without cer's package until it asks for it).
 PYTHON = [sys.executable, "-I", "-S"]
 
-pytestmark = pytest.mark.slow
+# Every test may run the wrapper: its work directories go to a private place (contrib/conftest.py).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("wrapper_work")]
 
 
 def _require(*tools: str) -> None:
@@ -102,10 +103,8 @@ def sample_cer():
 
 
 @pytest.fixture
-def runc():
-    """A private runc state root for restored containers; every container in it is deleted afterwards."""
-    with runc_support.private_runc() as private:
-        yield private
+def runc(private_runc):
+    return private_runc
 
 
 def held(daemon, name: str) -> dict[str, tuple[int, int]]:
@@ -125,19 +124,8 @@ def wait_all_back(daemon, name: str, timeout: float = 15) -> None:
 
 # --------------------------------------------------------------------------- running the wrapper
 
-@pytest.fixture(autouse=True)
-def wrapper_workdir():
-    """The wrappers' work directories go here (a killed wrapper cannot remove its own), removed afterwards."""
-    path = short_tempdir("cer-wrapper-work-")
-    os.environ["CER_WRAPPER_WORKDIR"] = str(path)
-    yield path
-    del os.environ["CER_WRAPPER_WORKDIR"]
-    subprocess.run(["rm", "-rf", str(path)], timeout=60)
-
-
 def _env(**extra: str) -> dict[str, str]:
-    env = runc_support.runtime_env()
-    env.pop("CER_ENDPOINT", None)
+    env = runc_support.wrapper_env()
     env.pop("CER_PATCHED_CTR", None)
     env.update(extra)
     return env
