@@ -1,6 +1,7 @@
 /*
- * memory-workload: a process that holds MIB MiB of private, written memory, for restore benchmarks
- * (benchmarks/bench_restore.py): its CRIU checkpoint is about MIB MiB of pages.
+ * memory-workload: a process that holds MIB MiB of private, written memory, for the benchmarks
+ * (benchmarks/bench_restore.py, bench_runtime.py, bench_extract.py): its CRIU checkpoint is about MIB MiB of
+ * pages.
  *
  *   memory-workload MIB
  *
