@@ -191,6 +191,22 @@ def kill_pid_in(path: Path) -> None:
         os.kill(int(path.read_text()), signal.SIGKILL)
 
 
+@contextlib.contextmanager
+def hung_wrapper(daemon, runc, bundle: runc_support.Bundle, fakes: dict, *args: str):
+    """ctr-wrapper restoring a container (``args``, then a fresh id) with the fake runtime, which hangs: the
+    wrapper once the runtime has started. Afterwards the wrapper and the runtime are killed if still there."""
+    wrapper = start_wrapper(daemon, *runc_args(runc, bundle), "--runc", str(fakes["runc"]), *args, _unique("hung"),
+                            FAKE_MARKER=str(fakes["marker"]))
+    try:
+        wait_for(lambda: _marker_pid(fakes["marker"]), 30, what="the wrapper to start the runtime")
+        yield wrapper
+    finally:
+        if wrapper.poll() is None:
+            wrapper.kill()
+        wrapper.communicate(timeout=10)
+        kill_pid_in(fakes["marker"])
+
+
 # --------------------------------------------------------------------------- (1) runc
 
 @pytest.mark.timeout(120)
@@ -246,32 +262,21 @@ def test_runc_restore_runs_in_cers_namespaces_from_cers_images(runc_cer, empty_c
 def test_wrapper_killed_after_binding_loses_nothing(runc_cer, empty_checkpoint, runc, fakes):
     """SIGKILL while the restore hangs: the namespaces were bound to the wrapper, so cer takes them back."""
     _, bundle = empty_checkpoint
-    wrapper = start_wrapper(runc_cer, *runc_args(runc, bundle), "--runc", str(fakes["runc"]),
-                            "--image-path", str(empty_checkpoint[0]), "--external-ns", "uts", "--external-ns", "ipc",
-                            "empty", _unique("hung"), FAKE_MARKER=str(fakes["marker"]))
-    try:
-        wait_for(lambda: _marker_pid(fakes["marker"]), 30, what="the wrapper to start the runtime")
+    with hung_wrapper(runc_cer, runc, bundle, fakes, "--image-path", str(empty_checkpoint[0]), "--external-ns", "uts",
+                      "--external-ns", "ipc", "empty") as wrapper:
         assert held(runc_cer, "empty") == {"ipc": (1, 1), "uts": (1, 1)}
         assert checkpoint_users(runc_cer, "empty") == 1
         wrapper.kill()
         wrapper.wait(10)
         wait_all_back(runc_cer, "empty")
         wait_for(lambda: checkpoint_users(runc_cer, "empty") == 0, what="the images' user to come back")
-    finally:
-        if wrapper.poll() is None:
-            wrapper.kill()
-        wrapper.communicate(timeout=10)
-        kill_pid_in(fakes["marker"])
 
 
 @pytest.mark.timeout(120)
 def test_sigterm_gives_everything_back_and_stops_the_runtime(runc_cer, empty_checkpoint, runc, fakes):
     _, bundle = empty_checkpoint
-    wrapper = start_wrapper(runc_cer, *runc_args(runc, bundle), "--runc", str(fakes["runc"]), "--external-checkpoint",
-                            "--external-ns", "uts", "--external-ns", "ipc", "empty", _unique("hung"),
-                            FAKE_MARKER=str(fakes["marker"]))
-    try:
-        wait_for(lambda: _marker_pid(fakes["marker"]), 30, what="the wrapper to start the runtime")
+    with hung_wrapper(runc_cer, runc, bundle, fakes, "--external-checkpoint", "--external-ns", "uts", "--external-ns",
+                      "ipc", "empty") as wrapper:
         runtime_pid = int(fakes["marker"].read_text())
         assert checkpoint_users(runc_cer, "empty") == 1
         wrapper.send_signal(signal.SIGTERM)
@@ -282,11 +287,6 @@ def test_sigterm_gives_everything_back_and_stops_the_runtime(runc_cer, empty_che
         assert held(runc_cer, "empty") == {"ipc": (0, 0), "uts": (0, 0)}
         assert checkpoint_users(runc_cer, "empty") == 0
         runc_support.wait_exited(runtime_pid)
-    finally:
-        if wrapper.poll() is None:
-            wrapper.kill()
-            wrapper.communicate(timeout=10)
-        kill_pid_in(fakes["marker"])
 
 
 @pytest.mark.timeout(120)
