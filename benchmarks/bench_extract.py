@@ -34,33 +34,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import containerd_support  # noqa: E402
 
-MEMORY_WORKLOAD = r"""
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <sys/mman.h>
-#include <fcntl.h>
-#include <unistd.h>
-/* Holds argv[1] MiB of written, incompressible memory; prints "ready"; sleeps. */
-int main(int argc, char **argv)
-{
-    size_t size = (size_t)strtoul(argc > 1 ? argv[1] : "256", NULL, 10) << 20;
-    uint64_t *memory = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (memory == MAP_FAILED)
-        return 1;
-    uint64_t x = 0x9e3779b97f4a7c15ULL;
-    for (size_t i = 0; i < size / sizeof(*memory); i++) {
-        x ^= x << 13; x ^= x >> 7; x ^= x << 17;
-        memory[i] = x;
-    }
-    printf("ready\n");
-    fflush(stdout);
-    int null = open("/dev/null", O_RDWR);
-    dup2(null, 0); dup2(null, 1); dup2(null, 2);
-    for (;;)
-        pause();
-}
-"""
+MEMORY_WORKLOAD = REPO / "benchmarks" / "memory-workload.c"
 
 
 def run_cer(containerd, checkpoint, timeout: float) -> tuple[float, float]:
@@ -129,7 +103,8 @@ def main() -> None:
 
     containerd = containerd_support.PrivateContainerd("cer-bench-ctd-").start()
     try:
-        workload = containerd_support.build_static(MEMORY_WORKLOAD, "memory-workload", containerd.dir / "build")
+        workload = containerd_support.build_static(MEMORY_WORKLOAD.read_text(), "memory-workload",
+                                                   containerd.dir / "build")
         made = time.perf_counter()
         checkpoint = containerd_support.make_checkpoint(
             containerd, "bench", workload=workload, args=(f"/{containerd_support.WORKLOAD_PATH}", str(args.mib))

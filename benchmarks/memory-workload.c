@@ -1,6 +1,7 @@
 /*
- * memory-workload: a process that holds MIB MiB of private, written memory, for restore benchmarks
- * (benchmarks/bench_restore.py): its CRIU checkpoint is about MIB MiB of pages.
+ * memory-workload: a process that holds MIB MiB of private, written memory, for the benchmarks
+ * (benchmarks/bench_restore.py, bench_runtime.py, bench_extract.py): its CRIU checkpoint is about MIB MiB of
+ * pages.
  *
  *   memory-workload MIB
  *
@@ -8,7 +9,7 @@
  * compresses), then it prints "ready\n", points stdin/stdout/stderr at /dev/null (so that a checkpoint
  * holds no pipe of whoever started it) and sleeps forever.
  *
- * Build: gcc -static -O2 -Wall -o memory-workload memory-workload.c
+ * Build: gcc -static -O2 -Wall -I ../tests/contrib -o memory-workload memory-workload.c
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -18,6 +19,8 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
+
+#include "workload.h"
 
 int main(int argc, char **argv)
 {
@@ -40,15 +43,8 @@ int main(int argc, char **argv)
         x ^= x << 17;
         memory[i] = x;
     }
-    if (chdir("/") < 0 || printf("ready\n") < 0 || fflush(stdout) != 0)
+    if (announce_ready("ready\n") < 0)
         return 1;
-    int devnull = open("/dev/null", O_RDWR);
-    if (devnull < 0)
-        return 1;
-    for (int fd = 0; fd < 3; fd++)
-        dup2(devnull, fd);
-    if (devnull > 2)
-        close(devnull);
     for (;;)
         pause();
 }

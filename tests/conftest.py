@@ -166,14 +166,20 @@ def start_daemon(config: dict | str, *args: str, root: Path | None = None, wait:
     return daemon
 
 
+def served_types(entry: dict) -> tuple[str, ...]:
+    """The namespace types cer pools for a checkpoint entry: mnt only where it has a root filesystem (its own
+    ``rootfs``, or the image's for an entry in containerd, which has no ``path``)."""
+    return ("ipc", "uts", "mnt") if "rootfs" in entry or "path" not in entry else ("ipc", "uts")
+
+
 @contextlib.contextmanager
-def serving_daemon(config: dict, types: tuple[str, ...] = ("ipc", "uts", "mnt"), timeout: float = 60):
-    """A daemon started with ``config``, every configured pool full of ``types``; stopped (status 0 asserted)
-    and its directory removed afterwards."""
-    daemon = start_daemon(config)
+def serving_daemon(config: dict, *args: str, timeout: float = 60):
+    """A daemon started with ``config`` and ``args``, every configured pool full of the types it serves; stopped
+    (status 0 asserted) and its directory removed afterwards."""
+    daemon = start_daemon(config, *args)
     try:
         for entry in config["containerd_checkpoints"]:
-            daemon.wait_full(entry["name"], types, timeout=timeout)
+            daemon.wait_full(entry["name"], served_types(entry), timeout=timeout)
         yield daemon
     finally:
         code = daemon.stop()

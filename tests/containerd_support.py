@@ -49,6 +49,8 @@ TOOLS = ("containerd", "ctr", "runc", "containerd-shim-runc-v2", "nsenter", "gcc
 CRIU_MEDIA_TYPE = "application/vnd.containerd.container.criu.checkpoint.criu.tar"
 RW_MEDIA_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
 WORKLOAD_PATH = "bin/ipc-workload"
+# workload.h, which the C workloads of the tests and benchmarks include.
+WORKLOAD_HEADERS = Path(__file__).resolve().parent / "contrib"
 
 
 class ContainerdSupportError(RuntimeError):
@@ -334,11 +336,12 @@ def oci_image_archive(path: Path, name: str, files: dict[str, tuple[bytes, int]]
 
 
 def build_static(source: str, name: str, build_dir: Path) -> Path:
-    """Compile C ``source`` statically to ``build_dir/name``."""
+    """Compile C ``source`` statically to ``build_dir/name``; it may ``#include "workload.h"``."""
     build_dir.mkdir(parents=True, exist_ok=True)
     c_file, binary = build_dir / f"{name}.c", build_dir / name
     c_file.write_text(source)
-    _run([os.environ.get("CC", "gcc"), "-static", "-O2", "-s", "-o", str(binary), str(c_file)], 120)
+    _run([os.environ.get("CC", "gcc"), "-static", "-O2", "-s", "-I", str(WORKLOAD_HEADERS), "-o", str(binary),
+          str(c_file)], 120)
     return binary
 
 

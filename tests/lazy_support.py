@@ -6,12 +6,9 @@ tests/contrib/lazy-workload.c made with real runc, a cer daemon serving them, re
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +21,6 @@ import containerd_support
 import runc_support
 from runc_support import RuntimeSupportError
 
-WRAPPER = REPO / "contrib" / "ctr-wrapper"
 WORKLOAD = REPO / "tests" / "contrib" / "lazy-workload.c"
 
 
@@ -74,31 +70,9 @@ class Restorable:
             return None
 
 
-def bundle_with_results(directory: Path, binary: Path, mib: int) -> runc_support.Bundle:
-    results = directory / "results"
-    results.mkdir(parents=True)
-    bundle = runc_support.make_bundle(directory / "bundle", binary, [str(mib), "/results"])
-    (bundle.rootfs / "results").mkdir()
-    config = bundle.config()
-    config["mounts"].append({"destination": "/results", "type": "bind", "source": str(results), "options": ["rbind", "rw"]})
-    bundle.config_path.write_text(json.dumps(config, indent=2))
-    return bundle
-
-
 def restorable(checkpoint: Checkpoint, directory: Path) -> Restorable:
-    directory.mkdir(parents=True)
-    results = directory / "results"
-    results.mkdir()
-    # A root filesystem of its own, as every container has: runc prepares a restore's bind mounts inside
-    # the rootfs on the host, so two restores at once on one directory refuse each other's mounts.
-    shutil.copytree(checkpoint.bundle.rootfs, directory / "rootfs", symlinks=True)
-    config = checkpoint.bundle.config()
-    config["root"]["path"] = str(directory / "rootfs")
-    for mount in config["mounts"]:
-        if mount["destination"] == "/results":
-            mount["source"] = str(results)
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
-    return Restorable(directory, results)
+    bundle, results = runc_support.restore_bundle(checkpoint.bundle, directory)
+    return Restorable(bundle, results)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +90,7 @@ def binary(workdir):
 
 def make_checkpoint(workdir: Path, binary: Path, mib: int) -> Checkpoint:
     name = f"lazy-{mib}"
-    bundle = bundle_with_results(workdir / name, binary, mib)
+    bundle = runc_support.bundle_with_results(workdir / name, binary, [str(mib), "/results"])
     images = workdir / name / "images"
     images.mkdir()
     with runc_support.private_runc() as runc:
@@ -180,37 +154,19 @@ def lazy_cer(small, large):
 
 
 @pytest.fixture
-def runc():
-    with runc_support.private_runc() as private:
-        yield private
-
-
-@pytest.fixture(autouse=True)
-def wrapper_workdir():
-    path = short_tempdir("cer-lazy-work-")
-    os.environ["CER_WRAPPER_WORKDIR"] = str(path)
-    yield path
-    del os.environ["CER_WRAPPER_WORKDIR"]
-    subprocess.run(["rm", "-rf", str(path)], timeout=60)
+def runc(private_runc):
+    """tests/contrib/conftest.py's private runc state root, by the name the lazy tests use."""
+    return private_runc
 
 
 def wrapper_argv(daemon, runc, restorable_: Restorable, checkpoint: Checkpoint, container_id: str, *extra: str):
-    return [sys.executable, str(WRAPPER), "restore", "--endpoint", daemon.endpoint, "--runtime", "runc",
-            "--runc-root", str(runc.root), "--bundle", str(restorable_.bundle), "--lazy", *extra, checkpoint.name,
-            container_id]
-
-
-def wrapper_env() -> dict[str, str]:
-    env = runc_support.runtime_env()
-    env.pop("CER_ENDPOINT", None)
-    return env
+    return runc_support.wrapper_restore_argv(daemon.endpoint, runc, restorable_.bundle, "--lazy", *extra,
+                                             checkpoint.name, container_id)
 
 
 def restore_lazily(daemon, runc, restorable_: Restorable, checkpoint: Checkpoint, *extra: str) -> dict:
-    argv = wrapper_argv(daemon, runc, restorable_, checkpoint, unique("lazy"), *extra)
-    result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, env=wrapper_env())
-    assert result.returncode == 0, f"ctr-wrapper --lazy failed ({result.returncode}):\n{result.stderr}"
-    return json.loads(result.stdout)
+    return runc_support.restore_through_wrapper(daemon.endpoint, runc, restorable_.bundle, "--lazy", *extra,
+                                                checkpoint.name, unique("lazy"))
 
 
 def check_memory(pid: int, where: Restorable, round_: int, timeout: float = 60) -> str:

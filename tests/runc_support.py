@@ -18,6 +18,8 @@ What needs what (contrib/install-deps installs all of it): runc 1.1.5 from Debia
   containers on the machine; ``run_detached``, ``checkpoint``, ``restore``, ``state``; ``cleanup``
   deletes every container in that root (also the ones a wrapper under test restored there).
 - ``tree_digest``: a listing with digests of a directory, to prove that nobody wrote to it.
+- ``wrapper_restore_argv``, ``wrapper_env``, ``restore_through_wrapper``: ``contrib/ctr-wrapper restore``
+  through runc into a private state root, with a cer daemon's endpoint.
 
 Every child process is bounded by a timeout; every container is removed by its owner's cleanup, which
 tests run in ``finally`` blocks or fixtures.
@@ -33,6 +35,7 @@ import re
 import select
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -42,6 +45,7 @@ import criu_support
 from containerd_support import runtime_env  # CRIU 4's directory first in PATH
 
 REPO = Path(__file__).resolve().parent.parent
+WRAPPER = REPO / "contrib" / "ctr-wrapper"
 CRIU4_DIR = os.path.dirname(criu_support.CRIU4_PATH)
 # The capabilities the sample workload needs inside a container: unshare/sethostname/IPC sysctls
 # (CAP_SYS_ADMIN), SysV objects owned by other users (CAP_CHOWN, CAP_FOWNER, CAP_IPC_OWNER).
@@ -305,3 +309,29 @@ def restore_bundle(bundle: Bundle, directory: str | os.PathLike, namespace_paths
             entry["path"] = namespace_paths[entry["type"]]
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     return directory, results
+
+
+# --------------------------------------------------------------------------- restores through ctr-wrapper
+
+def wrapper_restore_argv(endpoint: str, runc: Runc, bundle: str | os.PathLike, *args: str) -> list[str]:
+    """``ctr-wrapper restore`` of ``bundle`` by runc in ``runc``'s state root, asking the daemon at ``endpoint``;
+    ``args``: the wrapper's further options, then the checkpoint's name and the container id."""
+    return [sys.executable, str(WRAPPER), "restore", "--endpoint", endpoint, "--runtime", "runc", "--runc-root",
+            str(runc.root), "--bundle", str(bundle), *args]
+
+
+def wrapper_env() -> dict[str, str]:
+    """``runtime_env`` without a CER_ENDPOINT of the caller's: the wrapper asks the daemon its argv names."""
+    env = runtime_env()
+    env.pop("CER_ENDPOINT", None)
+    return env
+
+
+def restore_through_wrapper(endpoint: str, runc: Runc, bundle: str | os.PathLike, *args: str,
+                            timeout: float = 120) -> dict:
+    """Run ``wrapper_restore_argv`` to its end; the wrapper's JSON reply (pid, namespaces, checkpoint, ...).
+    The calling test fails, with the wrapper's stderr, when the restore does."""
+    result = subprocess.run(wrapper_restore_argv(endpoint, runc, bundle, *args), stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=timeout, env=wrapper_env())
+    assert result.returncode == 0, f"ctr-wrapper failed ({result.returncode}):\n{result.stderr}"
+    return json.loads(result.stdout)

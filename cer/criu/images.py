@@ -243,6 +243,16 @@ class ImageReader(RawImage):
         while (entry := self.read_entry()) is not None:
             yield entry
 
+    def entries_with_offsets(self) -> Iterator[tuple[int, Message]]:
+        """Every remaining entry with the offset its size word starts at (for errors that point at it, or to copy
+        it byte for byte). The caller may read an entry's payload before it asks for the next entry."""
+        while True:
+            offset = self.offset
+            entry = self.read_entry()
+            if entry is None:
+                return
+            yield offset, entry
+
 
 def text(value: str | bytes) -> str:
     """A proto2 string field as str: the upb runtime hands out one that is not UTF-8 as bytes."""

@@ -95,11 +95,7 @@ def read_mount_tree(directory: str | os.PathLike[str], ns_id: int, max_tmpfs_byt
     path = directory / f"mountpoints-{ns_id}.img"
     entries: list[MountEntry] = []
     with ImageReader(path, MNTS) as image:
-        while True:
-            offset = image.offset
-            raw = image.read_entry()
-            if raw is None:
-                break
+        for offset, raw in image.entries_with_offsets():
             if len(entries) >= MAX_MOUNTS:
                 raise image.error(f"more than {MAX_MOUNTS} mounts", offset)
             entries.append(_entry(image, offset, raw))

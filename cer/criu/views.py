@@ -95,11 +95,7 @@ def _shm_entries(path: Path, keep: frozenset[int]) -> bytes:
 
     parts = [image_header(IPCNS_SHM)]
     with ImageReader(path, IPCNS_SHM) as image:
-        while True:
-            start = image.offset
-            entry = image.read_entry()
-            if entry is None:
-                break
+        for start, entry in image.entries_with_offsets():
             if not entry.in_pagemaps:
                 image.read_payload(entry.size, 4, f"contents of shm segment {entry.desc.id}")
             if entry.desc.id in keep:

@@ -139,6 +139,15 @@ def next_event(events: queue.Queue, kind: str, timeout: float = 20.0):
             return event
 
 
+def next_wait_for_containerd(events: queue.Queue) -> str:
+    """The reason of the next 'unavailable' event that says the extractor waits for containerd (it may say
+    other things first)."""
+    reason = ""
+    while "waiting for containerd" not in reason:
+        reason = next_event(events, "unavailable")[1]
+    return reason
+
+
 @pytest.fixture
 def place():
     directory = short_tempdir("cer-fake-")
@@ -214,9 +223,7 @@ def test_containerd_absent_then_there(place, fake):
     extractor = start_extractor(place, fake)
     pool, events = start_pool()
     extractor.load_recipe(ENTRY, pool)
-    reason = None
-    while reason is None or "waiting for containerd" not in reason:
-        reason = next_event(events, "unavailable")[1]
+    reason = next_wait_for_containerd(events)
     assert fake.address in reason
     with pytest.raises(Unavailable, match="waiting for containerd"):
         extractor.get(REF).get(timeout=5)
@@ -235,9 +242,7 @@ def test_a_slow_containerd_is_waited_for(place, fake):
     extractor = start_extractor(place, fake, containerd_timeout=0.3)
     pool, events = start_pool()
     extractor.load_recipe(ENTRY, pool)
-    reason = ""
-    while "waiting for containerd" not in reason:
-        reason = next_event(events, "unavailable")[1]
+    reason = next_wait_for_containerd(events)
     assert "deadline_exceeded" in reason
     # The actor's own thread never waits on gRPC: it answers while a call hangs.
     started = time.monotonic()
@@ -256,9 +261,7 @@ def test_a_read_broken_halfway_leaves_no_extraction_and_is_retried(place, fake):
     extractor = start_extractor(place, fake)
     pool, events = start_pool()
     extractor.load_recipe(ENTRY, pool)
-    reason = ""
-    while "waiting for containerd" not in reason:
-        reason = next_event(events, "unavailable")[1]
+    reason = next_wait_for_containerd(events)
     assert "connection reset halfway" in reason
     assert next_event(events, "loaded")[2] is None
     assert fake.reads[criu] == 2

@@ -29,7 +29,7 @@
  *
  * <round> counts the checks. Nothing it checks is written after "ready".
  *
- * Build: gcc -static -O2 -Wall -o ipc-live-workload ipc-live-workload.c
+ * Build: gcc -static -O2 -Wall -I . -o ipc-live-workload ipc-live-workload.c
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -45,6 +45,8 @@
 #include <sys/shm.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "workload.h"
 
 #ifndef MSG_COPY
 #define MSG_COPY 040000
@@ -85,14 +87,6 @@ static void die(const char *what)
 {
     fprintf(stderr, "ipc-live-workload: %s: %s\n", what, strerror(errno));
     exit(1);
-}
-
-static uint64_t splitmix64(uint64_t i)
-{
-    uint64_t z = i + 0x9e3779b97f4a7c15ULL;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
 }
 
 static unsigned char pattern_byte(uint64_t seed, size_t offset)
@@ -140,22 +134,9 @@ static void message_text(int m, char *text)
         text[i] = (char)('a' + (m + i) % 26);
 }
 
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
 static void report(const char *text)
 {
-    int fd = open(result_tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    if (fd < 0)
-        return;
-    size_t length = strlen(text);
-    if (write(fd, text, length) == (ssize_t)length)
-        rename(result_tmp, result_file);
-    close(fd);
+    write_atomically(result_file, result_tmp, text);
 }
 
 static void write_sysctl(const char *name, long value)
@@ -327,16 +308,11 @@ int main(int argc, char **argv)
     if (sigaction(SIGUSR1, &action, NULL) < 0)
         return 1;
 
-    if (chdir("/") < 0 || printf("ids attached=%d unattached=%d small=%d queue=%d\nready\n", s.attached_id,
-                                 s.unattached_id, s.small_id, s.queue_id) < 0 || fflush(stdout) != 0)
+    char ready_line[160];
+    snprintf(ready_line, sizeof(ready_line), "ids attached=%d unattached=%d small=%d queue=%d\nready\n", s.attached_id,
+             s.unattached_id, s.small_id, s.queue_id);
+    if (announce_ready(ready_line) < 0)
         return 1;
-    int devnull = open("/dev/null", O_RDWR);
-    if (devnull < 0)
-        return 1;
-    for (int fd = 0; fd < 3; fd++)
-        dup2(devnull, fd);
-    if (devnull > 2)
-        close(devnull);
 
     for (unsigned long round = 1;; round++) {
         while (!check_requested)

@@ -35,7 +35,7 @@
  * <round> counts the checks, so a reader tells a fresh result from an old one. The area is never written
  * after "ready", so the check only reads.
  *
- * Build: gcc -static -O2 -Wall -o lazy-workload lazy-workload.c
+ * Build: gcc -static -O2 -Wall -I . -o lazy-workload lazy-workload.c
  */
 #define _GNU_SOURCE /* mremap */
 #include <errno.h>
@@ -49,6 +49,8 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "workload.h"
 
 #define WORDS_PER_PAGE (4096 / sizeof(uint64_t))
 
@@ -72,30 +74,9 @@ static size_t moved_from;           /* its first page */
 static size_t removed_from, removed_pages, unmapped_from, unmapped_pages;
 static char dir_path[4096];
 
-static uint64_t splitmix64(uint64_t i)
-{
-    uint64_t z = i + 0x9e3779b97f4a7c15ULL;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    return z ^ (z >> 31);
-}
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
 static void report(const char *text)
 {
-    int fd = open(result_tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    if (fd < 0)
-        return;
-    size_t length = strlen(text);
-    if (write(fd, text, length) == (ssize_t)length)
-        rename(result_tmp, result_file);
-    close(fd);
+    write_atomically(result_file, result_tmp, text);
 }
 
 static const uint64_t *page_at(const uint64_t *memory, size_t page)
@@ -159,13 +140,7 @@ static void write_file(const char *name, const char *text)
     char path[4200], tmp[4200];
     snprintf(path, sizeof(path), "%s/%s", dir_path, name);
     snprintf(tmp, sizeof(tmp), "%s/.%s.tmp", dir_path, name);
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    if (fd < 0)
-        return;
-    size_t length = strlen(text);
-    if (write(fd, text, length) == (ssize_t)length)
-        rename(tmp, path);
-    close(fd);
+    write_atomically(path, tmp, text);
 }
 
 static void exercise_events(uint64_t *memory, size_t pages, unsigned long round)
@@ -281,15 +256,8 @@ int main(int argc, char **argv)
         sigaction(SIGRTMIN, &action, NULL) < 0)
         return 1;
 
-    if (chdir("/") < 0 || printf("ready\n") < 0 || fflush(stdout) != 0)
+    if (announce_ready("ready\n") < 0)
         return 1;
-    int devnull = open("/dev/null", O_RDWR);
-    if (devnull < 0)
-        return 1;
-    for (int fd = 0; fd < 3; fd++)
-        dup2(devnull, fd);
-    if (devnull > 2)
-        close(devnull);
 
     unsigned long checks = 0, events = 0, answers = 0;
     for (;;) {

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SAMPLE, short_tempdir, start_daemon, wait_for
+from conftest import REPO, SAMPLE, serving_daemon, short_tempdir, wait_for
 
 import criu_support
 import runc_support
@@ -31,7 +31,8 @@ WRAPPER = REPO / "contrib" / "ctr-wrapper"
 # How the wrapper's first line runs it: isolated, without site (and so without cer's package until it asks for it).
 PYTHON = [sys.executable, "-I", "-S"]
 
-pytestmark = pytest.mark.slow
+# Every test may run the wrapper: its work directories go to a private place (contrib/conftest.py).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("wrapper_work")]
 
 
 def _require(*tools: str) -> None:
@@ -88,7 +89,8 @@ def runc_cer(empty_checkpoint, ipc_checkpoint):
         {"name": "empty", "capacity": 1, "path": str(empty_checkpoint[0])},
         {"name": "ipc", "capacity": 1, "path": str(ipc_checkpoint[0])},
     ]
-    yield from _daemon({"containerd_checkpoints": entries, "default_capacity": 1})
+    with serving_daemon({"containerd_checkpoints": entries, "default_capacity": 1}) as daemon:
+        yield daemon
 
 
 @pytest.fixture
@@ -96,27 +98,13 @@ def sample_cer():
     """A cer daemon serving the bundled sample checkpoint, with mount namespaces."""
     entries = [{"name": "sample", "capacity": 1, "path": str(SAMPLE / "checkpoint-empty-ipc"),
                 "rootfs": str(SAMPLE / "rootfs")}]
-    yield from _daemon({"containerd_checkpoints": entries, "default_capacity": 1})
-
-
-def _daemon(config: dict, *args: str):
-    daemon = start_daemon(config, *args)
-    try:
-        for entry in config["containerd_checkpoints"]:
-            types = ("ipc", "uts", "mnt") if "rootfs" in entry or "path" not in entry else ("ipc", "uts")
-            daemon.wait_full(entry["name"], types, timeout=60)
+    with serving_daemon({"containerd_checkpoints": entries, "default_capacity": 1}) as daemon:
         yield daemon
-    finally:
-        code = daemon.stop()
-        subprocess.run(["rm", "-rf", str(daemon.root.parent)], timeout=60)
-    assert code == 0, daemon.output()
 
 
 @pytest.fixture
-def runc():
-    """A private runc state root for restored containers; every container in it is deleted afterwards."""
-    with runc_support.private_runc() as private:
-        yield private
+def runc(private_runc):
+    return private_runc
 
 
 def held(daemon, name: str) -> dict[str, tuple[int, int]]:
@@ -136,19 +124,8 @@ def wait_all_back(daemon, name: str, timeout: float = 15) -> None:
 
 # --------------------------------------------------------------------------- running the wrapper
 
-@pytest.fixture(autouse=True)
-def wrapper_workdir():
-    """The wrappers' work directories go here (a killed wrapper cannot remove its own), removed afterwards."""
-    path = short_tempdir("cer-wrapper-work-")
-    os.environ["CER_WRAPPER_WORKDIR"] = str(path)
-    yield path
-    del os.environ["CER_WRAPPER_WORKDIR"]
-    subprocess.run(["rm", "-rf", str(path)], timeout=60)
-
-
 def _env(**extra: str) -> dict[str, str]:
-    env = runc_support.runtime_env()
-    env.pop("CER_ENDPOINT", None)
+    env = runc_support.wrapper_env()
     env.pop("CER_PATCHED_CTR", None)
     env.update(extra)
     return env
@@ -214,6 +191,22 @@ def kill_pid_in(path: Path) -> None:
         os.kill(int(path.read_text()), signal.SIGKILL)
 
 
+@contextlib.contextmanager
+def hung_wrapper(daemon, runc, bundle: runc_support.Bundle, fakes: dict, *args: str):
+    """ctr-wrapper restoring a container (``args``, then a fresh id) with the fake runtime, which hangs: the
+    wrapper once the runtime has started. Afterwards the wrapper and the runtime are killed if still there."""
+    wrapper = start_wrapper(daemon, *runc_args(runc, bundle), "--runc", str(fakes["runc"]), *args, _unique("hung"),
+                            FAKE_MARKER=str(fakes["marker"]))
+    try:
+        wait_for(lambda: _marker_pid(fakes["marker"]), 30, what="the wrapper to start the runtime")
+        yield wrapper
+    finally:
+        if wrapper.poll() is None:
+            wrapper.kill()
+        wrapper.communicate(timeout=10)
+        kill_pid_in(fakes["marker"])
+
+
 # --------------------------------------------------------------------------- (1) runc
 
 @pytest.mark.timeout(120)
@@ -269,32 +262,21 @@ def test_runc_restore_runs_in_cers_namespaces_from_cers_images(runc_cer, empty_c
 def test_wrapper_killed_after_binding_loses_nothing(runc_cer, empty_checkpoint, runc, fakes):
     """SIGKILL while the restore hangs: the namespaces were bound to the wrapper, so cer takes them back."""
     _, bundle = empty_checkpoint
-    wrapper = start_wrapper(runc_cer, *runc_args(runc, bundle), "--runc", str(fakes["runc"]),
-                            "--image-path", str(empty_checkpoint[0]), "--external-ns", "uts", "--external-ns", "ipc",
-                            "empty", _unique("hung"), FAKE_MARKER=str(fakes["marker"]))
-    try:
-        wait_for(lambda: _marker_pid(fakes["marker"]), 30, what="the wrapper to start the runtime")
+    with hung_wrapper(runc_cer, runc, bundle, fakes, "--image-path", str(empty_checkpoint[0]), "--external-ns", "uts",
+                      "--external-ns", "ipc", "empty") as wrapper:
         assert held(runc_cer, "empty") == {"ipc": (1, 1), "uts": (1, 1)}
         assert checkpoint_users(runc_cer, "empty") == 1
         wrapper.kill()
         wrapper.wait(10)
         wait_all_back(runc_cer, "empty")
         wait_for(lambda: checkpoint_users(runc_cer, "empty") == 0, what="the images' user to come back")
-    finally:
-        if wrapper.poll() is None:
-            wrapper.kill()
-        wrapper.communicate(timeout=10)
-        kill_pid_in(fakes["marker"])
 
 
 @pytest.mark.timeout(120)
 def test_sigterm_gives_everything_back_and_stops_the_runtime(runc_cer, empty_checkpoint, runc, fakes):
     _, bundle = empty_checkpoint
-    wrapper = start_wrapper(runc_cer, *runc_args(runc, bundle), "--runc", str(fakes["runc"]), "--external-checkpoint",
-                            "--external-ns", "uts", "--external-ns", "ipc", "empty", _unique("hung"),
-                            FAKE_MARKER=str(fakes["marker"]))
-    try:
-        wait_for(lambda: _marker_pid(fakes["marker"]), 30, what="the wrapper to start the runtime")
+    with hung_wrapper(runc_cer, runc, bundle, fakes, "--external-checkpoint", "--external-ns", "uts", "--external-ns",
+                      "ipc", "empty") as wrapper:
         runtime_pid = int(fakes["marker"].read_text())
         assert checkpoint_users(runc_cer, "empty") == 1
         wrapper.send_signal(signal.SIGTERM)
@@ -305,11 +287,6 @@ def test_sigterm_gives_everything_back_and_stops_the_runtime(runc_cer, empty_che
         assert held(runc_cer, "empty") == {"ipc": (0, 0), "uts": (0, 0)}
         assert checkpoint_users(runc_cer, "empty") == 0
         runc_support.wait_exited(runtime_pid)
-    finally:
-        if wrapper.poll() is None:
-            wrapper.kill()
-            wrapper.communicate(timeout=10)
-        kill_pid_in(fakes["marker"])
 
 
 @pytest.mark.timeout(120)

@@ -10,18 +10,16 @@ A stock ``runc restore`` of the same checkpoint (namespaces of its own) is the r
 missing is a failure, not a skip.
 """
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, short_tempdir, start_daemon, wait_for
+from conftest import serving_daemon, short_tempdir, wait_for
 
 import containerd_support
 import criu_support
@@ -35,7 +33,6 @@ from cer.references import CheckpointRef
 
 pytestmark = pytest.mark.slow
 
-WRAPPER = REPO / "contrib" / "ctr-wrapper"
 WORKLOAD = Path(__file__).with_name("ipc-live-workload.c")
 ATTACHED_MIB, UNATTACHED_MIB, SEMAPHORES, MESSAGES = 8, 2, 140, 30
 NAME = "live-ipc"
@@ -102,14 +99,9 @@ def check(pid: int, results: Path, round_: int, timeout: float = 60) -> str:
 
 @pytest.fixture
 def cer(checkpoint):
-    daemon = start_daemon({"containerd_checkpoints": [{"name": NAME, "capacity": 1, "path": str(checkpoint.images)}]})
-    try:
-        daemon.wait_full(NAME, ("ipc", "uts"), timeout=60)
+    config = {"containerd_checkpoints": [{"name": NAME, "capacity": 1, "path": str(checkpoint.images)}]}
+    with serving_daemon(config) as daemon:
         yield daemon
-    finally:
-        code = daemon.stop()
-        subprocess.run(["rm", "-rf", str(daemon.root.parent)], timeout=60)
-    assert code == 0, daemon.output()
 
 
 @pytest.fixture
@@ -144,14 +136,8 @@ def test_live_ipc_survives_a_restore_into_cers_prefilled_namespace(cer, checkpoi
     # Through cer: the wrapper's one request, cer's IPC and UTS namespaces, cer's view of the images.
     target_dir, target_results = runc_support.restore_bundle(checkpoint.bundle, workdir / _unique("cer"))
     container_id = _unique("cer")
-    argv = [sys.executable, str(WRAPPER), "restore", "--endpoint", cer.endpoint, "--runtime", "runc", "--runc-root",
-            str(runc.root), "--bundle", str(target_dir), "--external-ns", "ipc", "--external-ns", "uts",
-            "--external-checkpoint", NAME, container_id]
-    env = runc_support.runtime_env()
-    env.pop("CER_ENDPOINT", None)
-    result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, env=env)
-    assert result.returncode == 0, result.stderr
-    restored = json.loads(result.stdout)
+    restored = runc_support.restore_through_wrapper(cer.endpoint, runc, target_dir, "--external-ns", "ipc",
+                                                    "--external-ns", "uts", "--external-checkpoint", NAME, container_id)
     pid = restored["pid"]
 
     # Its namespaces are cer's (cer holds its fds of them, so the paths still name them).

@@ -25,13 +25,15 @@ import pytest
 from conftest import SAMPLE, start_daemon, wait_for
 
 import runc_support
-from lazy_support import (  # noqa: F401 (fixtures: workdir, binary, small, large, lazy_cer, runc, wrapper_workdir)
-    WRAPPER, Checkpoint, alive, binary, check_memory, daemon_fds, entries, large, lazy_cer, lazy_status,
+from lazy_support import (  # noqa: F401 (fixtures: workdir, binary, small, large, lazy_cer, runc)
+    Checkpoint, alive, binary, check_memory, daemon_fds, entries, large, lazy_cer, lazy_status,
     processes_naming, restorable, restore_lazily, runc, running_daemon, server, small, unique, users, wait_ended,
-    workdir, wrapper_argv, wrapper_env, wrapper_workdir,
+    workdir, wrapper_argv,
 )
+from runc_support import WRAPPER, wrapper_env
 
-pytestmark = pytest.mark.slow
+# Every test runs the wrapper: its work directories go to a private place (contrib/conftest.py).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("wrapper_work")]
 
 
 # --------------------------------------------------------------------------- correctness

@@ -23,12 +23,14 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, wait_for
-from lazy_support import (  # noqa: F401 (fixtures: workdir, binary, small, runc, wrapper_workdir)
+from lazy_support import (  # noqa: F401 (fixtures: workdir, binary, small, runc)
     Checkpoint, Restorable, binary, check_memory, daemon_fds, entries, lazy_status, restorable, restore_lazily, runc,
-    running_daemon, wrapper_env, small, unique, wait_ended, workdir, wrapper_argv, wrapper_workdir,
+    running_daemon, small, unique, wait_ended, workdir, wrapper_argv,
 )
+from runc_support import wrapper_env
 
-pytestmark = pytest.mark.slow
+# Every test runs the wrapper: its work directories go to a private place (contrib/conftest.py).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("wrapper_work")]
 
 
 def events_round(pid: int, where: Restorable, timeout: float = 60) -> str:

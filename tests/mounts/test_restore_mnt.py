@@ -15,13 +15,12 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, serving_daemon, short_tempdir, wait_for
+from conftest import serving_daemon, short_tempdir, wait_for
 
 import mounts_support
 import runc_support
@@ -35,7 +34,6 @@ from cer.references import CheckpointRef
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
-WRAPPER = REPO / "contrib" / "ctr-wrapper"
 NAME = "mounts"
 
 
@@ -98,14 +96,9 @@ def test_a_restore_joins_cers_mount_namespace_with_the_containers_whole_tree(cer
     config.setdefault("annotations", {})["org.criu.config"] = str(path / "own.conf")
     (bundle / "config.json").write_text(json.dumps(config))
     container_id = f"cer-mnt-{uuid.uuid4().hex[:8]}"
-    argv = [sys.executable, str(WRAPPER), "restore", "--endpoint", cer.endpoint, "--runtime", "runc", "--runc-root",
-            str(runc.root), "--bundle", str(bundle), "--external-ns", "mnt", "--external-ns", "ipc",
-            "--external-ns", "uts", "--external-checkpoint", NAME, container_id]
-    env = runc_support.runtime_env()
-    env.pop("CER_ENDPOINT", None)
-    result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, env=env)
-    assert result.returncode == 0, result.stderr
-    restored = json.loads(result.stdout)
+    restored = runc_support.restore_through_wrapper(cer.endpoint, runc, bundle, "--external-ns", "mnt", "--external-ns",
+                                                    "ipc", "--external-ns", "uts", "--external-checkpoint", NAME,
+                                                    container_id)
     pid = restored["pid"]
 
     # Its mount namespace is cer's (and so are its IPC and UTS ones).
