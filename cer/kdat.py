@@ -17,6 +17,8 @@ import subprocess
 
 from loguru import logger
 
+from cer.linux.proc import mountinfo
+
 RUN = "/run"
 CACHE_NAME = "criu.kdat"
 _MOST_BYTES = 1 << 16  # CRIU 4's struct kerndat_s is under 1 KiB
@@ -29,15 +31,10 @@ _PROBE = 'mount -t tmpfs -o size=1m,mode=0700 cer-kdat "$1" && { "$0" check >/de
 def run_is_tmpfs(run: str = RUN) -> bool:
     """Whether CRIU can keep its cache in ``run`` by itself: the last mount on it is a tmpfs."""
     try:
-        with open("/proc/self/mountinfo") as file:
-            mounts = [line.split(" - ", 1) for line in file]
+        mounted = [row["fstype"] for row in mountinfo("/proc/self/mountinfo") if row["mountpoint"] == run]
     except OSError:
         return False
-    fstype = None
-    for fields, rest in (mount for mount in mounts if len(mount) == 2):
-        if fields.split()[4] == run:
-            fstype = rest.split()[0]  # the last mount on it is the one seen
-    return fstype == "tmpfs"
+    return bool(mounted) and mounted[-1] == "tmpfs"  # the last mount on it is the one seen
 
 
 class KdatCache:

@@ -28,6 +28,7 @@ from cer.criu.checkpoint import CheckpointContents, IpcContents, UtsContents
 from cer.errors import MountError
 from cer.linux import namespaces as ns
 from cer.linux.namespaces import NAMESPACE_TYPES
+from cer.linux.proc import mountinfo
 from cer.linux.sysv import is_fresh_ipc_namespace, populate_ipc_namespace
 from cer.mounting import enter_root, mount_restore_sysctls
 from cer.mounts import MountPlan, mount_tree, plan_mounts, unmount_tree
@@ -242,17 +243,8 @@ def remove_bundle(bundle: str) -> None:
 def _mount_points(below: str) -> set[str]:
     """Where something is mounted at or below ``below`` in the calling thread's mount namespace (a bind of a
     directory of the same filesystem has the same st_dev: only the mount table tells)."""
-    prefix = os.fsencode(below)
-    with open("/proc/thread-self/mountinfo", "rb") as table:
-        found = set()
-        for line in table.read().splitlines():
-            if prefix not in line:
-                continue
-            # Mount points are escaped as octal (\040 for a space).
-            point = os.fsdecode(line.split()[4].decode("unicode_escape").encode("latin-1"))
-            if point == below or point.startswith(below + "/"):
-                found.add(point)
-        return found
+    return {row["mountpoint"] for row in mountinfo("/proc/thread-self/mountinfo")
+            if row["mountpoint"] == below or row["mountpoint"].startswith(below + "/")}
 
 
 _DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -33,6 +33,7 @@ import sys
 
 from cer.errors import MountError
 from cer.linux import namespaces as ns
+from cer.linux.proc import mountinfo
 from cer.mounting import decode_plan, mount_tree, unmount_tree
 
 ACTION = "post-restore"
@@ -147,7 +148,7 @@ def _enter_namespaces(init_pid: int) -> None:
 
 def _completed(last_entry, init_pid: int) -> bool:
     """Whether the last deferred mount is in place: what a first run of the script leaves."""
-    for fields in _mountinfo(f"/proc/{init_pid}/mountinfo"):
+    for fields in mountinfo(f"/proc/{init_pid}/mountinfo"):
         if fields["mountpoint"] == last_entry.mountpoint and fields["fstype"] == last_entry.fstype:
             return True
     return False
@@ -166,7 +167,7 @@ def cgroup_sources(deferred, init_pid: int) -> dict[str, int]:
             if controllers:
                 memberships.append((set(controllers.split(",")), path))
     hierarchies = [(set(fields["options"].split(",")), fields["root"], fields["mountpoint"])
-                   for fields in _mountinfo("/proc/self/mountinfo") if fields["fstype"] == "cgroup"]
+                   for fields in mountinfo("/proc/self/mountinfo") if fields["fstype"] == "cgroup"]
     sources: dict[str, int] = {}
     try:
         for step in wanted:
@@ -185,18 +186,3 @@ def cgroup_sources(deferred, init_pid: int) -> dict[str, int]:
             os.close(fd)
         raise
     return sources
-
-
-def _mountinfo(path: str):
-    """The rows of a mountinfo file: mount point, root, fstype and super options, octal escapes decoded."""
-    with open(path, "rb") as file:
-        for line in file.read().splitlines():
-            fields = line.split()
-            separator = fields.index(b"-")
-            yield {"root": _unescape(fields[3]), "mountpoint": _unescape(fields[4]),
-                   "fstype": fields[separator + 1].decode(), "options": fields[separator + 3].decode()}
-
-
-def _unescape(raw: bytes) -> str:
-    # The kernel escapes space, tab, newline and backslash in octal (\040).
-    return os.fsdecode(raw.decode("unicode_escape").encode("latin-1"))

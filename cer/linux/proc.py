@@ -1,8 +1,9 @@
-"""What /proc tells about other processes: their userfaultfds and the mappings registered with them, the
-tasks of a container's pid namespace, listening sockets, command lines.
+"""What /proc tells about processes: their userfaultfds and the mappings registered with them, the
+tasks of a container's pid namespace, listening sockets, command lines, mount tables.
 
 Every reading is of a moment: a process may change or exit right after, so callers that act on one check
-the process is still the same (a pidfd) afterwards. A process gone, or unreadable, reads as having nothing.
+the process is still the same (a pidfd) afterwards. A process gone, or unreadable, reads as having nothing
+(except a mount table: its reader raises, as it is read from a process that matters).
 """
 
 import contextlib
@@ -103,3 +104,19 @@ def command_lines() -> dict[int, list[bytes]]:
         except OSError:
             continue
     return found
+
+
+def mountinfo(path: str):
+    """The rows of a mountinfo file (``/proc/PID/mountinfo``): mount point, root, fstype and super options, octal
+    escapes decoded, in the table's order. Raises OSError when it cannot be read."""
+    with open(path, "rb") as file:
+        for line in file.read().splitlines():
+            fields = line.split()
+            separator = fields.index(b"-")
+            yield {"root": _unescape(fields[3]), "mountpoint": _unescape(fields[4]),
+                   "fstype": fields[separator + 1].decode(), "options": fields[separator + 3].decode()}
+
+
+def _unescape(raw: bytes) -> str:
+    # The kernel escapes space, tab, newline and backslash in octal (\040).
+    return os.fsdecode(raw.decode("unicode_escape").encode("latin-1"))
