@@ -173,10 +173,7 @@ class CheckpointExtractor(pykka.ThreadingActor):
             for key, (counted_by, watcher) in self._bound_users.items():
                 if counted_by is known:
                     self._bound_users[key] = (checkpoint, watcher)  # the count moved over with the users
-            self._loaders = {thread for thread in self._loaders if thread.is_alive()}
-            loader = threading.Thread(target=_load, args=(entry, pool, self._self), name=f"cer-load-{entry.ref.key[:8]}", daemon=True)
-            self._loaders.add(loader)
-            loader.start()
+            self._spawn(f"cer-load-{entry.ref.key[:8]}", _load, entry, pool, self._self)
             return
         if self._base is None:
             pool.checkpoint_unavailable("checkpoints from containerd need the daemon's ROOT: give the entry a path")

@@ -177,6 +177,11 @@ class _Server:
     reaping: pykka.ThreadingFuture | None = None  # its _Exit, once its exit was reported
     timers: list[Timer] = field(default_factory=list)  # its ready timeout and its deadline as a spare
 
+    def cancel_timers(self) -> None:
+        for timer in self.timers:
+            timer.cancel()
+        self.timers = []
+
     @property
     def socket(self) -> str:
         return os.path.join(self.work_dir, SOCKET_NAME)
@@ -517,8 +522,7 @@ class LazyPagesServers(pykka.ThreadingActor):
     def _drop(self, server: _Server, error: Exception) -> None:
         """Forget a server that never got a process (the extractor or its start failed)."""
         del self._servers[server.server_id]
-        for timer in server.timers:
-            timer.cancel()
+        server.cancel_timers()
         if server.request is not None:
             server.request.fail(error)
         else:
@@ -535,9 +539,7 @@ class LazyPagesServers(pykka.ThreadingActor):
     def _hand_out(self, server: _Server, request: Waiter) -> None:
         server.request = None
         server.state = "waiting"
-        for timer in server.timers:
-            timer.cancel()
-        server.timers = []
+        server.cancel_timers()
         self._counts["handed_out"] += 1
         server.holder_pid = None if request.holder is None else request.holder.pid
         server.lease = self._leases.hand_out(server.server_id, ("lazy", server.server_id, "holder"), request.holder)
@@ -667,8 +669,7 @@ class LazyPagesServers(pykka.ThreadingActor):
 
     def _finish(self, server: _Server, outcome: str, reason: str, killed: bool, stats: dict | None) -> None:
         del self._servers[server.server_id]
-        for timer in server.timers:
-            timer.cancel()
+        server.cancel_timers()
         if server.request is not None:
             server.request.fail(Unavailable(f"the lazy-pages server for {server.ref} did not get ready ({reason})"))
         if server.lease is not None:
@@ -714,8 +715,7 @@ class LazyPagesServers(pykka.ThreadingActor):
         to finish. The one place the actor waits: it must not stop while a server it started runs."""
         self._stopping = True
         for server in list(self._servers.values()):
-            for timer in server.timers:
-                timer.cancel()
+            server.cancel_timers()
             if server.lease is not None and server.lease.timer is not None:
                 server.lease.timer.cancel()
             if server.starting is not None:  # its report will not be read: take the start's result here
@@ -794,7 +794,7 @@ def _start_server(server_id: str, command: list[str], work_dir: str, started: py
         watch = os.dup(pidfd)  # this thread's: the actor closes the server's when the server ends
     except Exception as error:  # noqa: BLE001 - handed to the actor, which answers the request with it
         shutil.rmtree(work_dir, ignore_errors=True)
-        started.set_exception(exc_info=(type(error), error, None))
+        _fail(started, error)
         tell(actor.server_started, server_id)
         return
     started.set((process, pidfd))
@@ -841,7 +841,7 @@ def _reap(server_id: str, process: subprocess.Popen, work_dir: str, reaped: pykk
     try:
         reaped.set(_reap_now(process, work_dir))
     except Exception as error:  # noqa: BLE001 - the actor logs it as the failure of server_reaped
-        reaped.set_exception(exc_info=(type(error), error, None))
+        _fail(reaped, error)
     tell(actor.server_reaped, server_id)
 
 

@@ -25,7 +25,7 @@ from cer.actors.dispatch import DispatchedActor, Dispatcher, default_dispatcher
 from cer.actors.leases import Handout, Holder, Leases, Waiter
 from cer.actors.timers import Timer, Timers, default_timers
 from cer.actors.told import tell, told
-from cer.budget import PrefillBudget
+from cer.budget import PrefillBudget, reserved_namespaces
 from cer.config import CheckpointEntry
 from cer.errors import BadRequest, BudgetExceeded, Exhausted, NotFound, Unavailable
 from cer.pooled_namespaces import NAMESPACE_TYPES, Namespace, Recipe
@@ -664,7 +664,7 @@ class PoolActor(DispatchedActor):
         if self._recipe is None or self._recipe.ipc is None:
             return
         self._budget.reserve(self.actor_urn, f"checkpoint {self.entry.ref}", self._recipe.ipc.prefill_bytes,
-                             capacity if max_capacity is None else max_capacity)
+                             reserved_namespaces(capacity, max_capacity))
 
     def _fail_permanently(self, message: str) -> None:
         logger.error("pool {}: {}", self.entry.ref, message)

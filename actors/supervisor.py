@@ -12,6 +12,7 @@ from loguru import logger
 
 from cer.actors.pool import PoolActor, PoolPeers, PoolSettings
 from cer.actors.told import tell, told
+from cer.budget import reserved_namespaces
 from cer.config import CheckpointEntry, Config
 from cer.errors import Exhausted, NotFound
 from cer.references import CheckpointRef
@@ -136,7 +137,7 @@ class Supervisor(pykka.ThreadingActor):
     def _reserve_budget(self, actor: pykka.ActorRef, entry: CheckpointEntry) -> None:
         """Hold ``entry``'s new size to the pre-fill budget at the cost its pool reserved at (a lock, no wait):
         BudgetExceeded, changing nothing, when it would pass."""
-        self._peers.budget.resize(actor.actor_urn, entry.capacity if entry.max_capacity is None else entry.max_capacity)
+        self._peers.budget.resize(actor.actor_urn, reserved_namespaces(entry.capacity, entry.max_capacity))
 
     def _start_pool(self, entry: CheckpointEntry) -> pykka.ActorRef:
         self._entries[entry.ref] = entry

@@ -54,7 +54,6 @@ def told(method: Callable) -> Callable:
             logger.opt(exception=error).error("{} failed to handle {}: {}", type(self).__name__, method.__name__, error)
             return None
 
-    handle.told = True
     return handle
 
 

@@ -47,6 +47,11 @@ def describe_bytes(count: int) -> str:
     return f"{count} bytes"
 
 
+def reserved_namespaces(capacity: int, max_capacity: int | None) -> int:
+    """How many pre-filled IPC namespaces a pool reserves for: its capacity, or an adaptive pool's ceiling."""
+    return capacity if max_capacity is None else max_capacity
+
+
 class PrefillBudget:
     """How many bytes of pre-filled IPC memory the daemon's pools may hold in all, and who holds what.
 
