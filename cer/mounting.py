@@ -310,6 +310,10 @@ class _Described(SimpleNamespace):
         return self.description
 
 
+PLAN_NAME = "restore-mounts.plan"
+"""The restore plan's file in a "mnt" image view (cer.criu.mntview writes it, cer.restore_mounts reads it)."""
+
+
 def encode_plan(document: Mapping) -> bytes:
     """A plan document (:func:`cer.mounts.plan_document`: dicts, lists, strings, numbers, bytes) as a file.
 

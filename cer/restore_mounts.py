@@ -34,10 +34,9 @@ import sys
 from cer.errors import MountError
 from cer.linux import namespaces as ns
 from cer.linux.proc import mountinfo
-from cer.mounting import decode_plan, mount_tree, unmount_tree
+from cer.mounting import PLAN_NAME, decode_plan, mount_tree, unmount_tree
 
 ACTION = "post-restore"
-PLAN_NAME = "restore-mounts.plan"  # in the "mnt" view (cer.criu.mntview.RESTORE_PLAN_NAME)
 SCRIPT_NAME = "restore-mounts"
 # The namespaces a restore-only mount shows (proc: PID; sysfs: network; mqueue: IPC; cgroup2: cgroup), in the
 # order they are entered: the mount namespace last (it changes the root, after which /proc/PID/ns is out of reach).

@@ -23,10 +23,10 @@ from collections.abc import Callable
 
 from cer.criu.images import IDS, INVENTORY, PSTREE, ImageReader, encode_image, read_single_entry
 from cer.errors import ImageError
+from cer.mounting import PLAN_NAME as RESTORE_PLAN_NAME
 from cer.mounting import encode_plan
 
 INVENTORY_NAME = "inventory.img"
-RESTORE_PLAN_NAME = "restore-mounts.plan"
 
 
 def share_mount_namespace(inventory: bytes, root_ids: bytes) -> bytes:

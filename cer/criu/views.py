@@ -27,7 +27,6 @@ import hashlib
 import os
 import shutil
 import stat
-import struct
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -56,11 +55,9 @@ Transform = Callable[[Path], Mapping[str, bytes]]
 
 def image_header(image_type: ImageType) -> bytes:
     """The magic an image of ``image_type`` starts with: an image of that type holding no entry."""
-    from cer.criu.images import IMG_COMMON_MAGIC
+    from cer.criu.images import encode_image
 
-    if image_type.common_magic:
-        return struct.pack("<II", IMG_COMMON_MAGIC, image_type.magic)
-    return struct.pack("<I", image_type.magic)
+    return encode_image(image_type, [])
 
 
 def ipc_transform(directory: Path) -> dict[str, bytes]:
@@ -97,7 +94,7 @@ def _shm_entries(path: Path, keep: frozenset[int]) -> bytes:
     with ImageReader(path, IPCNS_SHM) as image:
         for start, entry in image.entries_with_offsets():
             if not entry.in_pagemaps:
-                image.read_payload(entry.size, 4, f"contents of shm segment {entry.desc.id}")
+                image.skip_payload(entry.size, 4, f"contents of shm segment {entry.desc.id}")
             if entry.desc.id in keep:
                 end = image.offset
                 parts.append(image.read_at(start, end - start, f"shm segment {entry.desc.id}"))

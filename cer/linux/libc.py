@@ -16,6 +16,7 @@ def _load() -> ctypes.CDLL:
 
 
 libc = _load()
+libc.syscall.restype = ctypes.c_long  # syscall(2) returns a long, which the default int would truncate
 
 
 def check(result: int, what: str, path: str | None = None) -> int:

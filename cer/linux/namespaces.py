@@ -31,7 +31,6 @@ libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
 libc.setdomainname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
 libc.unshare.argtypes = [ctypes.c_int]
 libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
-libc.syscall.restype = ctypes.c_long
 
 
 def unshare(flags: int) -> None:

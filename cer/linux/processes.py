@@ -16,7 +16,6 @@ from cer.linux.libc import check, libc
 
 _SYS_PIDFD_OPEN = 434  # the same number on every architecture (added in Linux 5.3)
 
-libc.syscall.restype = ctypes.c_long
 
 
 def pidfd_open(pid: int) -> int:
