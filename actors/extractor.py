@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import pykka
 from loguru import logger
 
+from cer.actors.leases import Holder
 from cer.actors.timers import Timer, Timers, default_timers
 from cer.actors.told import tell, told
 from cer.config import CheckpointEntry, validate_image_directory
@@ -315,18 +316,18 @@ class CheckpointExtractor(pykka.ThreadingActor):
             tell(watcher.unwatch, bound)
         return checkpoint.users
 
-    def bind_user(self, ref: CheckpointRef, pid: int, pidfd: int, watcher: pykka.ActorProxy) -> None:
-        """Tie one user of ``ref``, counted by a get, to process ``pid`` (``pidfd``, now ours): when it exits,
-        the user is given back unless a put came first. So a restore's client killed before its put leaves no
-        user behind, nor the views and extraction that user would keep."""
+    def bind_user(self, ref: CheckpointRef, holder: Holder, watcher: pykka.ActorProxy) -> None:
+        """Tie one user of ``ref``, counted by a get, to ``holder`` (its pidfd now ours): when it exits, the user
+        is given back unless a put came first. So a restore's client killed before its put leaves no user
+        behind, nor the views and extraction that user would keep."""
         try:
             checkpoint = self._find(ref)
         except NotFound:
-            os.close(pidfd)
+            holder.close()
             raise
         key = ("checkpoint user", next(self._user_serials))
-        if not tell(watcher.watch, pidfd, pid, self._self, key):
-            os.close(pidfd)
+        if not tell(watcher.watch, holder.pidfd, holder.pid, self._self, key):
+            holder.close()
             raise Unavailable("the process watcher is not running (the daemon is stopping)")
         self._bound_users[key] = (checkpoint, watcher)
 

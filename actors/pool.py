@@ -381,9 +381,7 @@ class PoolActor(DispatchedActor):
             pool = self._types[event.ns_type]
             pool.warm_gets += 1
             self._record_demand(pool, event.at)
-            pool.in_use[event.namespace.namespace_id] = self._leases.hand_out(
-                event.namespace, (event.ns_type, event.namespace.namespace_id), event.holder, event.at
-            )
+            self._lend(event.ns_type, event.namespace, event.holder, event.at)
         self._refill_soon()
 
     def _record_demand(self, pool: _TypePool, when: float) -> None:
@@ -642,10 +640,14 @@ class PoolActor(DispatchedActor):
             raise BadRequest(f"checkpoint {self.entry.ref} has no mnt namespaces: {why}")
 
     def _hand_out(self, ns_type: str, namespace: Namespace, cold: bool, holder: Holder | None) -> Lease:
-        self._types[ns_type].in_use[namespace.namespace_id] = self._leases.hand_out(
-            namespace, (ns_type, namespace.namespace_id), holder
-        )
+        self._lend(ns_type, namespace, holder)
         return Lease(namespace, cold, self._recipe.ipc_default, self._types[ns_type].shelf.ipc)
+
+    def _lend(self, ns_type: str, namespace: Namespace, holder: Holder | None, since: float | None = None) -> None:
+        """Count ``namespace`` as handed out (since ``since``: a warm get's take, reported later)."""
+        self._types[ns_type].in_use[namespace.namespace_id] = self._leases.hand_out(
+            namespace, (ns_type, namespace.namespace_id), holder, since
+        )
 
     def _refill(self) -> None:
         if self._recipe is None or self._retry_timer is not None or self._retired_to is not None or self._over_budget:

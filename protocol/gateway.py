@@ -17,11 +17,11 @@ import pykka
 from loguru import logger
 
 from cer import __version__
+from cer.actors.leases import Holder
 from cer.actors.pool import Lease, PoolPeers, PoolRetired
 from cer.actors.told import MESSAGE_FAILURES
 from cer.config import load_config
 from cer.errors import CerError, NotFound, Unavailable
-from cer.linux.processes import pidfd_open
 from cer.references import CheckpointRef
 from cer.restore_mounts import criu_config_lines
 
@@ -182,11 +182,8 @@ class Gateway:
             for ns_type in ns_types:
                 leases[ns_type] = self.get_namespace(ns_type, ref, holder_pid)
             # The images' user goes with the holder too: a client killed before its checkpoint.put leaves none.
-            try:
-                pidfd = pidfd_open(holder_pid)
-            except ProcessLookupError:
-                raise NotFound(f"process {holder_pid} is not running") from None
-            self._wait(self._extractor.bind_user(ref, holder_pid, pidfd, self._watcher), "the checkpoint extractor")
+            holder = Holder.of(holder_pid)
+            self._wait(self._extractor.bind_user(ref, holder, self._watcher), "the checkpoint extractor")
         except BaseException:
             for ns_type, lease in leases.items():
                 try:
