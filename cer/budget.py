@@ -99,8 +99,3 @@ class PrefillBudget:
         with self._lock:
             self._reserved.pop(owner, None)
             self._costs.pop(owner, None)
-
-    @property
-    def reserved(self) -> int:
-        with self._lock:
-            return sum(self._reserved.values())

@@ -17,6 +17,7 @@ import subprocess
 
 from loguru import logger
 
+from cer.files import read_regular_file
 from cer.linux.proc import mountinfo
 
 RUN = "/run"
@@ -46,9 +47,8 @@ class KdatCache:
 
     def remove(self) -> None:
         try:
-            with open(self.path, "rb") as file:
-                if file.read(_MOST_BYTES + 1) != self._contents:
-                    return  # rewritten by a CRIU of another version, or by another daemon: theirs now
+            if read_regular_file(self.path, _MOST_BYTES) != self._contents:
+                return  # rewritten by a CRIU of another version, or by another daemon: theirs now
             os.unlink(self.path)
         except FileNotFoundError:
             pass

@@ -294,6 +294,6 @@ class Frontend:
             return
         try:
             # The name of a method found in the table, never an unknown name a client sent.
-            self._observe(None if method is None else f"{method.service}.{method.name}", seconds, error_code)
+            self._observe(None if method is None else method.full_name, seconds, error_code)
         except Exception:  # noqa: BLE001 - metrics never cost a reply
             logger.exception("observing a request failed")

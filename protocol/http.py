@@ -168,7 +168,7 @@ class HttpServer:
         method_name = error_code = None
         try:
             method = _parse_update(body)
-            method_name = f"{method.service}.{method.name}"
+            method_name = method.full_name
             reply, status = encode_result(method.handle(self._gateway)), HTTPStatus.OK
         except CerError as error:
             error_code = error.code

@@ -79,6 +79,7 @@ class _Params:
 class Method:
     service: ClassVar[str]
     name: ClassVar[str]
+    full_name: ClassVar[str]  # "service.name", as metrics label it
 
     @classmethod
     def parse(cls, raw: dict) -> "Method":
@@ -101,7 +102,7 @@ METHODS: dict[tuple[str, str], type[Method]] = {}
 
 def _method(service: str, name: str):
     def register(cls: type[Method]) -> type[Method]:
-        cls.service, cls.name = service, name
+        cls.service, cls.name, cls.full_name = service, name, f"{service}.{name}"
         METHODS[(service, name)] = cls
         return cls
 
@@ -110,7 +111,7 @@ def _method(service: str, name: str):
 
 def method_names() -> frozenset[str]:
     """Every method as ``service.name`` (``namespace.get``): what metrics may label a request with."""
-    return frozenset(f"{service}.{name}" for service, name in METHODS)
+    return frozenset(method.full_name for method in METHODS.values())
 
 
 def find_method(service: str, name: str) -> type[Method]:
