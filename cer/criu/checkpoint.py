@@ -26,13 +26,16 @@ from cer.criu.images import (
     IPCNS_SEM,
     IPCNS_SHM,
     MM,
+    PAGE_SIZE,
     PAGEMAP,
+    PE_PRESENT,
     PSTREE,
     UTSNS,
     ImageFile,
     ImageReader,
     ImageType,
     RawImage,
+    pagemap_flags,
     pagemap_nr_pages,
     read_single_entry,
     text,
@@ -42,11 +45,6 @@ from cer.errors import ImageError
 
 # The image set version every CRIU since 1.x writes (CRTOOLS_IMAGES_V1_1 in criu/include/magic.h).
 IMAGES_VERSION = 2
-# pages-*.img hold pages of the dumping machine, x86_64 for cer.
-PAGE_SIZE = 4096
-# pagemap_entry.flags (criu/include/pagemap.h)
-PE_PARENT = 1 << 0
-PE_PRESENT = 1 << 2
 # vma_entry.status of a SysV shm attachment (criu/include/image.h); its shmid is the segment's id.
 VMA_AREA_SYSVIPC = 1 << 10
 
@@ -423,7 +421,7 @@ def _read_shmem_pages(directory: Path, shmid: int, size: int) -> ShmPages:
             if entry is None:
                 break
             start, length = entry.vaddr, pagemap_nr_pages(entry) * PAGE_SIZE
-            flags = entry.flags if entry.HasField("flags") else (PE_PARENT if entry.in_parent else PE_PRESENT)
+            flags = pagemap_flags(entry)
             if start % PAGE_SIZE or start < position or start + length > mapped:
                 raise pagemap.error(f"pages {start:#x}+{length:#x} are unaligned, out of order or beyond the "
                                     f"segment's {size} bytes", offset)

@@ -298,7 +298,20 @@ def read_pagemap(path: str | os.PathLike[str]) -> tuple[pb.pagemap_head, list[pb
         return head, list(image.entries())
 
 
+# pages-*.img hold pages of the dumping machine, x86_64 for cer.
+PAGE_SIZE = 4096
+# pagemap_entry.flags (criu/include/pagemap.h)
+PE_PARENT = 1 << 0
+PE_LAZY = 1 << 1
+PE_PRESENT = 1 << 2
+
+
 def pagemap_nr_pages(entry: pb.pagemap_entry) -> int:
     """The page count of a pagemap entry, wherever the writing CRIU version put it."""
     return entry.nr_pages if entry.HasField("nr_pages") else entry.compat_nr_pages
+
+
+def pagemap_flags(entry: pb.pagemap_entry) -> int:
+    """A pagemap entry's flags; CRIU versions before flags existed wrote only whether the pages are the parent's."""
+    return entry.flags if entry.HasField("flags") else (PE_PARENT if entry.in_parent else PE_PRESENT)
 

@@ -18,13 +18,9 @@ import stat
 from dataclasses import dataclass
 
 from cer.criu import images
+from cer.criu.images import PAGE_SIZE, PE_LAZY, PE_PARENT, PE_PRESENT
 from cer.errors import ImageError
 from cer.linux.libc import libc
-
-PAGE_SIZE = 4096
-PE_PARENT = 1 << 0
-PE_LAZY = 1 << 1
-PE_PRESENT = 1 << 2
 
 libc.mmap.restype = ctypes.c_void_p
 libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
@@ -192,7 +188,7 @@ def _load_task(directory: str, pid: int, files: dict[int, PagesFile]) -> TaskIma
     previous_end = 0
     for entry in entries:
         count = images.pagemap_nr_pages(entry)
-        flags = entry.flags if entry.HasField("flags") else (PE_PARENT if entry.in_parent else PE_PRESENT)
+        flags = images.pagemap_flags(entry)
         start, length = entry.vaddr, count * PAGE_SIZE
         if start % PAGE_SIZE or start < previous_end:
             raise ImageError(pagemap_path, 0, f"pagemap entry at {start:#x} is unaligned or out of order")

@@ -105,10 +105,9 @@ class Stats:
 
 
 class LazyPagesServer:
-    def __init__(self, images: str, work_dir: str, working_set: str | None, ref: str | None,
+    def __init__(self, images: str, working_set: str | None, ref: str | None,
                  record_quiet: float, record_limit: float, log) -> None:
         self.images = images
-        self.work_dir = work_dir
         self.working_set_path = working_set
         self.ref = ref or images
         self.record_quiet = record_quiet
@@ -188,9 +187,7 @@ class LazyPagesServer:
         if self._queued < len(self.queue) or self.background:
             return 0
         if self.recording is not None:
-            now = time.monotonic()
-            ends = min(self.finished_at + self.record_limit, max(self.last_fault, self.finished_at) + self.record_quiet)
-            return max(0.0, ends - now)
+            return max(0.0, self._recording_ends() - time.monotonic())
         return 0
 
     def _done(self) -> bool:
@@ -404,10 +401,12 @@ class LazyPagesServer:
             self.log(f"working set copied: {self.stats.pages_working_set} pages"
                      f"{' before the restore finished' if early else ''}")
 
+    def _recording_ends(self) -> float:
+        """When recording stops: the container quiet for ``record_quiet`` after the restore, or ``record_limit``."""
+        return min(self.finished_at + self.record_limit, max(self.last_fault, self.finished_at) + self.record_quiet)
+
     def _recording_over(self) -> bool:
-        now = time.monotonic()
-        return (now - self.finished_at >= self.record_limit
-                or now - max(self.last_fault, self.finished_at) >= self.record_quiet)
+        return time.monotonic() >= self._recording_ends()
 
     def _save_recording(self) -> None:
         pages, self.recording = self.recording, None
@@ -643,7 +642,7 @@ def main(argv: list[str] | None = None) -> int:
         log_file.write(f"({time.monotonic() - started:9.4f}) {text}\n")
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    server = LazyPagesServer(os.path.abspath(args.images_dir), args.work_dir, args.working_set, args.ref,
+    server = LazyPagesServer(os.path.abspath(args.images_dir), args.working_set, args.ref,
                              args.record_quiet, args.record_limit, log)
     try:
         server.prepare()
